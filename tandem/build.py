@@ -1,0 +1,75 @@
+"""From a recipe and a data set to a measured bundle: train, measure, write."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tandem import __version__
+from tandem.bundle import HeadRunner, Manifest, TailRunner, bottleneck_shapes, write_bundle
+from tandem.config import Recipe
+from tandem.data import DataSet
+from tandem.evaluate import measure_points
+from tandem.profile import model_flops, profile_cuts
+from tandem.train import DistilledModels, Distiller, accuracy, batched_outputs
+
+log = logging.getLogger(__name__)
+
+
+def _manifest_fields(recipe: Recipe, data: DataSet, trained: DistilledModels) -> dict[str, Any]:
+    b = recipe.bottleneck
+    return {
+        "name": recipe.name,
+        "version": "1",
+        "arch": recipe.teacher.arch,
+        "num_classes": len(data.classes),
+        "cut": recipe.cut,
+        "input": {
+            "shape": data.input_shape,
+            "mean": trained.mean,
+            "std": trained.std,
+            "labels": data.classes,
+        },
+        "bottleneck": {
+            **b.model_dump(),
+            "cut_shape": trained.cut_shape,
+            "shapes": bottleneck_shapes(b.channels, b.widths, trained.code_spatial),
+        },
+        "codec": {"bits": recipe.default_bits, "compress": True},
+        "teacher_flops": model_flops(trained.teacher, data.input_shape),
+        "head_flops": model_flops(trained.encoder, data.input_shape),
+        "recipe": {**recipe.model_dump(mode="json"), "tandem_version": __version__},
+    }
+
+
+def build_bundle(
+    recipe: Recipe,
+    data: DataSet,
+    out: Path,
+    *,
+    fresh: bool = False,
+    progress: bool = False,
+    on_point: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Run ``recipe`` on ``data`` and write a measured bundle to ``out``."""
+    distiller = Distiller(recipe, data, out, fresh=fresh, progress=progress)
+    teacher = distiller.teacher()
+    teacher_acc = accuracy(batched_outputs(teacher, distiller.inputs(data.test)), data.test.y)
+    log.info("teacher test accuracy %.4f", teacher_acc)
+    trained = distiller.student(teacher)
+    fields = _manifest_fields(recipe, data, trained)
+    fields["teacher_accuracy"] = teacher_acc
+    fields["profile"] = [p.to_dict() for p in profile_cuts(teacher, data.input_shape, repeats=3)]
+    provisional = Manifest.model_validate({**fields, "files": {}})
+    points = measure_points(
+        HeadRunner(trained.encoder, provisional),
+        TailRunner(trained.cloud_tail, provisional),
+        data.test,
+        recipe.eval_bits,
+        progress=on_point,
+    )
+    fields["table"] = [asdict(p) for p in points]
+    return write_bundle(out, fields, trained.encoder, trained.cloud_tail, trained.teacher)

@@ -1,0 +1,279 @@
+"""Bundles: the directory that is the unit of deployment.
+
+Layout::
+
+    manifest.json        validated by :class:`Manifest`; holds the sha256 of every weight file
+    head.safetensors     the bottleneck encoder (device side)
+    tail.safetensors     the decoder and the original model's tail (cloud side)
+    full.safetensors     optional: the whole original model, a local fallback
+
+No pickle is involved anywhere. Each side loads, and hash-checks, only its own file: a
+device holding a bundle never reads tail weights, so the two directories may differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tandem import codec
+from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
+from tandem.config import ArchConfig, BottleneckConfig
+from tandem.data import normalize
+from tandem.models import build_model
+from tandem.split import split_model
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+HEAD_FILE, TAIL_FILE, FULL_FILE = "head.safetensors", "tail.safetensors", "full.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, or its files do not match their recorded hashes."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    """What the head expects: uint8 images of ``shape`` (C, H, W), and how to normalise them."""
+
+    shape: tuple[int, int, int]
+    dtype: Literal["uint8"] = "uint8"
+    mean: list[float]
+    std: list[float]
+    labels: list[str]
+
+
+class BottleneckSpec(BottleneckConfig):
+    """The bottleneck's configuration plus the tensor shapes it produces."""
+
+    cut_shape: tuple[int, int, int]
+    shapes: dict[str, tuple[int, int, int]] = Field(description="width -> (C, H, W) sent")
+
+
+class CodecDefaults(_Strict):
+    """Codec settings a client uses unless told otherwise."""
+
+    bits: int
+    compress: bool = True
+
+
+class TablePoint(_Strict):
+    """One measured operating point of the bundle."""
+
+    width: float
+    bits: int
+    accuracy: float = Field(ge=0, le=1)
+    bytes_per_sample: float = Field(ge=0)
+
+
+class Manifest(_Strict):
+    """The validated content of ``manifest.json``."""
+
+    format_version: Literal[1] = FORMAT_VERSION
+    name: str
+    version: str
+    arch: ArchConfig
+    num_classes: int = Field(ge=1)
+    cut: str
+    input: InputSpec
+    bottleneck: BottleneckSpec
+    codec: CodecDefaults
+    teacher_accuracy: float | None = Field(default=None, ge=0, le=1)
+    teacher_flops: int = Field(ge=0)
+    head_flops: int = Field(ge=0, description="encoder FLOPs per sample at full width")
+    table: list[TablePoint] = Field(default_factory=list)
+    profile: list[dict[str, Any]] = Field(default_factory=list)
+    files: dict[str, str] = Field(description="file name -> sha256")
+    recipe: dict[str, Any] = Field(default_factory=dict)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Read and validate a bundle's manifest."""
+    path = Path(bundle) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{bundle} is not a bundle: no {MANIFEST}")
+    try:
+        return Manifest.model_validate_json(path.read_bytes())
+    except ValidationError as exc:
+        raise BundleError(f"{path} is invalid:\n{exc}") from exc
+
+
+def _load_verified(bundle: Path, manifest: Manifest, name: str) -> dict[str, torch.Tensor]:
+    path = Path(bundle) / name
+    expected = manifest.files.get(name)
+    if expected is None or not path.is_file():
+        raise BundleError(f"{bundle}: {name} is missing")
+    if sha256_file(path) != expected:
+        raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest")
+    try:
+        return load_file(str(path))
+    except SafetensorError as exc:
+        raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from exc
+
+
+def _load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise BundleError(f"{what} weights do not fit the manifest's architecture: {exc}") from exc
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def write_bundle(
+    out: Path,
+    manifest_fields: dict[str, Any],
+    encoder: nn.Module,
+    cloud_tail: nn.Module,
+    full: nn.Module | None = None,
+) -> Manifest:
+    """Write weights and hashes, then the manifest last: a half-written bundle is invalid."""
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {HEAD_FILE: encoder, TAIL_FILE: cloud_tail}
+    if full is not None:
+        weights[FULL_FILE] = full
+    files = {}
+    for name, module in weights.items():
+        save_file(_state(module), str(out / name))
+        files[name] = sha256_file(out / name)
+    manifest = Manifest.model_validate({**manifest_fields, "files": files})
+    tmp = out / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+class HeadRunner:
+    """Device side: uint8 inputs to encoded bottleneck payloads."""
+
+    def __init__(self, encoder: BottleneckEncoder, manifest: Manifest) -> None:
+        self.encoder = encoder.eval()
+        self.manifest = manifest
+
+    @classmethod
+    def from_bundle(cls, bundle: Path) -> HeadRunner:
+        """Load the encoder only: the tail's weights are never read."""
+        m = read_manifest(bundle)
+        b = m.bottleneck
+        encoder = BottleneckEncoder(m.input.shape[0], b.encoder, b.channels, b.widths)
+        _load_into(encoder, _load_verified(bundle, m, HEAD_FILE), "head")
+        return cls(encoder, m)
+
+    def _check_input(self, x: np.ndarray) -> None:
+        expected = tuple(self.manifest.input.shape)
+        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(
+                f"expected uint8 inputs of shape (N, {expected}), got {x.dtype} {x.shape}"
+            )
+
+    def _check_width(self, width: float) -> None:
+        if width not in self.manifest.bottleneck.widths:
+            raise ValueError(
+                f"width {width} not trained; choose from {self.manifest.bottleneck.widths}"
+            )
+
+    @torch.inference_mode()
+    def features(self, x: np.ndarray, width: float, batch_size: int = 512) -> np.ndarray:
+        """The float bottleneck tensors for uint8 inputs ``(N, C, H, W)`` at ``width``."""
+        self._check_input(x)
+        self._check_width(width)
+        spec = self.manifest.input
+        out = [
+            self.encoder.encode(normalize(x[i : i + batch_size], spec.mean, spec.std), width)
+            for i in range(0, len(x), batch_size)
+        ]
+        return torch.cat(out).numpy()
+
+    def pack(self, z: np.ndarray, bits: int) -> list[bytes]:
+        """Encode each sample's bottleneck tensor into one wire payload."""
+        compress = self.manifest.codec.compress
+        return [codec.encode(sample, bits, compress=compress) for sample in z]
+
+    def encode(self, x: np.ndarray, width: float, bits: int | None = None) -> list[bytes]:
+        """Payloads for uint8 inputs, one per sample (``bits`` defaults to the bundle's)."""
+        return self.pack(self.features(x, width), bits or self.manifest.codec.bits)
+
+
+class TailRunner:
+    """Cloud side: encoded payloads to logits."""
+
+    def __init__(self, cloud_tail: CloudTail, manifest: Manifest) -> None:
+        self.model = cloud_tail.eval()
+        self.manifest = manifest
+        b = manifest.bottleneck
+        self.accepted = {tuple(shape) for shape in b.shapes.values()}
+
+    @classmethod
+    def from_bundle(cls, bundle: Path) -> TailRunner:
+        """Rebuild decoder + tail from the manifest and load ``tail.safetensors`` only."""
+        m = read_manifest(bundle)
+        b = m.bottleneck
+        decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
+        # Tracing needs the whole architecture, but on the meta device it costs no memory
+        # and no head weights are ever materialised.
+        with torch.device("meta"):
+            model = build_model(
+                m.arch.name, num_classes=m.num_classes, in_channels=m.input.shape[0], **m.arch.args
+            )
+        tail = split_model(model, m.cut).tail.to_empty(device="cpu")
+        cloud = CloudTail(decoder, tail)
+        _load_into(cloud, _load_verified(bundle, m, TAIL_FILE), "tail")
+        return cls(cloud, m)
+
+    def unpack(self, payloads: Sequence[bytes]) -> torch.Tensor:
+        """Decode payloads into one batch, rejecting shapes the decoder was not trained for."""
+        arrays = [codec.decode(p) for p in payloads]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1 or next(iter(shapes)) not in self.accepted:
+            raise ValueError(f"payload shapes {sorted(shapes)} not among {sorted(self.accepted)}")
+        batch = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
+        if not torch.isfinite(batch).all():
+            raise ValueError("payload holds NaN or infinite features")
+        return batch
+
+    @torch.inference_mode()
+    def infer(self, payloads: Sequence[bytes]) -> np.ndarray:
+        """Logits ``(N, classes)`` for payloads that all have the same width."""
+        return self.model(self.unpack(payloads)).numpy()
+
+
+def load_full(bundle: Path) -> nn.Module | None:
+    """The bundle's whole original model (the local fallback), or None if it has none."""
+    m = read_manifest(bundle)
+    if FULL_FILE not in m.files:
+        return None
+    model = build_model(
+        m.arch.name, num_classes=m.num_classes, in_channels=m.input.shape[0], **m.arch.args
+    )
+    _load_into(model, _load_verified(bundle, m, FULL_FILE), "full model")
+    return model.eval()
+
+
+def bottleneck_shapes(channels: int, widths: list[float], spatial: tuple[int, int]) -> dict:
+    """The (C, H, W) tensor sent at each width, keyed by the width as a string."""
+    return {str(w): (width_channels(channels, w), *spatial) for w in widths}

@@ -1,0 +1,261 @@
+"""The one ``tandem`` command, with a subcommand per job.
+
+Every reporting subcommand takes ``--json`` and then prints exactly one JSON document on
+stdout; progress bars go to stderr, only on a terminal, and never in ``--json`` mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tandem import __version__
+
+log = logging.getLogger("tandem")
+
+
+def _known_errors() -> tuple[type[Exception], ...]:
+    from tandem.bundle import BundleError
+    from tandem.checkpoint import CheckpointError
+    from tandem.codec import CodecError
+    from tandem.config import RecipeError
+    from tandem.data import DataSpecError
+    from tandem.models import UnknownModelError
+    from tandem.split import SplitError
+
+    # ValueError and TypeError cover bad arguments reaching the zoo and the runners.
+    return (
+        BundleError,
+        CheckpointError,
+        CodecError,
+        RecipeError,
+        DataSpecError,
+        UnknownModelError,
+        SplitError,
+        ValueError,
+        TypeError,
+    )
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not args.json and sys.stderr.isatty()
+
+
+@contextmanager
+def _bar(args: argparse.Namespace, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    with tqdm(total=total, desc=desc, disable=not _show_progress(args), leave=False) as bar:
+        yield bar.update
+
+
+def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[], str]) -> None:
+    print(json.dumps(doc) if args.json else text())
+
+
+def _points_table(points: list[dict[str, Any]], teacher_acc: float | None) -> str:
+    lines = [f"{'width':>6} {'bits':>4} {'accuracy':>9} {'vs teacher':>10} {'bytes/sample':>13}"]
+    for p in points:
+        delta = f"{100 * (p['accuracy'] - teacher_acc):+.2f} pp" if teacher_acc is not None else "-"
+        lines.append(
+            f"{p['width']:>6.2f} {p['bits']:>4d} {100 * p['accuracy']:>8.2f}% {delta:>10} "
+            f"{p['bytes_per_sample']:>13.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _eval_text(report: dict[str, Any]) -> str:
+    teacher = report["teacher"]["accuracy"]
+    base = report["baselines"]
+    head = [
+        f"bundle {report['bundle']} on {report['samples']} test samples",
+        f"teacher accuracy {100 * teacher:.2f}%" if teacher is not None else "teacher: n/a",
+        "input bytes/sample: raw {raw:.0f}, PNG {png:.1f}, zstd-19 {zstd19:.1f}".format(**base),
+        f"head FLOPs share {report['head_flops_share']:.4f}",
+        "",
+    ]
+    return "\n".join(head) + _points_table(report["points"], teacher)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``tandem train RECIPE --data SPEC --out DIR``: run a recipe and write a bundle."""
+    from tandem.build import build_bundle
+    from tandem.config import load_recipe
+    from tandem.data import load_data
+
+    recipe = load_recipe(args.recipe, args.set)
+    data = load_data(args.data)
+    total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
+    with _bar(args, total, "measuring") as on_point:
+        manifest = build_bundle(
+            recipe,
+            data,
+            Path(args.out),
+            fresh=args.fresh,
+            progress=_show_progress(args),
+            on_point=on_point,
+        )
+    doc = {
+        "bundle": str(args.out),
+        "recipe": recipe.name,
+        "teacher_accuracy": manifest.teacher_accuracy,
+        "table": [p.model_dump() for p in manifest.table],
+    }
+    _emit(
+        args,
+        doc,
+        lambda: f"wrote {args.out}\n" + _points_table(doc["table"], manifest.teacher_accuracy),
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``tandem eval BUNDLE --data SPEC``: accuracy and bytes per (width, bits) point."""
+    from tandem.bundle import read_manifest
+    from tandem.data import load_data
+    from tandem.evaluate import evaluate_bundle
+
+    manifest = read_manifest(Path(args.bundle))
+    split = load_data(args.data).test
+    bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
+    with _bar(args, len(manifest.bottleneck.widths) * len(bits), "evaluating") as on_point:
+        report = evaluate_bundle(Path(args.bundle), split, bits, progress=on_point)
+    _emit(args, report, lambda: _eval_text(report))
+    return 0
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(f"expected a shape like 3x224x224, got {text!r}")
+    return shape
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """``tandem profile --arch NAME --input CxHxW``: cost of every valid cut point."""
+    from tandem.config import parse_value
+    from tandem.models import build_model
+    from tandem.profile import profile_cuts
+
+    extra = dict(kv.partition("=")[::2] for kv in args.arg)
+    kwargs = {k: parse_value(v) for k, v in extra.items()}
+    model = build_model(
+        args.arch, num_classes=args.num_classes, in_channels=args.input[0], **kwargs
+    )
+    model.eval()
+    with _bar(args, 0, "profiling") as tick:
+        profiles = profile_cuts(model, args.input, repeats=args.repeats, progress=lambda: tick(1))
+    doc = {"arch": args.arch, "input": list(args.input), "cuts": [p.to_dict() for p in profiles]}
+    _emit(args, doc, lambda: _profile_text(doc["cuts"]))
+    return 0
+
+
+def _profile_text(cuts: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{'cut':<24} {'shape':<16} {'bytes':>9} {'head MFLOPs':>12} {'tail MFLOPs':>12} "
+        f"{'head ms':>8}"
+    ]
+    for c in cuts:
+        shape = "x".join(str(d) for d in c["shape"])
+        lines.append(
+            f"{c['name']:<24} {shape:<16} {c['raw_bytes']:>9} {c['head_flops'] / 1e6:>12.1f} "
+            f"{c['tail_flops'] / 1e6:>12.1f} {c['head_latency_ms']:>8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``tandem demo``: train the digits recipe on the bundled data and print its table."""
+    with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "digits"
+        train_args = argparse.Namespace(
+            recipe="digits", data="digits", out=str(out), set=[], fresh=True, json=args.json
+        )
+        if not args.json:
+            print(f"training the 'digits' recipe on scikit-learn's digits into {out}")
+        cmd_train(train_args)
+        eval_args = argparse.Namespace(bundle=str(out), data="digits", bits=None, json=args.json)
+        return cmd_eval(eval_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``tandem`` and its subcommands."""
+    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tandem {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="run a distillation recipe and write a bundle")
+    p.add_argument("recipe", help="built-in recipe name (digits, mnist) or a TOML file")
+    p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
+    p.add_argument("--out", required=True, help="bundle directory (also holds checkpoints)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set distill.finetune.epochs=2",
+    )
+    p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
+    p.add_argument("bundle")
+    p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
+    p.add_argument("--bits", type=int, nargs="+", help="bit depths to measure (default: recipe's)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("profile", help="FLOPs, params, bytes and latency at every cut point")
+    p.add_argument("--arch", required=True, help="zoo model name")
+    p.add_argument("--input", required=True, type=_parse_shape, help="CxHxW, e.g. 3x224x224")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor argument, e.g. --arg width=0.5 --arg small_input=true",
+    )
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per cut (median reported)")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="train and evaluate on the bundled digits data")
+    p.add_argument("--out", help="keep the bundle here (default: a temporary directory)")
+    p.set_defaults(func=cmd_demo)
+
+    for action in sub.choices.values():
+        action.add_argument("--json", action="store_true", help="print one JSON document")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tandem`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args))
+    except _known_errors() as exc:
+        if args.verbose:
+            raise
+        print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tandem: interrupted (training resumes from its last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""Declarative training recipes, validated by pydantic.
+
+A recipe is a TOML file: data only, never code. Built-in recipes ship inside the package
+(``tandem/recipes/*.toml``) and are named by their stem; any other argument is read as a path.
+``--set key=value`` overrides a dotted key before validation, the value parsed as a TOML literal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from tandem.codec import SUPPORTED_BITS
+
+
+class RecipeError(ValueError):
+    """A recipe could not be found, parsed, overridden or validated."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ArchConfig(_Strict):
+    """A zoo architecture by registry name, with its constructor arguments."""
+
+    name: str
+    args: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+
+class OptimConfig(_Strict):
+    """One training phase: AdamW with a linear warm-up and cosine decay."""
+
+    epochs: int = Field(ge=0)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+
+
+class TeacherConfig(_Strict):
+    """The original model: trained here from scratch, or loaded from a checkpoint."""
+
+    arch: ArchConfig
+    checkpoint: str | None = None
+    train: OptimConfig
+    augment_shift: int = Field(default=0, ge=0, description="random translation in pixels")
+
+
+class BottleneckConfig(_Strict):
+    """The learned encoder (device side) and decoder (cloud side) around the cut."""
+
+    channels: int = Field(ge=1)
+    widths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    encoder: list[tuple[int, int]] = Field(
+        min_length=1, description="(channels, stride) of each 3x3 conv-BN-ReLU stage"
+    )
+    decoder: list[tuple[int, int]] = Field(
+        default_factory=list, description="(channels, upsampling factor) of each stage"
+    )
+
+    @field_validator("widths")
+    @classmethod
+    def _widths_in_range(cls, widths: list[float]) -> list[float]:
+        if not widths or any(not 0 < w <= 1 for w in widths):
+            raise ValueError("widths must be fractions in (0, 1]")
+        return sorted(set(widths))
+
+
+class DistillConfig(_Strict):
+    """Two-stage distillation: head distillation (MSE), then fine-tuning with KD."""
+
+    head: OptimConfig
+    finetune: OptimConfig
+    temperature: float = Field(default=4.0, gt=0)
+    kd_weight: float = Field(default=0.5, ge=0, le=1)
+    quant_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
+
+    @field_validator("quant_bits")
+    @classmethod
+    def _bits_supported(cls, bits: list[int]) -> list[int]:
+        if any(b not in SUPPORTED_BITS for b in bits):
+            raise ValueError(f"quant_bits must be among {SUPPORTED_BITS}")
+        return bits
+
+
+class Recipe(_Strict):
+    """Everything ``tandem train`` needs besides the data."""
+
+    name: str
+    seed: int = 0
+    cut: str
+    teacher: TeacherConfig
+    bottleneck: BottleneckConfig
+    distill: DistillConfig
+    eval_bits: list[int] = Field(default_factory=lambda: [16, 8, 4, 2])
+    default_bits: int = 4
+
+    def fingerprint(self) -> str:
+        """A short hash of the recipe, used to refuse resuming a different run."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def builtin_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package."""
+    folder = resources.files("tandem.recipes")
+    return sorted(
+        p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml")
+    )
+
+
+def _read_recipe_text(name_or_path: str) -> str:
+    if name_or_path in builtin_recipes():
+        return (resources.files("tandem.recipes") / f"{name_or_path}.toml").read_text()
+    path = Path(name_or_path)
+    if path.is_file():
+        return path.read_text()
+    raise RecipeError(
+        f"no recipe {name_or_path!r}: not a built-in ({', '.join(builtin_recipes())}) nor a file"
+    )
+
+
+def parse_value(text: str) -> Any:
+    """Parse a TOML literal (number, boolean, array...), falling back to the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Set a dotted ``key=value`` in a raw recipe dictionary, in place."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {part!r} is not a table")
+        node = child
+    node[leaf] = parse_value(value.strip())
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe by built-in name or path."""
+    try:
+        raw = tomllib.loads(_read_recipe_text(name_or_path))
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"recipe {name_or_path!r} is not valid TOML: {exc}") from exc
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"recipe {name_or_path!r} is invalid:\n{exc}") from exc

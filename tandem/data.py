@@ -1,0 +1,208 @@
+"""Data sets named by a spec string.
+
+A spec is one of:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), the embedded default;
+- ``npz:PATH``: a NumPy archive with arrays ``x`` (uint8 images, ``(N, H, W)`` or
+  ``(N, H, W, C)``) and ``y`` (integer labels); the last 10,000 rows are the test split;
+- ``imagefolder:DIR``: one sub-directory per class holding PNG or JPEG files. If ``DIR`` has
+  ``train/`` and ``test/`` sub-directories they are the splits, otherwise a seeded 20% is held out.
+
+Images are kept as uint8 ``(N, C, H, W)`` arrays: that is what a device holds, so the raw-input
+baselines are measured on it, and normalisation happens inside the model input pipeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+NPZ_TEST_ROWS = 10_000
+HOLDOUT_FRACTION = 0.2
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DataSpecError(ValueError):
+    """A data spec could not be parsed or its data could not be read."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images ``x`` (uint8, N x C x H x W) and integer labels ``y`` of one split."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+
+@dataclass(frozen=True)
+class DataSet:
+    """A train and a test split plus the class names, as loaded from a spec."""
+
+    spec: str
+    train: Split
+    test: Split
+    classes: list[str]
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape of one input."""
+        c, h, w = self.train.x.shape[1:]
+        return int(c), int(h), int(w)
+
+
+def load_data(spec: str) -> DataSet:
+    """Load the data set named by ``spec`` (see the module docstring for the forms)."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        return _load_digits(spec)
+    if kind == "npz" and arg:
+        return _load_npz(spec, Path(arg))
+    if kind == "imagefolder" and arg:
+        return _load_imagefolder(spec, Path(arg))
+    raise DataSpecError(
+        f"unknown data spec {spec!r}: expected 'digits', 'npz:PATH' or 'imagefolder:DIR'"
+    )
+
+
+def _as_nchw(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 3:
+        return x[:, None, :, :]
+    if x.ndim == 4:
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    raise DataSpecError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
+
+
+def _holdout(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[Split, Split]:
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = max(1, round(len(y) * HOLDOUT_FRACTION))
+    train, test = order[:-n_test], order[-n_test:]
+    return Split(x[train], y[train]), Split(x[test], y[test])
+
+
+def _load_digits(spec: str) -> DataSet:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # The bundled images hold 0..16 intensities; stretch them to the uint8 range a camera gives.
+    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    train, test = _holdout(_as_nchw(x), bunch.target.astype(np.int64))
+    return DataSet(spec, train, test, [str(c) for c in range(10)])
+
+
+def _load_npz(spec: str, path: Path) -> DataSet:
+    if not path.is_file():
+        raise DataSpecError(f"{spec}: no such file {path}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            x, y = archive["x"], archive["y"]
+    except (KeyError, ValueError, OSError) as exc:
+        raise DataSpecError(f"{spec}: cannot read arrays 'x' and 'y': {exc}") from exc
+    if x.dtype != np.uint8:
+        raise DataSpecError(f"{spec}: 'x' must be uint8 images, got {x.dtype}")
+    if len(x) != len(y) or len(x) <= NPZ_TEST_ROWS:
+        raise DataSpecError(
+            f"{spec}: need matching x/y with more than {NPZ_TEST_ROWS} rows, "
+            f"got {len(x)} images and {len(y)} labels"
+        )
+    x, y = _as_nchw(x), y.astype(np.int64)
+    n_classes = int(y.max()) + 1
+    return DataSet(
+        spec,
+        Split(x[:-NPZ_TEST_ROWS], y[:-NPZ_TEST_ROWS]),
+        Split(x[-NPZ_TEST_ROWS:], y[-NPZ_TEST_ROWS:]),
+        [str(c) for c in range(n_classes)],
+    )
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    if not dirs:
+        raise DataSpecError(f"{root}: expected one sub-directory per class")
+    return dirs
+
+
+def _read_images(root: Path, classes: list[str]) -> tuple[list[np.ndarray], list[int]]:
+    from PIL import Image
+
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(path) as img:
+                    images.append(np.asarray(img.convert("RGB")))
+            except OSError as exc:
+                raise DataSpecError(f"cannot read image {path}: {exc}") from exc
+            labels.append(label)
+    return images, labels
+
+
+def _stack(images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    out = []
+    for img in images:
+        if img.shape[:2] != size:
+            img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+        out.append(img)
+    x = np.stack(out)
+    grey = bool(np.all(x[..., 0] == x[..., 1]) and np.all(x[..., 1] == x[..., 2]))
+    return _as_nchw(x[..., 0] if grey else x)
+
+
+def _load_imagefolder(spec: str, root: Path) -> DataSet:
+    if not root.is_dir():
+        raise DataSpecError(f"{spec}: no such directory {root}")
+    has_splits = (root / "train").is_dir() and (root / "test").is_dir()
+    class_root = root / "train" if has_splits else root
+    classes = [p.name for p in _class_dirs(class_root)]
+    parts = (
+        {name: _read_images(root / name, classes) for name in ("train", "test")}
+        if has_splits
+        else {"all": _read_images(root, classes)}
+    )
+    every = [img for images, _ in parts.values() for img in images]
+    if not every:
+        raise DataSpecError(f"{spec}: no PNG or JPEG images found")
+    # Mixed sizes are common in hand-made folders; resize to the most frequent one.
+    size = Counter(img.shape[:2] for img in every).most_common(1)[0][0]
+    splits = {
+        name: (_stack(images, size), np.asarray(labels, dtype=np.int64))
+        for name, (images, labels) in parts.items()
+    }
+    if has_splits:
+        train, test = Split(*splits["train"]), Split(*splits["test"])
+    else:
+        train, test = _holdout(*splits["all"])
+    log.info("loaded %d train / %d test images from %s", len(train), len(test), root)
+    return DataSet(spec, train, test, classes)
+
+
+def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale."""
+    scaled = x.astype(np.float64) / 255.0
+    mean = scaled.mean(axis=(0, 2, 3))
+    std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-3)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def normalize(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Turn uint8 ``(N, C, H, W)`` images into the float tensor the models take."""
+    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return t.sub_(m).div_(s)

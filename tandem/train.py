@@ -1,0 +1,305 @@
+"""Distillation recipes: train a teacher, then a slimmable bottleneck in two stages.
+
+1. **Teacher.** Trained from scratch with cross-entropy, or loaded from a checkpoint.
+2. **Head distillation.** The encoder and decoder learn to reproduce the frozen teacher's
+   features at the cut (MSE), every width trained together by the sandwich rule.
+3. **Fine-tuning.** Encoder, decoder and tail learn from labels and the teacher's logits
+   (cross-entropy + KL), through the codec's quantization at randomly drawn bit depths, so
+   that 8-, 4- and 2-bit transmission keep their accuracy.
+
+Every phase checkpoints after each epoch (see :mod:`tandem.checkpoint`), and its random
+draws come from a generator seeded by (seed, phase, epoch), so a resumed run retraces the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
+
+from tandem.bottleneck import (
+    BottleneckEncoder,
+    CloudTail,
+    build_bottleneck,
+    fake_quantize,
+)
+from tandem.checkpoint import Checkpointer
+from tandem.config import OptimConfig, Recipe, RecipeError
+from tandem.data import DataSet, Split, channel_stats, normalize
+from tandem.models import build_model
+from tandem.split import split_model
+
+log = logging.getLogger(__name__)
+
+BatchLoss = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+@dataclass
+class DistilledModels:
+    """The result of a recipe: the teacher, and the student's two sides."""
+
+    teacher: nn.Module
+    encoder: BottleneckEncoder
+    cloud_tail: CloudTail
+    mean: list[float]
+    std: list[float]
+    cut_shape: tuple[int, ...]
+    code_spatial: tuple[int, int]
+
+
+def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a user's state dict from safetensors or a ``torch.save`` file, without pickle."""
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise RecipeError(f"{path} does not hold a state dict")
+    return state
+
+
+def _phase_seed(seed: int, phase: str, epoch: int) -> int:
+    return zlib.crc32(f"{seed}/{phase}/{epoch}".encode())
+
+
+def lr_at(cfg: OptimConfig, step: int, total: int) -> float:
+    """Learning rate at ``step`` of ``total``: linear warm-up, then cosine decay to zero."""
+    warm = max(1, int(cfg.warmup_fraction * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, size):
+        yield order[start : start + size]
+
+
+class PhaseRunner:
+    """Runs the epochs of one phase with AdamW, a warm-up/cosine schedule and checkpoints."""
+
+    def __init__(self, ckpt: Checkpointer, seed: int, show_progress: bool) -> None:
+        self.ckpt = ckpt
+        self.seed = seed
+        self.show_progress = show_progress
+
+    def run(
+        self,
+        phase: str,
+        cfg: OptimConfig,
+        modules: dict[str, nn.Module],
+        n_samples: int,
+        batch_loss: BatchLoss,
+    ) -> None:
+        """Train ``modules`` for ``cfg.epochs`` epochs, resuming from a checkpoint if any."""
+        status = self.ckpt.status(phase)
+        if status is not None and status.done:
+            self.ckpt.restore(phase, modules)
+            log.info("%s: already complete, weights restored", phase)
+            return
+        params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        start = self.ckpt.restore(phase, modules, opt) if status is not None else 0
+        steps_per_epoch = math.ceil(n_samples / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        for epoch in range(start, cfg.epochs):
+            gen = torch.Generator().manual_seed(_phase_seed(self.seed, phase, epoch))
+            for m in modules.values():
+                m.train()
+            bar = tqdm(
+                _batches(n_samples, cfg.batch_size, gen),
+                total=steps_per_epoch,
+                desc=f"{phase} {epoch + 1}/{cfg.epochs}",
+                disable=not self.show_progress,
+                leave=False,
+            )
+            running = 0.0
+            for i, idx in enumerate(bar):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, total)
+                loss = batch_loss(idx, gen)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                value = float(loss.detach())
+                running = 0.9 * running + 0.1 * value if i else value
+                bar.set_postfix(loss=f"{running:.4f}")
+            log.info("%s epoch %d/%d: loss %.4f", phase, epoch + 1, cfg.epochs, running)
+            self.ckpt.save(phase, epoch + 1, modules, opt, done=epoch + 1 == cfg.epochs)
+        if cfg.epochs == 0:
+            self.ckpt.save(phase, 0, modules, None, done=True)
+
+
+def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels, filling with the edge values."""
+    if max_shift <= 0:
+        return x
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]
+    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+def sandwich(widths: list[float], gen: torch.Generator) -> list[float]:
+    """The widths trained in one step: largest, smallest and one drawn from between."""
+    ordered = sorted(widths)
+    if len(ordered) <= 2:
+        return ordered[::-1]
+    middle = ordered[1:-1]
+    pick = middle[int(torch.randint(len(middle), (1,), generator=gen))]
+    return [ordered[-1], ordered[0], pick]
+
+
+@torch.inference_mode()
+def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Run ``model`` in eval mode over ``x`` in batches and concatenate the outputs."""
+    model.eval()
+    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
+    """Top-1 accuracy as a fraction in [0, 1]."""
+    return float((logits.argmax(1).numpy() == labels).mean())
+
+
+class Distiller:
+    """Runs a recipe's phases on one data set, checkpointing into ``out_dir``."""
+
+    def __init__(
+        self, recipe: Recipe, data: DataSet, out_dir: Path, *, fresh: bool, progress: bool
+    ) -> None:
+        self.recipe = recipe
+        self.data = data
+        fingerprint = f"{recipe.fingerprint()}:{data.spec}"
+        self.runner = PhaseRunner(
+            Checkpointer(out_dir / "checkpoint", fingerprint, fresh=fresh), recipe.seed, progress
+        )
+        self.mean, self.std = channel_stats(data.train.x)
+        self.x_train = normalize(data.train.x, self.mean, self.std)
+        self.y_train = torch.from_numpy(data.train.y)
+
+    def inputs(self, split: Split) -> torch.Tensor:
+        """Normalised float inputs of a split."""
+        return normalize(split.x, self.mean, self.std)
+
+    def teacher(self) -> nn.Module:
+        """Build the teacher, then load its checkpoint or train it from scratch."""
+        cfg = self.recipe.teacher
+        torch.manual_seed(self.recipe.seed)
+        model = build_model(
+            cfg.arch.name,
+            num_classes=len(self.data.classes),
+            in_channels=self.data.input_shape[0],
+            **cfg.arch.args,
+        )
+        if cfg.checkpoint:
+            model.load_state_dict(load_checkpoint_weights(Path(cfg.checkpoint)), strict=True)
+            return model.eval()
+
+        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            x = random_shift(self.x_train[idx], cfg.augment_shift, gen)
+            return F.cross_entropy(model(x), self.y_train[idx])
+
+        self.runner.run("teacher", cfg.train, {"teacher": model}, len(self.y_train), loss)
+        return model.eval()
+
+    def student(self, teacher: nn.Module) -> DistilledModels:
+        """Distil the bottleneck student from a trained teacher (both stages)."""
+        torch.manual_seed(self.recipe.seed + 1)
+        parts = split_model(teacher, self.recipe.cut)
+        cut_features = batched_outputs(parts.head, self.x_train).half()
+        cut_shape = tuple(cut_features.shape[1:])
+        if len(cut_shape) != 3:
+            raise RecipeError(f"cut {self.recipe.cut!r} carries shape {cut_shape}; need (C, H, W)")
+        b = self.recipe.bottleneck
+        encoder, decoder = build_bottleneck(
+            self.data.input_shape[0], cut_shape[0], b.channels, b.widths, b.encoder, b.decoder
+        )
+        code_spatial = self._check_shapes(encoder, decoder, cut_shape)
+        cloud = CloudTail(decoder, copy.deepcopy(parts.tail))
+        self._distil_head(encoder, decoder, cut_features)
+        del cut_features
+        self._finetune(encoder, cloud, batched_outputs(teacher, self.x_train))
+        return DistilledModels(
+            teacher, encoder.eval(), cloud.eval(), self.mean, self.std, cut_shape, code_spatial
+        )
+
+    def _check_shapes(
+        self, encoder: nn.Module, decoder: nn.Module, cut_shape: tuple
+    ) -> tuple[int, int]:
+        """Check the decoder rebuilds the cut's shape; return the code's spatial size."""
+        with torch.no_grad():
+            code = encoder.eval()(self.x_train[:2])
+            probe = decoder.eval()(code)
+        if tuple(probe.shape[1:]) != cut_shape:
+            raise RecipeError(
+                f"the decoder produces {tuple(probe.shape[1:])} but the cut "
+                f"{self.recipe.cut!r} carries {cut_shape}: adjust bottleneck.encoder strides "
+                "or bottleneck.decoder upsampling"
+            )
+        return int(code.shape[-2]), int(code.shape[-1])
+
+    def _distil_head(
+        self, encoder: BottleneckEncoder, decoder: nn.Module, target: torch.Tensor
+    ) -> None:
+        widths = self.recipe.bottleneck.widths
+
+        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            x, goal = self.x_train[idx], target[idx].float()
+            return sum(
+                (F.mse_loss(decoder(encoder(x, w)), goal) for w in sandwich(widths, gen)),
+                torch.zeros(()),
+            )
+
+        modules = {"encoder": encoder, "decoder": decoder}
+        self.runner.run("head", self.recipe.distill.head, modules, len(target), loss)
+
+    def _finetune(
+        self, encoder: BottleneckEncoder, cloud: CloudTail, teacher_logits: torch.Tensor
+    ) -> None:
+        d = self.recipe.distill
+        widths, temp = self.recipe.bottleneck.widths, d.temperature
+
+        def one_width(x: torch.Tensor, idx: torch.Tensor, w: float, bits: int) -> torch.Tensor:
+            logits = cloud(fake_quantize(encoder(x, w), bits))
+            ce = F.cross_entropy(logits, self.y_train[idx])
+            kl = F.kl_div(
+                F.log_softmax(logits / temp, 1),
+                F.log_softmax(teacher_logits[idx] / temp, 1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            return (1 - d.kd_weight) * ce + d.kd_weight * temp * temp * kl
+
+        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            x = self.x_train[idx]
+            draws = torch.randint(len(d.quant_bits), (len(widths),), generator=gen).tolist()
+            return sum(
+                (
+                    one_width(x, idx, w, d.quant_bits[draw])
+                    for w, draw in zip(sandwich(widths, gen), draws, strict=False)
+                ),
+                torch.zeros(()),
+            )
+
+        modules = {"encoder": encoder, "cloud": cloud}
+        self.runner.run("finetune", d.finetune, modules, len(teacher_logits), loss)

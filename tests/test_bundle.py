@@ -1,0 +1,100 @@
+"""Bundles: hashes are checked, each side loads only its own weights, answers match."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tandem import codec
+from tandem.bundle import (
+    BundleError,
+    HeadRunner,
+    TailRunner,
+    load_full,
+    read_manifest,
+)
+from tandem.data import load_data
+
+
+@pytest.fixture()
+def bundle_copy(tmp_path: Path, digits_bundle: Path) -> Path:
+    return Path(
+        shutil.copytree(digits_bundle, tmp_path / "b", ignore=shutil.ignore_patterns("checkpoint"))
+    )
+
+
+def test_layout_and_no_pickle(digits_bundle: Path) -> None:
+    manifest = read_manifest(digits_bundle)
+    assert set(manifest.files) == {"head.safetensors", "tail.safetensors", "full.safetensors"}
+    assert not list(digits_bundle.glob("*.pt")) and not list(digits_bundle.glob("*.pkl"))
+    assert manifest.bottleneck.shapes["0.25"] == (2, 4, 4)
+
+
+def test_head_side_never_needs_tail_weights(bundle_copy: Path) -> None:
+    (bundle_copy / "tail.safetensors").unlink()
+    (bundle_copy / "full.safetensors").unlink()
+    head = HeadRunner.from_bundle(bundle_copy)
+    payloads = head.encode(load_data("digits").test.x[:4], 0.5, 4)
+    assert len(payloads) == 4 and all(isinstance(p, bytes) for p in payloads)
+    with pytest.raises(BundleError, match="missing"):
+        TailRunner.from_bundle(bundle_copy)
+
+
+def test_tail_side_never_needs_head_weights(bundle_copy: Path, digits_bundle: Path) -> None:
+    x = load_data("digits").test.x[:8]
+    payloads = HeadRunner.from_bundle(digits_bundle).encode(x, 1.0, 8)
+    (bundle_copy / "head.safetensors").unlink()
+    logits = TailRunner.from_bundle(bundle_copy).infer(payloads)
+    assert logits.shape == (8, 10)
+
+
+@pytest.mark.parametrize("name", ["head.safetensors", "tail.safetensors", "full.safetensors"])
+def test_tampering_is_detected(bundle_copy: Path, name: str) -> None:
+    path = bundle_copy / name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    loader = {
+        "head.safetensors": HeadRunner.from_bundle,
+        "tail.safetensors": TailRunner.from_bundle,
+        "full.safetensors": load_full,
+    }[name]
+    with pytest.raises(BundleError, match="sha256"):
+        loader(bundle_copy)
+
+
+def test_invalid_manifest(bundle_copy: Path, tmp_path: Path) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="invalid"):
+        read_manifest(bundle_copy)
+    with pytest.raises(BundleError, match="not a bundle"):
+        read_manifest(tmp_path / "nowhere")
+
+
+def test_runners_reject_bad_inputs(digits_bundle: Path) -> None:
+    head, tail = HeadRunner.from_bundle(digits_bundle), TailRunner.from_bundle(digits_bundle)
+    with pytest.raises(ValueError, match="uint8"):
+        head.encode(np.zeros((2, 1, 8, 8), np.float32), 1.0)
+    with pytest.raises(ValueError, match="not trained"):
+        head.encode(np.zeros((2, 1, 8, 8), np.uint8), 0.3)
+    with pytest.raises(ValueError, match="not among"):
+        tail.infer([codec.encode(np.zeros((3, 4, 4), np.float32), 8)])
+    valid = codec.encode(np.ones((8, 4, 4), np.float32), 16, compress=False)
+    poisoned = valid[:-2] + np.array([np.nan], np.float16).tobytes()
+    with pytest.raises(ValueError, match="NaN"):
+        tail.infer([poisoned])
+
+
+def test_split_runners_reproduce_the_table(digits_bundle: Path) -> None:
+    manifest = read_manifest(digits_bundle)
+    head, tail = HeadRunner.from_bundle(digits_bundle), TailRunner.from_bundle(digits_bundle)
+    test = load_data("digits").test
+    for point in manifest.table:
+        logits = tail.infer(head.encode(test.x, point.width, point.bits))
+        assert float((logits.argmax(1) == test.y).mean()) == point.accuracy

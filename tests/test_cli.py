@@ -1,0 +1,82 @@
+"""The ``tandem`` command: JSON output, human tables, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tandem.cli import main
+
+
+def _json(capsys: pytest.CaptureFixture[str]) -> dict:
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, "--json prints exactly one line"
+    return json.loads(out)
+
+
+def test_eval_json_report(digits_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(digits_bundle), "--data", "digits", "--json"]) == 0
+    report = _json(capsys)
+    assert 0 <= report["teacher"]["accuracy"] <= 1 and report["teacher"]["measured"]
+    assert report["baselines"]["raw"] == 64
+    assert report["baselines"]["zstd19"] > 0 and report["baselines"]["png"] > 0
+    assert len(report["points"]) == 16
+    for p in report["points"]:
+        assert set(p) == {"width", "bits", "accuracy", "bytes_per_sample"}
+        assert 0 <= p["accuracy"] <= 1 and p["bytes_per_sample"] > 0
+    assert 0 < report["head_flops_share"] < 1
+
+
+def test_eval_text_and_bits(digits_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(digits_bundle), "--data", "digits", "--bits", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher accuracy" in out and "bytes/sample" in out
+    assert out.count("\n") == 5 + 1 + 4  # header lines, table header, one row per width
+
+
+def test_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["profile", "--arch", "resnet18", "--input", "1x28x28", "--num-classes", "10"]
+    extra = ["--arg", "width=0.25", "--arg", "small_input=true", "--repeats", "1", "--json"]
+    assert main(args + extra) == 0
+    doc = _json(capsys)
+    names = [c["name"] for c in doc["cuts"]]
+    assert "layer2" in names
+    layer2 = doc["cuts"][names.index("layer2")]
+    assert layer2["shape"] == [32, 14, 14] and layer2["raw_bytes"] == 32 * 14 * 14 * 4
+
+
+def test_train_json_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sets = ["teacher.train.epochs=1", "distill.head.epochs=1", "distill.finetune.epochs=1"]
+    argv = ["train", "digits", "--data", "digits", "--out", str(tmp_path / "b"), "--json"]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    doc = _json(capsys)
+    assert doc["recipe"] == "digits" and len(doc["table"]) == 16
+    assert (tmp_path / "b" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "nope", "--data", "digits", "--out", "x"], "no recipe"),
+        (["eval", "/nonexistent", "--data", "digits"], "not a bundle"),
+        (["profile", "--arch", "alexnet", "--input", "3x8x8"], "unknown model"),
+        (["profile", "--arch", "resnet18", "--input", "3x8x8", "--arg", "depth=3"], "depth"),
+    ],
+)
+def test_errors_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tandem: error:") and message in err
+
+
+def test_bad_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["profile", "--arch", "resnet18", "--input", "3xfoo"])
+    assert exc.value.code == 2
+    assert "3x224x224" in capsys.readouterr().err

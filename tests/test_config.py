@@ -1,0 +1,70 @@
+"""Recipes: built-ins load, overrides apply, bad input gives a clear RecipeError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tandem.config import RecipeError, apply_override, builtin_recipes, load_recipe, parse_value
+
+
+def test_builtin_recipes_are_listed_and_valid() -> None:
+    assert {"digits", "mnist"} <= set(builtin_recipes())
+    for name in builtin_recipes():
+        assert load_recipe(name).name == name
+
+
+def test_override_parses_toml_literals() -> None:
+    recipe = load_recipe(
+        "digits", ["teacher.train.epochs=7", "bottleneck.widths=[0.5, 1.0]", "seed=3"]
+    )
+    assert recipe.teacher.train.epochs == 7
+    assert recipe.bottleneck.widths == [0.5, 1.0]
+    assert recipe.seed == 3
+
+
+def test_parse_value_falls_back_to_string() -> None:
+    assert parse_value("true") is True
+    assert parse_value("1e-3") == pytest.approx(1e-3)
+    assert parse_value("layer3") == "layer3"
+
+
+def test_unknown_key_is_rejected() -> None:
+    with pytest.raises(RecipeError, match="teacher"):
+        load_recipe("digits", ["teacher.epochz=3"])
+
+
+def test_bad_assignment_and_non_table() -> None:
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe("digits", ["seed"])
+    raw = {"seed": 1}
+    with pytest.raises(RecipeError, match="not a table"):
+        apply_override(raw, "seed.x=2")
+
+
+def test_invalid_values_are_rejected() -> None:
+    with pytest.raises(RecipeError):
+        load_recipe("digits", ["bottleneck.widths=[0.0, 2.0]"])
+    with pytest.raises(RecipeError):
+        load_recipe("digits", ["distill.quant_bits=[3]"])
+
+
+def test_recipe_from_path_and_missing(tmp_path: Path) -> None:
+    from importlib import resources
+
+    text = (resources.files("tandem.recipes") / "digits.toml").read_text()
+    path = tmp_path / "mine.toml"
+    path.write_text(text.replace('name = "digits"', 'name = "mine"'))
+    assert load_recipe(str(path)).name == "mine"
+    with pytest.raises(RecipeError, match="no recipe"):
+        load_recipe(str(tmp_path / "absent.toml"))
+    (tmp_path / "broken.toml").write_text("name = ")
+    with pytest.raises(RecipeError, match="not valid TOML"):
+        load_recipe(str(tmp_path / "broken.toml"))
+
+
+def test_fingerprint_tracks_content() -> None:
+    a, b = load_recipe("digits"), load_recipe("digits", ["seed=1"])
+    assert a.fingerprint() == load_recipe("digits").fingerprint()
+    assert a.fingerprint() != b.fingerprint()

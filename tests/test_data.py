@@ -1,0 +1,90 @@
+"""Data specs: digits, npz and image folders load with the right splits and shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tandem.data import DataSpecError, channel_stats, load_data, normalize
+
+
+def test_digits() -> None:
+    data = load_data("digits")
+    assert data.input_shape == (1, 8, 8)
+    assert len(data.train) + len(data.test) == 1797
+    assert len(data.test) == 359
+    assert data.train.x.dtype == np.uint8 and data.train.x.max() == 255
+    assert data.classes == [str(i) for i in range(10)]
+
+
+def test_npz_last_rows_are_test(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (10_050, 6, 5), dtype=np.uint8)
+    y = rng.integers(0, 3, 10_050)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    data = load_data(f"npz:{tmp_path / 'd.npz'}")
+    assert data.input_shape == (1, 6, 5)
+    assert len(data.train) == 50 and len(data.test) == 10_000
+    np.testing.assert_array_equal(data.test.x[:, 0], x[-10_000:])
+    np.testing.assert_array_equal(data.train.y, y[:50])
+
+
+def test_npz_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataSpecError, match="no such file"):
+        load_data(f"npz:{tmp_path / 'absent.npz'}")
+    np.savez(tmp_path / "f.npz", x=np.zeros((20_000, 4, 4), np.float32), y=np.zeros(20_000))
+    with pytest.raises(DataSpecError, match="uint8"):
+        load_data(f"npz:{tmp_path / 'f.npz'}")
+    np.savez(tmp_path / "k.npz", a=np.zeros(3))
+    with pytest.raises(DataSpecError, match="'x' and 'y'"):
+        load_data(f"npz:{tmp_path / 'k.npz'}")
+
+
+def _write_folder(root: Path, sizes: dict[str, tuple[int, int]]) -> None:
+    rng = np.random.default_rng(1)
+    for label, size in sizes.items():
+        (root / label).mkdir(parents=True)
+        for i in range(5):
+            pixels = rng.integers(0, 256, (*size, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i}.png")
+
+
+def test_imagefolder_holdout_and_resize(tmp_path: Path) -> None:
+    _write_folder(tmp_path, {"cat": (12, 10), "dog": (12, 10), "eel": (9, 9)})
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert data.classes == ["cat", "dog", "eel"]
+    assert data.input_shape == (3, 12, 10)
+    assert len(data.train) + len(data.test) == 15 and len(data.test) == 3
+
+
+def test_imagefolder_train_test_dirs(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "train", {"a": (8, 8), "b": (8, 8)})
+    _write_folder(tmp_path / "test", {"a": (8, 8), "b": (8, 8)})
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert len(data.train) == 10 and len(data.test) == 10
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataSpecError, match="no such directory"):
+        load_data(f"imagefolder:{tmp_path / 'absent'}")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(DataSpecError, match="no PNG or JPEG"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+@pytest.mark.parametrize("spec", ["", "mnist", "npz:", "digits:x", "imagefolder"])
+def test_bad_specs(spec: str) -> None:
+    with pytest.raises(DataSpecError, match="unknown data spec"):
+        load_data(spec)
+
+
+def test_normalize_uses_stats() -> None:
+    x = np.random.default_rng(2).integers(0, 256, (64, 2, 4, 4), dtype=np.uint8)
+    mean, std = channel_stats(x)
+    t = normalize(x, mean, std)
+    assert t.shape == (64, 2, 4, 4)
+    assert abs(float(t.mean())) < 1e-4
+    assert float(t.std()) == pytest.approx(1.0, abs=0.02)

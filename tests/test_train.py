@@ -1,0 +1,108 @@
+"""Distillation: the phases learn, resume exactly, and accept a user's teacher checkpoint."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tandem.build import build_bundle
+from tandem.bundle import read_manifest
+from tandem.checkpoint import Checkpointer
+from tandem.config import OptimConfig, load_recipe
+from tandem.data import load_data
+from tandem.train import lr_at, random_shift, sandwich
+
+SHORT = ["teacher.train.epochs=2", "distill.head.epochs=1", "distill.finetune.epochs=2"]
+
+
+def test_sandwich_takes_extremes_and_one_middle() -> None:
+    gen = torch.Generator().manual_seed(0)
+    picks = [sandwich([0.25, 0.5, 0.75, 1.0], gen) for _ in range(50)]
+    assert all(p[:2] == [1.0, 0.25] and p[2] in (0.5, 0.75) for p in picks)
+    assert {p[2] for p in picks} == {0.5, 0.75}
+    assert sandwich([0.5, 1.0], gen) == [1.0, 0.5]
+
+
+def test_random_shift_moves_content_within_bounds() -> None:
+    x = torch.zeros(64, 1, 9, 9)
+    x[:, :, 4, 4] = 1.0
+    y = random_shift(x, 2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape
+    rows, cols = torch.nonzero(y[:, 0], as_tuple=True)[1:]
+    assert rows.min() >= 2 and rows.max() <= 6 and cols.min() >= 2 and cols.max() <= 6
+    assert len({(int(r), int(c)) for r, c in zip(rows, cols, strict=True)}) > 10
+    assert torch.equal(random_shift(x, 0, torch.Generator()), x)
+
+
+def test_lr_warms_up_then_decays() -> None:
+    cfg = OptimConfig(epochs=1, lr=1.0, warmup_fraction=0.1)
+    lrs = [lr_at(cfg, s, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1)
+    assert max(lrs) == pytest.approx(1.0)
+    assert lrs[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_bundle_table_covers_every_point_and_learns(digits_bundle: Path) -> None:
+    manifest = read_manifest(digits_bundle)
+    assert manifest.teacher_accuracy is not None and manifest.teacher_accuracy > 0.7
+    points = {(p.width, p.bits): p for p in manifest.table}
+    assert set(points) == {(w, b) for w in manifest.bottleneck.widths for b in (16, 8, 4, 2)}
+    assert points[(1.0, 8)].accuracy > 0.5
+    # Fewer bits and fewer channels must mean fewer bytes.
+    assert points[(1.0, 2)].bytes_per_sample < points[(1.0, 8)].bytes_per_sample
+    assert points[(0.25, 8)].bytes_per_sample < points[(1.0, 8)].bytes_per_sample
+    assert manifest.head_flops < manifest.teacher_flops
+    assert manifest.profile and manifest.profile[0]["head_flops"] >= 0
+
+
+def _weights(bundle: Path) -> dict[str, torch.Tensor]:
+    return {
+        **load_file(str(bundle / "head.safetensors")),
+        **load_file(str(bundle / "tail.safetensors")),
+    }
+
+
+def test_interrupted_run_resumes_to_identical_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe, data = load_recipe("digits", SHORT), load_data("digits")
+    build_bundle(recipe, data, tmp_path / "straight")
+
+    real_save = Checkpointer.save
+    saves = {"n": 0}
+
+    def crash_after_three(self: Checkpointer, *args: object, **kwargs: object) -> None:
+        real_save(self, *args, **kwargs)  # type: ignore[arg-type]
+        saves["n"] += 1
+        if saves["n"] == 3:  # mid-way: teacher done, inside the head phase... or later
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "save", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        build_bundle(recipe, data, tmp_path / "resumed")
+    monkeypatch.setattr(Checkpointer, "save", real_save)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    build_bundle(recipe, data, tmp_path / "resumed")
+
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0)
+
+
+def test_teacher_loaded_from_user_checkpoint(tmp_path: Path, digits_bundle: Path) -> None:
+    full = load_file(str(digits_bundle / "full.safetensors"))
+    torch.save({"state_dict": full}, tmp_path / "teacher.pt")
+    recipe = load_recipe(
+        "digits",
+        [*SHORT, f"teacher.checkpoint='{tmp_path / 'teacher.pt'}'", "distill.finetune.epochs=0"],
+    )
+    manifest = build_bundle(recipe, load_data("digits"), tmp_path / "b")
+    assert manifest.teacher_accuracy == read_manifest(digits_bundle).teacher_accuracy
+    state = (tmp_path / "b" / "checkpoint" / "state.json").read_text()
+    assert '"teacher"' not in state  # nothing was trained for the teacher
