@@ -54,7 +54,9 @@ class BottleneckEncoder(nn.Module):
         """Map normalised inputs to the bottleneck tensor sent at ``width``."""
         k = width_channels(self.channels, width)
         # Slicing the projection computes only the channels that are sent.
-        return F.conv2d(self.body(x), self.project.weight[:k], self.project.bias[:k])
+        bias = self.project.bias
+        assert bias is not None
+        return F.conv2d(self.body(x), self.project.weight[:k], bias[:k])
 
     def forward(self, x: torch.Tensor, width: float = 1.0) -> torch.Tensor:
         """Same as :meth:`encode`."""
@@ -115,11 +117,11 @@ class BottleneckDecoder(nn.Module):
 
 class _RoundSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x)
 
     @staticmethod
-    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
         return grad
 
 

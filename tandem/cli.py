@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,7 +54,11 @@ def _show_progress(args: argparse.Namespace) -> bool:
 @contextmanager
 def _bar(args: argparse.Namespace, total: int, desc: str) -> Iterator[Callable[[int], None]]:
     with tqdm(total=total, desc=desc, disable=not _show_progress(args), leave=False) as bar:
-        yield bar.update
+
+        def tick(n: int) -> None:
+            bar.update(n)
+
+        yield tick
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[], str]) -> None:
@@ -84,27 +89,31 @@ def _eval_text(report: dict[str, Any]) -> str:
     return "\n".join(head) + _points_table(report["points"], teacher)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """``tandem train RECIPE --data SPEC --out DIR``: run a recipe and write a bundle."""
+def _train(args: argparse.Namespace, recipe_name: str, data_spec: str, out: Path) -> Any:
     from tandem.build import build_bundle
     from tandem.config import load_recipe
     from tandem.data import load_data
 
-    recipe = load_recipe(args.recipe, args.set)
-    data = load_data(args.data)
+    recipe = load_recipe(recipe_name, args.set)
+    data = load_data(data_spec)
     total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
     with _bar(args, total, "measuring") as on_point:
-        manifest = build_bundle(
+        return build_bundle(
             recipe,
             data,
-            Path(args.out),
+            out,
             fresh=args.fresh,
             progress=_show_progress(args),
             on_point=on_point,
         )
-    doc = {
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """``tandem train RECIPE --data SPEC --out DIR``: run a recipe and write a bundle."""
+    manifest = _train(args, args.recipe, args.data, Path(args.out))
+    doc: dict[str, Any] = {
         "bundle": str(args.out),
-        "recipe": recipe.name,
+        "recipe": manifest.name,
         "teacher_accuracy": manifest.teacher_accuracy,
         "table": [p.model_dump() for p in manifest.table],
     }
@@ -116,17 +125,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """``tandem eval BUNDLE --data SPEC``: accuracy and bytes per (width, bits) point."""
+def _evaluate(args: argparse.Namespace, bundle: Path, data_spec: str) -> dict[str, Any]:
     from tandem.bundle import read_manifest
     from tandem.data import load_data
     from tandem.evaluate import evaluate_bundle
 
-    manifest = read_manifest(Path(args.bundle))
-    split = load_data(args.data).test
+    manifest = read_manifest(bundle)
+    split = load_data(data_spec).test
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
     with _bar(args, len(manifest.bottleneck.widths) * len(bits), "evaluating") as on_point:
-        report = evaluate_bundle(Path(args.bundle), split, bits, progress=on_point)
+        return evaluate_bundle(bundle, split, bits, progress=on_point)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``tandem eval BUNDLE --data SPEC``: accuracy and bytes per (width, bits) point."""
+    report = _evaluate(args, Path(args.bundle), args.data)
     _emit(args, report, lambda: _eval_text(report))
     return 0
 
@@ -167,25 +180,28 @@ def _profile_text(cuts: list[dict[str, Any]]) -> str:
     ]
     for c in cuts:
         shape = "x".join(str(d) for d in c["shape"])
+        ms = "-" if c["head_latency_ms"] is None else f"{c['head_latency_ms']:.2f}"
         lines.append(
             f"{c['name']:<24} {shape:<16} {c['raw_bytes']:>9} {c['head_flops'] / 1e6:>12.1f} "
-            f"{c['tail_flops'] / 1e6:>12.1f} {c['head_latency_ms']:>8.2f}"
+            f"{c['tail_flops'] / 1e6:>12.1f} {ms:>8}"
         )
     return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``tandem demo``: train the digits recipe on the bundled data and print its table."""
+    """``tandem demo``: train the digits recipe on the bundled data and evaluate it."""
+    args.set, args.fresh, args.bits = [], True, None
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
-        train_args = argparse.Namespace(
-            recipe="digits", data="digits", out=str(out), set=[], fresh=True, json=args.json
-        )
         if not args.json:
-            print(f"training the 'digits' recipe on scikit-learn's digits into {out}")
-        cmd_train(train_args)
-        eval_args = argparse.Namespace(bundle=str(out), data="digits", bits=None, json=args.json)
-        return cmd_eval(eval_args)
+            print(f"training the 'digits' recipe on scikit-learn's digits into {out} ...")
+        start = time.perf_counter()
+        _train(args, "digits", "digits", out)
+        train_s = time.perf_counter() - start
+        report = _evaluate(args, out, "digits")
+    doc = {"train_seconds": round(train_s, 1), "eval": report}
+    _emit(args, doc, lambda: f"trained in {train_s:.0f} s\n" + _eval_text(report))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="model constructor argument, e.g. --arg width=0.5 --arg small_input=true",
     )
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per cut (median reported)")
+    p.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per cut, median reported (0: no timing)"
+    )
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="train and evaluate on the bundled digits data")

@@ -257,23 +257,13 @@ def _get_varint(buf: memoryview, pos: int, what: str) -> tuple[int, int]:
     raise CodecError(f"varint for {what} longer than {_MAX_VARINT_BYTES} bytes")
 
 
-def _round_f16(values: np.ndarray, up: bool) -> np.ndarray:
-    """Round float64 ``values`` to float16, toward +inf if ``up`` else toward -inf."""
+def _round_directed(values: np.ndarray, dtype: type[np.floating], up: bool) -> np.ndarray:
+    """Round float64 ``values`` to ``dtype``, toward +inf if ``up`` else toward -inf."""
     with np.errstate(over="ignore", invalid="ignore"):
-        r = values.astype(np.float16)
+        r = values.astype(dtype)
         wrong = r.astype(np.float64) < values if up else r.astype(np.float64) > values
         if wrong.any():
-            r[wrong] = np.nextafter(r[wrong], np.float16(np.inf if up else -np.inf))
-    return r
-
-
-def _round_f32(values: np.ndarray, up: bool) -> np.ndarray:
-    """Round float64 ``values`` to float32, toward +inf if ``up`` else toward -inf."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        r = values.astype(np.float32)
-        wrong = r.astype(np.float64) < values if up else r.astype(np.float64) > values
-        if wrong.any():
-            r[wrong] = np.nextafter(r[wrong], np.float32(np.inf if up else -np.inf))
+            r[wrong] = np.nextafter(r[wrong], dtype(np.inf if up else -np.inf))
     return r
 
 
@@ -295,8 +285,8 @@ def _choose_params(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndar
     hi64 = hi.astype(np.float64)
     ideal = (hi64 - lo64) / levels
     with np.errstate(over="ignore", invalid="ignore"):
-        off16 = _round_f16(lo64, up=False)
-        step16 = _round_f16((hi64 - off16.astype(np.float64)) / levels, up=True)
+        off16 = _round_directed(lo64, np.float16, up=False)
+        step16 = _round_directed((hi64 - off16.astype(np.float64)) / levels, np.float16, up=True)
         step16 = _cover(off16, step16, hi64, levels)
         constant = hi64 == lo64
         coarse = step16.astype(np.float64) > ideal * (1.0 + _FP16_STEP_REL_TOL)
@@ -308,8 +298,8 @@ def _choose_params(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndar
         )
     if ok:
         return np.stack([off16, step16], axis=1), False
-    off32 = _round_f32(lo64, up=False)
-    step32 = _round_f32((hi64 - off32.astype(np.float64)) / levels, up=True)
+    off32 = _round_directed(lo64, np.float32, up=False)
+    step32 = _round_directed((hi64 - off32.astype(np.float64)) / levels, np.float32, up=True)
     step32 = _cover(off32, step32, hi64, levels)
     reach = np.abs(off32.astype(np.float64)) + levels * step32.astype(np.float64)
     if not (np.isfinite(off32).all() and np.isfinite(step32).all() and (reach <= _F32_MAX).all()):

@@ -157,7 +157,8 @@ def _stack(images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     out = []
     for img in images:
         if img.shape[:2] != size:
-            img = np.asarray(Image.fromarray(img).resize((size[1], size[0]), Image.BILINEAR))
+            resized = Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR)
+            img = np.asarray(resized)
         out.append(img)
     x = np.stack(out)
     grey = bool(np.all(x[..., 0] == x[..., 1]) and np.all(x[..., 1] == x[..., 2]))

@@ -53,7 +53,7 @@ class CutProfile:
         return {**asdict(self), "shape": list(self.shape)}
 
 
-ProgressCallback = Callable[[CutProfile], None]
+ProgressCallback = Callable[[], None]
 
 
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
@@ -80,8 +80,8 @@ def profile_cuts(
 
     ``input_shape`` excludes the batch dimension. The head of each cut is timed ``repeats``
     times on a batch of ``batch_size`` after one warm-up run; ``repeats=0`` skips timing, which
-    is the only option for a model on the meta device. ``progress`` is called with each
-    profile as soon as it is ready.
+    is the only option for a model on the meta device. ``progress`` is called with no
+    arguments once per profiled cut, so a caller can advance a progress bar.
     """
     if batch_size < 1 or repeats < 0:
         raise ValueError(f"need batch_size >= 1 and repeats >= 0, got {batch_size}, {repeats}")
@@ -99,7 +99,7 @@ def profile_cuts(
             profile = _profile_cut(traced, point, counts, head_flops, batch, repeats)
             profiles.append(profile)
             if progress is not None:
-                progress(profile)
+                progress()
     return profiles
 
 

@@ -33,7 +33,13 @@ def test_eval_text_and_bits(digits_bundle: Path, capsys: pytest.CaptureFixture[s
     assert main(["eval", str(digits_bundle), "--data", "digits", "--bits", "4"]) == 0
     out = capsys.readouterr().out
     assert "teacher accuracy" in out and "bytes/sample" in out
-    assert out.count("\n") == 5 + 1 + 4  # header lines, table header, one row per width
+    rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("0.", "1.")]
+    assert [(r[0], r[1]) for r in rows] == [
+        ("0.25", "4"),
+        ("0.50", "4"),
+        ("0.75", "4"),
+        ("1.00", "4"),
+    ]
 
 
 def test_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
@@ -80,3 +86,14 @@ def test_bad_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
         main(["profile", "--arch", "resnet18", "--input", "3xfoo"])
     assert exc.value.code == 2
     assert "3x224x224" in capsys.readouterr().err
+
+
+def test_demo_json_is_one_document(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--json"]) == 0
+    doc = _json(capsys)
+    assert doc["train_seconds"] > 0
+    report = doc["eval"]
+    assert report["samples"] == 359 and len(report["points"]) == 16
+    # The full digits recipe learns: the best point is within a point of the teacher.
+    best = max(p["accuracy"] for p in report["points"])
+    assert best >= report["teacher"]["accuracy"] - 0.01 and best > 0.95

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -204,16 +203,6 @@ MOBILENET_V2_KEYS = (
 # fmt: on
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Run on one thread: for models this small, thread hand-offs cost more than they save."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SMALL_WIDTH = {"resnet18": 0.125, "resnet34": 0.125, "resnet50": 0.0625, "mobilenet_v2": 0.25}
 VIT_SMALL_ARGS = {"depth": 2, "heads": 2}
 
@@ -225,6 +214,11 @@ def small_model(name: str, in_channels: int, size: int, **kwargs: object) -> nn.
         extra.update(VIT_SMALL_ARGS, image_size=size)
     extra.update(kwargs)
     return build_model(name, in_channels=in_channels, small_input=True, **extra)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Return the number of parameter elements of ``model``."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def test_torchvision_key_counts() -> None:
@@ -247,7 +241,7 @@ def test_resnet18_shapes_and_size() -> None:
     assert state["layer2.0.downsample.0.weight"].shape == (128, 64, 1, 1)
     assert state["layer4.1.conv2.weight"].shape == (512, 512, 3, 3)
     assert state["fc.weight"].shape == (1000, 512)
-    assert sum(p.numel() for p in resnet18().parameters()) == 11_689_512
+    assert count_parameters(resnet18()) == 11_689_512
 
 
 def test_mobilenet_v2_shapes_and_size() -> None:
@@ -258,7 +252,7 @@ def test_mobilenet_v2_shapes_and_size() -> None:
     assert state["features.2.conv.0.0.weight"].shape == (96, 16, 1, 1)
     assert state["features.18.0.weight"].shape == (1280, 320, 1, 1)
     assert state["classifier.1.weight"].shape == (1000, 1280)
-    assert sum(p.numel() for p in model.parameters()) == 3_504_872
+    assert count_parameters(model) == 3_504_872
 
 
 def test_vit_uses_torchvision_names() -> None:
@@ -328,26 +322,23 @@ def test_forward_shape_small_input(name: str, in_channels: int, size: int) -> No
 def test_width_scales_parameters(name: str) -> None:
     narrow = small_model(name, 3, 32, width=0.25)
     wide = small_model(name, 3, 32, width=0.5)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert count(narrow) < count(wide)
+    assert count_parameters(narrow) < count_parameters(wide)
 
 
 @pytest.mark.parametrize("width", [0.01, 0.3, 1.7])
 def test_resnet_width_rounding(width: float) -> None:
-    conv1 = resnet18(width=width).state_dict()["conv1.weight"]
-    layer4 = resnet18(width=width).state_dict()["layer4.0.conv1.weight"]
+    state = resnet18(width=width).state_dict()
     base = max(1, round(64 * width))
-    assert conv1.shape[0] == base
-    assert layer4.shape[0] == 8 * base
+    assert state["conv1.weight"].shape[0] == base
+    assert state["layer4.0.conv1.weight"].shape[0] == 8 * base
 
 
 def test_make_divisible() -> None:
     assert make_divisible(32 * 1.0) == 32
+    assert make_divisible(92) == 96  # nearest multiple of 8
+    assert make_divisible(3.0) == 8  # never below the divisor
+    # 32 * 0.35 = 11.2 rounds to 8, which loses over 10%, so the guard bumps it to 16.
     assert make_divisible(32 * 0.35) == 16
-    assert make_divisible(3.0) == 8
-    # Plain rounding of 92 would give 88, which loses under 10%; 60 -> 56 loses under 10% too.
-    assert make_divisible(92) == 96
-    assert make_divisible(60) == 64
 
 
 def test_full_size_224_forward() -> None:

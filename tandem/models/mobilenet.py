@@ -38,7 +38,12 @@ class ConvBNActivation(nn.Sequential):
     """Convolution, batch norm and ReLU6; children are named 0, 1, 2 as in torchvision."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
     ) -> None:
         """Build the block; padding keeps the spatial size at stride 1."""
         super().__init__(

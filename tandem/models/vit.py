@@ -112,6 +112,7 @@ class VisionTransformer(nn.Module):
         # LeCun-normal patch embedding, as torchvision does.
         fan_in = in_channels * patch_size * patch_size
         nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1.0 / fan_in))
+        assert self.conv_proj.bias is not None  # built with a bias; narrows the type
         nn.init.zeros_(self.conv_proj.bias)
         # torchvision zeroes the head; a small random one keeps the logits input-dependent.
         nn.init.trunc_normal_(head.weight, std=0.02)

@@ -1,0 +1,31 @@
+"""Benchmarks run and print exactly one JSON line with the side-by-side figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_codec_bench_prints_one_json_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _load("codec").main(["--runs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    doc = json.loads(out)
+    assert doc["shape"] == [32, 12, 28, 28]
+    for bits in ("8", "4", "2"):
+        assert doc["codec"][bits]["encode_MBps"] > 0 and doc["codec"][bits]["decode_MBps"] > 0
+        assert doc["speedup_vs_zstd"][bits]["ratio"] > 1  # quantizing beats lossless zstd
+    assert doc["codec"]["2"]["bytes"] < doc["codec"]["4"]["bytes"] < doc["codec"]["8"]["bytes"]
