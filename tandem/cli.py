@@ -52,7 +52,7 @@ def _show_progress(args: argparse.Namespace) -> bool:
 
 
 @contextmanager
-def _bar(args: argparse.Namespace, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+def _bar(args: argparse.Namespace, total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
     with tqdm(total=total, desc=desc, disable=not _show_progress(args), leave=False) as bar:
 
         def tick(n: int) -> None:
@@ -166,7 +166,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         args.arch, num_classes=args.num_classes, in_channels=args.input[0], **kwargs
     )
     model.eval()
-    with _bar(args, 0, "profiling") as tick:
+    with _bar(args, None, "profiling") as tick:
         profiles = profile_cuts(model, args.input, repeats=args.repeats, progress=lambda: tick(1))
     doc = {"arch": args.arch, "input": list(args.input), "cuts": [p.to_dict() for p in profiles]}
     _emit(args, doc, lambda: _profile_text(doc["cuts"]))

@@ -1,0 +1,1 @@
+"""Built-in training recipes, one TOML file each; see :mod:`tandem.config`."""
