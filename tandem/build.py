@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from tandem import __version__
 from tandem.bundle import HeadRunner, Manifest, TailRunner, bottleneck_shapes, write_bundle
@@ -52,9 +53,11 @@ def build_bundle(
     *,
     fresh: bool = False,
     progress: bool = False,
-    on_point: Callable[[int], None] | None = None,
 ) -> Manifest:
-    """Run ``recipe`` on ``data`` and write a measured bundle to ``out``."""
+    """Run ``recipe`` on ``data`` and write a measured bundle to ``out``.
+
+    ``progress`` shows a bar per training epoch and one for the final measurements.
+    """
     distiller = Distiller(recipe, data, out, fresh=fresh, progress=progress)
     teacher = distiller.teacher()
     teacher_acc = accuracy(batched_outputs(teacher, distiller.inputs(data.test)), data.test.y)
@@ -64,12 +67,14 @@ def build_bundle(
     fields["teacher_accuracy"] = teacher_acc
     fields["profile"] = [p.to_dict() for p in profile_cuts(teacher, data.input_shape, repeats=3)]
     provisional = Manifest.model_validate({**fields, "files": {}})
-    points = measure_points(
-        HeadRunner(trained.encoder, provisional),
-        TailRunner(trained.cloud_tail, provisional),
-        data.test,
-        recipe.eval_bits,
-        progress=on_point,
-    )
+    total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
+    with tqdm(total=total, desc="measuring", disable=not progress, leave=False) as bar:
+        points = measure_points(
+            HeadRunner(trained.encoder, provisional),
+            TailRunner(trained.cloud_tail, provisional),
+            data.test,
+            recipe.eval_bits,
+            progress=bar.update,
+        )
     fields["table"] = [asdict(p) for p in points]
     return write_bundle(out, fields, trained.encoder, trained.cloud_tail, trained.teacher)

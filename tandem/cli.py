@@ -52,13 +52,11 @@ def _show_progress(args: argparse.Namespace) -> bool:
 
 
 @contextmanager
-def _bar(args: argparse.Namespace, total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
+def _bar(
+    args: argparse.Namespace, total: int | None, desc: str
+) -> Iterator[Callable[[int], object]]:
     with tqdm(total=total, desc=desc, disable=not _show_progress(args), leave=False) as bar:
-
-        def tick(n: int) -> None:
-            bar.update(n)
-
-        yield tick
+        yield bar.update
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[], str]) -> None:
@@ -96,16 +94,7 @@ def _train(args: argparse.Namespace, recipe_name: str, data_spec: str, out: Path
 
     recipe = load_recipe(recipe_name, args.set)
     data = load_data(data_spec)
-    total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
-    with _bar(args, total, "measuring") as on_point:
-        return build_bundle(
-            recipe,
-            data,
-            out,
-            fresh=args.fresh,
-            progress=_show_progress(args),
-            on_point=on_point,
-        )
+    return build_bundle(recipe, data, out, fresh=args.fresh, progress=_show_progress(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

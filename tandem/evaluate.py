@@ -23,7 +23,7 @@ from tandem.data import Split, normalize
 from tandem.profile import model_flops
 from tandem.train import accuracy, batched_outputs
 
-Progress = Callable[[int], None]
+Progress = Callable[[int], object]
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ class CutProfile:
         return {**asdict(self), "shape": list(self.shape)}
 
 
-ProgressCallback = Callable[[], None]
+ProgressCallback = Callable[[], object]
 
 
 def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +100,53 @@ def test_split_runners_reproduce_the_table(digits_bundle: Path) -> None:
     for point in manifest.table:
         logits = tail.infer(head.encode(test.x, point.width, point.bits))
         assert float((logits.argmax(1) == test.y).mean()) == point.accuracy
+
+
+HEAD_PROCESS = """
+import sys, numpy as np
+from pathlib import Path
+from tandem.bundle import HeadRunner
+from tandem.data import load_data
+head = HeadRunner.from_bundle(Path(sys.argv[1]))
+with open(sys.argv[2], "wb") as out:
+    for payload in head.encode(load_data("digits").test.x[:32], 0.5, 4):
+        out.write(len(payload).to_bytes(2, "little") + payload)
+"""
+
+TAIL_PROCESS = """
+import sys
+from pathlib import Path
+from tandem.bundle import TailRunner
+data, payloads = open(sys.argv[2], "rb").read(), []
+while data:
+    n = int.from_bytes(data[:2], "little")
+    payloads.append(data[2 : 2 + n])
+    data = data[2 + n :]
+logits = TailRunner.from_bundle(Path(sys.argv[1])).infer(payloads)
+print(" ".join(str(int(i)) for i in logits.argmax(1)))
+"""
+
+
+def test_head_and_tail_run_in_separate_processes(
+    tmp_path: Path, digits_bundle: Path, bundle_copy: Path
+) -> None:
+    """Only bytes pass between the two processes, each holding only its own half."""
+    device, cloud = tmp_path / "device", tmp_path / "cloud"
+    shutil.copytree(bundle_copy, device)
+    shutil.copytree(bundle_copy, cloud)
+    (device / "tail.safetensors").unlink()
+    (device / "full.safetensors").unlink()
+    (cloud / "head.safetensors").unlink()
+    wire = tmp_path / "wire.bin"
+    subprocess.run([sys.executable, "-c", HEAD_PROCESS, str(device), str(wire)], check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", TAIL_PROCESS, str(cloud), str(wire)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    x = load_data("digits").test.x[:32]
+    local = TailRunner.from_bundle(digits_bundle).infer(
+        HeadRunner.from_bundle(digits_bundle).encode(x, 0.5, 4)
+    )
+    assert [int(v) for v in done.stdout.split()] == local.argmax(1).tolist()
