@@ -24,7 +24,6 @@ def _manifest_fields(recipe: Recipe, data: DataSet, trained: DistilledModels) ->
     b = recipe.bottleneck
     return {
         "name": recipe.name,
-        "version": "1",
         "arch": recipe.teacher.arch,
         "num_classes": len(data.classes),
         "cut": recipe.cut,
@@ -66,7 +65,7 @@ def build_bundle(
     fields = _manifest_fields(recipe, data, trained)
     fields["teacher_accuracy"] = teacher_acc
     fields["profile"] = [p.to_dict() for p in profile_cuts(teacher, data.input_shape, repeats=3)]
-    provisional = Manifest.model_validate({**fields, "files": {}})
+    provisional = Manifest.model_validate({**fields, "version": "unsaved", "files": {}})
     total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
     with tqdm(total=total, desc="measuring", disable=not progress, leave=False) as bar:
         points = measure_points(

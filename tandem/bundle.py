@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,14 +23,15 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from tandem import codec
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
-from tandem.config import ArchConfig, BottleneckConfig
+from tandem.config import ArchConfig, BottleneckConfig, StrictModel
 from tandem.data import normalize
 from tandem.models import build_model
 from tandem.split import split_model
@@ -42,11 +44,7 @@ class BundleError(ValueError):
     """A bundle is missing, malformed, or its files do not match their recorded hashes."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class InputSpec(_Strict):
+class InputSpec(StrictModel):
     """What the head expects: uint8 images of ``shape`` (C, H, W), and how to normalise them."""
 
     shape: tuple[int, int, int]
@@ -63,14 +61,14 @@ class BottleneckSpec(BottleneckConfig):
     shapes: dict[str, tuple[int, int, int]] = Field(description="width -> (C, H, W) sent")
 
 
-class CodecDefaults(_Strict):
+class CodecDefaults(StrictModel):
     """Codec settings a client uses unless told otherwise."""
 
     bits: int
     compress: bool = True
 
 
-class TablePoint(_Strict):
+class TablePoint(StrictModel):
     """One measured operating point of the bundle."""
 
     width: float
@@ -79,7 +77,7 @@ class TablePoint(_Strict):
     bytes_per_sample: float = Field(ge=0)
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
     """The validated content of ``manifest.json``."""
 
     format_version: Literal[1] = 1
@@ -98,6 +96,24 @@ class Manifest(_Strict):
     profile: list[dict[str, Any]] = Field(default_factory=list)
     files: dict[str, str] = Field(description="file name -> sha256")
     recipe: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        """Cross-field checks: a manifest that passes describes one coherent model."""
+        inp, b = self.input, self.bottleneck
+        if not len(inp.mean) == len(inp.std) == inp.shape[0]:
+            raise ValueError("input.mean and input.std need one value per input channel")
+        if len(inp.labels) != self.num_classes:
+            raise ValueError("input.labels needs one name per class")
+        expected = {str(w): width_channels(b.channels, w) for w in b.widths}
+        if {k: s[0] for k, s in b.shapes.items()} != expected:
+            raise ValueError(f"bottleneck.shapes must give {expected} channels per width")
+        for bits in [self.codec.bits, *(p.bits for p in self.table)]:
+            if bits not in codec.SUPPORTED_BITS:
+                raise ValueError(f"bits {bits} not among {codec.SUPPORTED_BITS}")
+        if any(p.width not in b.widths for p in self.table):
+            raise ValueError("the table names a width the bottleneck was not trained for")
+        return self
 
 
 def sha256_file(path: Path) -> str:
@@ -125,10 +141,12 @@ def _load_verified(bundle: Path, manifest: Manifest, name: str) -> dict[str, tor
     expected = manifest.files.get(name)
     if expected is None or not path.is_file():
         raise BundleError(f"{bundle}: {name} is missing")
-    if sha256_file(path) != expected:
+    # Hash and parse the same bytes, so the file cannot change between check and use.
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != expected:
         raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest")
     try:
-        return load_file(str(path))
+        return load_safetensors(data)
     except SafetensorError as exc:
         raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from exc
 
@@ -160,7 +178,9 @@ def write_bundle(
     for name, module in weights.items():
         save_file(_state(module), str(out / name))
         files[name] = sha256_file(out / name)
-    manifest = Manifest.model_validate({**manifest_fields, "files": files})
+    # The version names the weights: any retrain that changes them gets a new one.
+    version = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:12]
+    manifest = Manifest.model_validate({"version": version, **manifest_fields, "files": files})
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -228,7 +248,9 @@ class HeadRunner:
 
     def encode(self, x: np.ndarray, width: float, bits: int | None = None) -> list[bytes]:
         """Payloads for uint8 inputs, one per sample (``bits`` defaults to the bundle's)."""
-        return self.pack(self.features(x, width), bits or self.manifest.codec.bits)
+        return self.pack(
+            self.features(x, width), self.manifest.codec.bits if bits is None else bits
+        )
 
 
 class TailRunner:
@@ -239,6 +261,7 @@ class TailRunner:
         self.manifest = manifest
         b = manifest.bottleneck
         self.accepted = {tuple(shape) for shape in b.shapes.values()}
+        self._max_elements = max(math.prod(shape) for shape in self.accepted)
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> TailRunner:
@@ -257,10 +280,12 @@ class TailRunner:
 
     def unpack(self, payloads: Sequence[bytes]) -> torch.Tensor:
         """Decode payloads into one batch, rejecting shapes the decoder was not trained for."""
-        arrays = [codec.decode(p) for p in payloads]
-        shapes = {a.shape for a in arrays}
+        # Headers first: a payload whose shape the decoder cannot take is refused before any
+        # of the batch is decompressed, so a hostile batch costs no more than a valid one.
+        shapes = {codec.read_header(p, max_elements=self._max_elements).shape for p in payloads}
         if len(shapes) != 1 or next(iter(shapes)) not in self.accepted:
             raise ValueError(f"payload shapes {sorted(shapes)} not among {sorted(self.accepted)}")
+        arrays = [codec.decode(p, max_elements=self._max_elements) for p in payloads]
         # The codec only ever yields finite values, so no NaN check is needed here.
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 

@@ -1,9 +1,11 @@
 """Resumable training checkpoints, written without pickle.
 
-A run directory keeps ``checkpoint/state.json`` (which phases are done and how far the
-current one got) and one ``<phase>.safetensors`` per phase holding module weights and the
-optimizer's tensors. Non-tensor optimizer state goes in the JSON. Each file is replaced
-atomically, so a run killed at any moment resumes from its last finished epoch.
+A run directory keeps one ``checkpoint/<phase>.safetensors`` per training phase, holding the
+module weights and the optimizer's tensors. Its metadata says whose run it is (the
+fingerprint of recipe and data), how many epochs are done, and the optimizer's non-tensor
+state as JSON. One file per phase, replaced atomically, is the whole record: a run killed at
+any moment resumes from its last finished epoch, and never finds weights and progress that
+disagree.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -67,22 +70,34 @@ class Checkpointer:
     def __init__(self, folder: Path, fingerprint: str, *, fresh: bool = False) -> None:
         self.folder = folder
         self.fingerprint = fingerprint
-        self._state_path = folder / "state.json"
-        self._state: dict[str, Any] = {"fingerprint": fingerprint, "phases": {}}
-        if self._state_path.exists() and not fresh:
-            saved = json.loads(self._state_path.read_text())
-            if saved.get("fingerprint") != fingerprint:
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in folder.glob("*.safetensors"):
+            if fresh:
+                path.unlink()
+            elif self._metadata(path).get("fingerprint") != fingerprint:
                 raise CheckpointError(
                     f"{folder} holds a checkpoint of a different recipe or data set; "
                     "pass --fresh to discard it, or choose another --out"
                 )
-            self._state = saved
-        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, phase: str) -> Path:
+        return self.folder / f"{phase}.safetensors"
+
+    @staticmethod
+    def _metadata(path: Path) -> dict[str, str]:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return dict(f.metadata() or {})
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointError(f"unreadable checkpoint {path}: {exc}") from exc
 
     def status(self, phase: str) -> PhaseStatus | None:
         """Progress recorded for ``phase``, or None if it never saved."""
-        entry = self._state["phases"].get(phase)
-        return PhaseStatus(entry["epochs_done"], entry["done"]) if entry else None
+        path = self._path(phase)
+        if not path.exists():
+            return None
+        meta = self._metadata(path)
+        return PhaseStatus(int(meta["epochs_done"]), meta["done"] == "true")
 
     def save(
         self,
@@ -99,13 +114,16 @@ class Checkpointer:
             for prefix, module in modules.items()
             for key, value in module.state_dict().items()
         }
-        entry: dict[str, Any] = {"epochs_done": epochs_done, "done": done}
+        meta = {
+            "fingerprint": self.fingerprint,
+            "epochs_done": str(epochs_done),
+            "done": "true" if done else "false",
+        }
         if optimizer is not None and not done:
-            opt_tensors, entry["optimizer"] = _flatten_optimizer(optimizer)
+            opt_tensors, opt_meta = _flatten_optimizer(optimizer)
             tensors.update(opt_tensors)
-        _atomic_write(self.folder / f"{phase}.safetensors", lambda p: save_file(tensors, str(p)))
-        self._state["phases"][phase] = entry
-        _atomic_write(self._state_path, lambda p: p.write_text(json.dumps(self._state, indent=1)))
+            meta["optimizer"] = json.dumps(opt_meta)
+        _atomic_write(self._path(phase), lambda p: save_file(tensors, str(p), metadata=meta))
 
     def restore(
         self,
@@ -114,15 +132,19 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> int:
         """Load ``phase``'s weights (and optimizer state) in place; return epochs done."""
-        entry = self._state["phases"].get(phase)
-        path = self.folder / f"{phase}.safetensors"
-        if entry is None or not path.exists():
+        path = self._path(phase)
+        if not path.exists():
             raise CheckpointError(f"no checkpoint for phase {phase!r} in {self.folder}")
-        tensors = load_file(str(path))
-        for prefix, module in modules.items():
-            head = f"{prefix}."
-            own = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
-            module.load_state_dict(own, strict=True)
-        if optimizer is not None and "optimizer" in entry:
-            optimizer.load_state_dict(_unflatten_optimizer(tensors, entry["optimizer"]))
-        return int(entry["epochs_done"])
+        meta = self._metadata(path)
+        try:
+            tensors = load_file(str(path))
+            for prefix, module in modules.items():
+                head = f"{prefix}."
+                own = {k[len(head) :]: v for k, v in tensors.items() if k.startswith(head)}
+                module.load_state_dict(own, strict=True)
+            if optimizer is not None and "optimizer" in meta:
+                opt_meta = json.loads(meta["optimizer"])
+                optimizer.load_state_dict(_unflatten_optimizer(tensors, opt_meta))
+        except (SafetensorError, RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not fit this run: {exc}") from exc
+        return int(meta["epochs_done"])

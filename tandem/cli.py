@@ -44,6 +44,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
         SplitError,
         ValueError,
         TypeError,
+        OSError,
     )
 
 
@@ -60,7 +61,7 @@ def _bar(
 
 
 def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[], str]) -> None:
-    print(json.dumps(doc) if args.json else text())
+    print(json.dumps(doc, allow_nan=False) if args.json else text())
 
 
 def _points_table(points: list[dict[str, Any]], teacher_acc: float | None) -> str:
@@ -149,8 +150,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tandem.models import build_model
     from tandem.profile import profile_cuts
 
-    extra = dict(kv.partition("=")[::2] for kv in args.arg)
-    kwargs = {k: parse_value(v) for k, v in extra.items()}
+    kwargs = {}
+    for assignment in args.arg:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--arg expects KEY=VALUE, got {assignment!r}")
+        kwargs[key] = parse_value(value)
     model = build_model(
         args.arch, num_classes=args.num_classes, in_channels=args.input[0], **kwargs
     )
@@ -260,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tandem: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("tandem: interrupted (training resumes from its last checkpoint)", file=sys.stderr)
+        note = " (run it again to resume from the last epoch)" if args.command == "train" else ""
+        print(f"tandem: interrupted{note}", file=sys.stderr)
         return 130
 
 

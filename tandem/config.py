@@ -14,8 +14,17 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from tandem.bottleneck import width_channels
 from tandem.codec import SUPPORTED_BITS
 
 
@@ -23,18 +32,26 @@ class RecipeError(ValueError):
     """A recipe could not be found, parsed, overridden or validated."""
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config and manifest: unknown keys are errors, instances are frozen."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ArchConfig(_Strict):
+def _check_bits(bits: list[int]) -> list[int]:
+    if not bits or len(set(bits)) != len(bits) or any(b not in SUPPORTED_BITS for b in bits):
+        raise ValueError(f"need distinct bit depths among {SUPPORTED_BITS}, got {bits}")
+    return bits
+
+
+class ArchConfig(StrictModel):
     """A zoo architecture by registry name, with its constructor arguments."""
 
     name: str
     args: dict[str, int | float | bool | str] = Field(default_factory=dict)
 
 
-class OptimConfig(_Strict):
+class OptimConfig(StrictModel):
     """One training phase: AdamW with a linear warm-up and cosine decay."""
 
     epochs: int = Field(ge=0)
@@ -44,7 +61,7 @@ class OptimConfig(_Strict):
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
 
 
-class TeacherConfig(_Strict):
+class TeacherConfig(StrictModel):
     """The original model: trained here from scratch, or loaded from a checkpoint."""
 
     arch: ArchConfig
@@ -53,15 +70,15 @@ class TeacherConfig(_Strict):
     augment_shift: int = Field(default=0, ge=0, description="random translation in pixels")
 
 
-class BottleneckConfig(_Strict):
+class BottleneckConfig(StrictModel):
     """The learned encoder (device side) and decoder (cloud side) around the cut."""
 
     channels: int = Field(ge=1)
     widths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
-    encoder: list[tuple[int, int]] = Field(
+    encoder: list[tuple[PositiveInt, PositiveInt]] = Field(
         min_length=1, description="(channels, stride) of each 3x3 conv-BN-ReLU stage"
     )
-    decoder: list[tuple[int, int]] = Field(
+    decoder: list[tuple[PositiveInt, PositiveInt]] = Field(
         default_factory=list, description="(channels, upsampling factor) of each stage"
     )
 
@@ -72,8 +89,15 @@ class BottleneckConfig(_Strict):
             raise ValueError("widths must be fractions in (0, 1]")
         return sorted(set(widths))
 
+    @model_validator(mode="after")
+    def _widths_distinct(self) -> BottleneckConfig:
+        counts = [width_channels(self.channels, w) for w in self.widths]
+        if len(set(counts)) != len(counts):
+            raise ValueError(f"widths {self.widths} of {self.channels} channels give {counts}")
+        return self
 
-class DistillConfig(_Strict):
+
+class DistillConfig(StrictModel):
     """Two-stage distillation: head distillation (MSE), then fine-tuning with KD."""
 
     head: OptimConfig
@@ -82,15 +106,10 @@ class DistillConfig(_Strict):
     kd_weight: float = Field(default=0.5, ge=0, le=1)
     quant_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
 
-    @field_validator("quant_bits")
-    @classmethod
-    def _bits_supported(cls, bits: list[int]) -> list[int]:
-        if any(b not in SUPPORTED_BITS for b in bits):
-            raise ValueError(f"quant_bits must be among {SUPPORTED_BITS}")
-        return bits
+    _quant_bits_valid = field_validator("quant_bits")(_check_bits)
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     """Everything ``tandem train`` needs besides the data."""
 
     name: str
@@ -101,6 +120,14 @@ class Recipe(_Strict):
     distill: DistillConfig
     eval_bits: list[int] = Field(default_factory=lambda: [16, 8, 4, 2])
     default_bits: int = 4
+
+    _eval_bits_valid = field_validator("eval_bits")(_check_bits)
+
+    @model_validator(mode="after")
+    def _default_measured(self) -> Recipe:
+        if self.default_bits not in self.eval_bits:
+            raise ValueError(f"default_bits {self.default_bits} must be among eval_bits")
+        return self
 
     def fingerprint(self) -> str:
         """A short hash of the recipe, used to refuse resuming a different run."""

@@ -109,6 +109,10 @@ def _load_npz(spec: str, path: Path) -> DataSet:
         raise DataSpecError(f"{spec}: cannot read arrays 'x' and 'y': {exc}") from exc
     if x.dtype != np.uint8:
         raise DataSpecError(f"{spec}: 'x' must be uint8 images, got {x.dtype}")
+    if y.ndim != 1 or y.dtype.kind not in "iu" or (len(y) and y.min() < 0):
+        raise DataSpecError(f"{spec}: 'y' must be non-negative integer labels, one per image")
+    if x.ndim == 4 and x.shape[-1] not in (1, 3, 4):
+        raise DataSpecError(f"{spec}: 4-D images must be (N, H, W, C) with 1, 3 or 4 channels")
     if len(x) != len(y) or len(x) <= NPZ_TEST_ROWS:
         raise DataSpecError(
             f"{spec}: need matching x/y with more than {NPZ_TEST_ROWS} rows, "
@@ -125,7 +129,7 @@ def _load_npz(spec: str, path: Path) -> DataSet:
 
 
 def _class_dirs(root: Path) -> list[Path]:
-    dirs = sorted(p for p in root.iterdir() if p.is_dir())
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not dirs:
         raise DataSpecError(f"{root}: expected one sub-directory per class")
     return dirs
@@ -151,7 +155,7 @@ def _read_images(root: Path, classes: list[str]) -> tuple[list[np.ndarray], list
     return images, labels
 
 
-def _stack(images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
+def _stack(images: list[np.ndarray], size: tuple[int, int], grey: bool) -> np.ndarray:
     from PIL import Image
 
     out = []
@@ -159,10 +163,15 @@ def _stack(images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
         if img.shape[:2] != size:
             resized = Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR)
             img = np.asarray(resized)
-        out.append(img)
-    x = np.stack(out)
-    grey = bool(np.all(x[..., 0] == x[..., 1]) and np.all(x[..., 1] == x[..., 2]))
-    return _as_nchw(x[..., 0] if grey else x)
+        out.append(img[..., :1] if grey else img)
+    return _as_nchw(np.stack(out))
+
+
+def _is_grey(image: np.ndarray) -> bool:
+    return bool(
+        np.array_equal(image[..., 0], image[..., 1])
+        and np.array_equal(image[..., 1], image[..., 2])
+    )
 
 
 def _load_imagefolder(spec: str, root: Path) -> DataSet:
@@ -171,34 +180,39 @@ def _load_imagefolder(spec: str, root: Path) -> DataSet:
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     class_root = root / "train" if has_splits else root
     classes = [p.name for p in _class_dirs(class_root)]
-    parts = (
-        {name: _read_images(root / name, classes) for name in ("train", "test")}
-        if has_splits
-        else {"all": _read_images(root, classes)}
-    )
+    names = ("train", "test") if has_splits else ("",)
+    parts = {name: _read_images(root / name, classes) for name in names}
+    for name, (images, _) in parts.items():
+        if not images:
+            raise DataSpecError(f"{spec}: no PNG or JPEG images found in {root / name}")
     every = [img for images, _ in parts.values() for img in images]
-    if not every:
-        raise DataSpecError(f"{spec}: no PNG or JPEG images found")
-    # Mixed sizes are common in hand-made folders; resize to the most frequent one.
+    # Mixed sizes are common in hand-made folders; resize to the most frequent one. Colour is
+    # decided over every split at once, so train and test always get the same channels.
     size = Counter(img.shape[:2] for img in every).most_common(1)[0][0]
+    grey = all(_is_grey(img) for img in every)
     splits = {
-        name: (_stack(images, size), np.asarray(labels, dtype=np.int64))
+        name: (_stack(images, size, grey), np.asarray(labels, dtype=np.int64))
         for name, (images, labels) in parts.items()
     }
     if has_splits:
         train, test = Split(*splits["train"]), Split(*splits["test"])
     else:
-        train, test = _holdout(*splits["all"])
+        train, test = _holdout(*splits[""])
     log.info("loaded %d train / %d test images from %s", len(train), len(test), root)
     return DataSet(spec, train, test, classes)
 
 
 def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale."""
-    scaled = x.astype(np.float64) / 255.0
-    mean = scaled.mean(axis=(0, 2, 3))
-    std = np.maximum(scaled.std(axis=(0, 2, 3)), 1e-3)
-    return [float(m) for m in mean], [float(s) for s in std]
+    mean, std = [], []
+    for c in range(x.shape[1]):
+        # One channel at a time, and float64 accumulation without a float64 copy of the set.
+        channel = x[:, c]
+        m = channel.mean(dtype=np.float64) / 255.0
+        var = np.square(channel, dtype=np.float64).mean() / 255.0**2 - m * m
+        mean.append(float(m))
+        std.append(float(max(np.sqrt(max(var, 0.0)), 1e-3)))
+    return mean, std
 
 
 def normalize(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:

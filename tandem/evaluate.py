@@ -75,7 +75,7 @@ def measure_points(
                     for i in range(0, len(payloads), batch_size)
                 ]
             )
-            acc = float((logits.argmax(1) == split.y).mean())
+            acc = accuracy(logits, split.y)
             size = float(np.mean([len(p) for p in payloads]))
             points.append(Point(width, bits, acc, size))
             if progress:

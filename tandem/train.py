@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import pickle
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
@@ -61,9 +63,15 @@ class DistilledModels:
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     """Read a user's state dict from safetensors or a ``torch.save`` file, without pickle."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise RecipeError(f"teacher checkpoint {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+        # weights_only refuses anything but tensors and plain containers: say so plainly.
+        raise RecipeError(f"cannot load teacher checkpoint {path} safely: {exc}") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -116,34 +124,51 @@ class PhaseRunner:
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         start = self.ckpt.restore(phase, modules, opt) if status is not None else 0
-        steps_per_epoch = math.ceil(n_samples / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
         for epoch in range(start, cfg.epochs):
-            gen = torch.Generator().manual_seed(_phase_seed(self.seed, phase, epoch))
-            for m in modules.values():
-                m.train()
-            bar = tqdm(
-                _batches(n_samples, cfg.batch_size, gen),
-                total=steps_per_epoch,
-                desc=f"{phase} {epoch + 1}/{cfg.epochs}",
-                disable=not self.show_progress,
-                leave=False,
-            )
-            running = 0.0
-            for i, idx in enumerate(bar):
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, total)
-                loss = batch_loss(idx, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                value = float(loss.detach())
-                running = 0.9 * running + 0.1 * value if i else value
-                bar.set_postfix(loss=f"{running:.4f}")
-            log.info("%s epoch %d/%d: loss %.4f", phase, epoch + 1, cfg.epochs, running)
+            seed = _phase_seed(self.seed, phase, epoch)
+            # The global RNG drives dropout: reseeding it too makes a resumed epoch identical.
+            torch.manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
+            loss = self._epoch(phase, epoch, cfg, modules, opt, n_samples, batch_loss, gen)
+            log.info("%s epoch %d/%d: loss %.4f", phase, epoch + 1, cfg.epochs, loss)
             self.ckpt.save(phase, epoch + 1, modules, opt, done=epoch + 1 == cfg.epochs)
         if cfg.epochs == 0:
             self.ckpt.save(phase, 0, modules, None, done=True)
+
+    def _epoch(
+        self,
+        phase: str,
+        epoch: int,
+        cfg: OptimConfig,
+        modules: dict[str, nn.Module],
+        opt: torch.optim.Optimizer,
+        n_samples: int,
+        batch_loss: BatchLoss,
+        gen: torch.Generator,
+    ) -> float:
+        """One pass over the data; returns the smoothed loss at its end."""
+        steps_per_epoch = math.ceil(n_samples / cfg.batch_size)
+        for m in modules.values():
+            m.train()
+        bar = tqdm(
+            _batches(n_samples, cfg.batch_size, gen),
+            total=steps_per_epoch,
+            desc=f"{phase} {epoch + 1}/{cfg.epochs}",
+            disable=not self.show_progress,
+            leave=False,
+        )
+        running = 0.0
+        for i, idx in enumerate(bar):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch * cfg.epochs)
+            loss = batch_loss(idx, gen)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = float(loss.detach())
+            running = 0.9 * running + 0.1 * value if i else value
+            bar.set_postfix(loss=f"{running:.4f}")
+        return running
 
 
 def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
@@ -176,9 +201,9 @@ def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) ->
     return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def accuracy(logits: torch.Tensor, labels: np.ndarray) -> float:
+def accuracy(logits: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
     """Top-1 accuracy as a fraction in [0, 1]."""
-    return float((logits.argmax(1).numpy() == labels).mean())
+    return float((np.asarray(logits).argmax(1) == labels).mean())
 
 
 class Distiller:
@@ -212,7 +237,13 @@ class Distiller:
             **cfg.arch.args,
         )
         if cfg.checkpoint:
-            model.load_state_dict(load_checkpoint_weights(Path(cfg.checkpoint)), strict=True)
+            try:
+                model.load_state_dict(load_checkpoint_weights(Path(cfg.checkpoint)), strict=True)
+            except RuntimeError as exc:
+                raise RecipeError(
+                    f"teacher checkpoint {cfg.checkpoint} does not fit {cfg.arch.name} with "
+                    f"{len(self.data.classes)} classes and args {cfg.arch.args}: {exc}"
+                ) from exc
             return model.eval()
 
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

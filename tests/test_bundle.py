@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,38 @@ def test_head_and_tail_run_in_separate_processes(
         HeadRunner.from_bundle(digits_bundle).encode(x, 0.5, 4)
     )
     assert [int(v) for v in done.stdout.split()] == local.argmax(1).tolist()
+
+
+def test_tail_refuses_foreign_shapes_before_decoding(digits_bundle: Path) -> None:
+    """A tiny payload claiming a huge tensor is refused from its header alone."""
+    tail = TailRunner.from_bundle(digits_bundle)
+    bomb = codec.encode(np.zeros((1, 2048, 2048), np.float32), 8)
+    assert len(bomb) < 2048
+    tracemalloc.start()
+    try:
+        with pytest.raises((ValueError, codec.CodecError)):
+            tail.infer([codec.encode(np.zeros((4, 4, 4), np.float32), 8), bomb])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("input", "labels"), ["only-one"]),
+        (("input", "mean"), [0.1, 0.2]),
+        (("bottleneck", "shapes", "0.25"), [3, 4, 4]),
+        (("codec", "bits"), 3),
+    ],
+)
+def test_inconsistent_manifest_is_refused(bundle_copy: Path, path: tuple, value: object) -> None:
+    manifest = json.loads((bundle_copy / "manifest.json").read_text())
+    node = manifest
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="invalid"):
+        read_manifest(bundle_copy)

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from tandem.checkpoint import Checkpointer, CheckpointError
+from tandem.checkpoint import Checkpointer, CheckpointError, PhaseStatus
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer) -> None:
@@ -56,8 +56,22 @@ def test_done_phase_has_no_optimizer_state(tmp_path: Path) -> None:
     _step(model, opt)
     ckpt = Checkpointer(tmp_path, "f")
     ckpt.save("p", 3, {"m": model}, opt, done=True)
-    state = json.loads((tmp_path / "state.json").read_text())
-    assert state["phases"]["p"] == {"epochs_done": 3, "done": True}
+    with safe_open(str(tmp_path / "p.safetensors"), framework="pt") as f:
+        assert "optimizer" not in (f.metadata() or {})
+        assert not [k for k in f.keys() if k.startswith("optim.")]  # noqa: SIM118
+    assert Checkpointer(tmp_path, "f").status("p") == PhaseStatus(3, True)
+
+
+def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path: Path) -> None:
+    (tmp_path / "p.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        Checkpointer(tmp_path, "f")
+
+
+def test_mismatched_modules_are_a_checkpoint_error(tmp_path: Path) -> None:
+    Checkpointer(tmp_path, "f").save("p", 1, {"m": nn.Linear(3, 2)}, None, done=True)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Checkpointer(tmp_path, "f").restore("p", {"m": nn.Linear(4, 2)})
 
 
 def test_missing_phase(tmp_path: Path) -> None:

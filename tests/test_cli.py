@@ -71,6 +71,7 @@ def test_train_json_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         (["eval", "/nonexistent", "--data", "digits"], "not a bundle"),
         (["profile", "--arch", "alexnet", "--input", "3x8x8"], "unknown model"),
         (["profile", "--arch", "resnet18", "--input", "3x8x8", "--arg", "depth=3"], "depth"),
+        (["profile", "--arch", "resnet18", "--input", "3x8x8", "--arg", "width"], "KEY=VALUE"),
     ],
 )
 def test_errors_are_one_line(

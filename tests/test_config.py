@@ -68,3 +68,20 @@ def test_fingerprint_tracks_content() -> None:
     a, b = load_recipe("digits"), load_recipe("digits", ["seed=1"])
     assert a.fingerprint() == load_recipe("digits").fingerprint()
     assert a.fingerprint() != b.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "default_bits=3",
+        "eval_bits=[5, 5]",
+        "eval_bits=[8, 2]",  # the default of 4 bits would go unmeasured
+        "distill.quant_bits=[]",
+        "bottleneck.widths=[0.25, 0.3]",  # both are 2 of 8 channels
+        "bottleneck.encoder=[[16, 0]]",
+        "bottleneck.decoder=[[32, -1]]",
+    ],
+)
+def test_values_that_would_fail_late_are_rejected_early(override: str) -> None:
+    with pytest.raises(RecipeError):
+        load_recipe("digits", [override])

@@ -88,3 +88,46 @@ def test_normalize_uses_stats() -> None:
     assert t.shape == (64, 2, 4, 4)
     assert abs(float(t.mean())) < 1e-4
     assert float(t.std()) == pytest.approx(1.0, abs=0.02)
+
+
+def test_imagefolder_colour_is_decided_over_both_splits(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "train", {"a": (8, 8), "b": (8, 8)})
+    for label in ("a", "b"):
+        (tmp_path / "test" / label).mkdir(parents=True)
+        grey = np.full((8, 8), 77, dtype=np.uint8)
+        Image.fromarray(grey).save(tmp_path / "test" / label / "g.png")
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert data.train.x.shape[1] == data.test.x.shape[1] == 3
+
+
+def test_imagefolder_empty_test_split(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "train", {"a": (8, 8)})
+    (tmp_path / "test" / "a").mkdir(parents=True)
+    (tmp_path / ".hidden").mkdir()
+    with pytest.raises(DataSpecError, match="test"):
+        load_data(f"imagefolder:{tmp_path}")
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "message"),
+    [
+        (np.zeros((10_001, 4, 4), np.uint8), np.zeros((10_001, 1), np.int64), "'y'"),
+        (np.zeros((10_001, 4, 4), np.uint8), np.full(10_001, 0.5), "'y'"),
+        (np.zeros((10_001, 4, 4), np.uint8), np.full(10_001, -1), "'y'"),
+        (np.zeros((10_001, 3, 8, 8), np.uint8), np.zeros(10_001, np.int64), r"\(N, H, W, C\)"),
+    ],
+)
+def test_npz_label_and_layout_checks(
+    tmp_path: Path, x: np.ndarray, y: np.ndarray, message: str
+) -> None:
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    with pytest.raises(DataSpecError, match=message):
+        load_data(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_channel_stats_match_a_float64_reference() -> None:
+    x = np.random.default_rng(3).integers(0, 256, (50, 3, 5, 5), dtype=np.uint8)
+    mean, std = channel_stats(x)
+    ref = x.astype(np.float64) / 255.0
+    np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-6)

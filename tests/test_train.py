@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from tandem.build import build_bundle
 from tandem.bundle import read_manifest
 from tandem.checkpoint import Checkpointer
-from tandem.config import OptimConfig, load_recipe
+from tandem.config import OptimConfig, RecipeError, load_recipe
 from tandem.data import load_data
-from tandem.train import lr_at, random_shift, sandwich
+from tandem.train import PhaseRunner, lr_at, random_shift, sandwich
 
 SHORT = ["teacher.train.epochs=2", "distill.head.epochs=1", "distill.finetune.epochs=2"]
 
@@ -67,32 +70,71 @@ def _weights(bundle: Path) -> dict[str, torch.Tensor]:
     }
 
 
-def test_interrupted_run_resumes_to_identical_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    recipe, data = load_recipe("digits", SHORT), load_data("digits")
-    build_bundle(recipe, data, tmp_path / "straight")
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("straight") / "b"
+    build_bundle(load_recipe("digits", SHORT), load_data("digits"), out)
+    return out
 
+
+def _crash_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
     real_save = Checkpointer.save
     saves = {"n": 0}
 
-    def crash_after_three(self: Checkpointer, *args: object, **kwargs: object) -> None:
-        real_save(self, *args, **kwargs)  # type: ignore[arg-type]
+    def save_then_maybe_crash(self: Checkpointer, *args: Any, **kwargs: Any) -> None:
+        real_save(self, *args, **kwargs)
         saves["n"] += 1
-        if saves["n"] == 3:  # mid-way: teacher done, inside the head phase... or later
+        if saves["n"] == n:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Checkpointer, "save", crash_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        build_bundle(recipe, data, tmp_path / "resumed")
-    monkeypatch.setattr(Checkpointer, "save", real_save)
+    monkeypatch.setattr(Checkpointer, "save", save_then_maybe_crash)
+
+
+# With SHORT, save 1 ends teacher epoch 1 of 2 and save 4 ends fine-tuning epoch 1 of 2: both
+# resume inside a phase, with the optimizer's state restored from the checkpoint.
+@pytest.mark.parametrize("crash_at", [1, 4])
+def test_interrupted_run_resumes_to_identical_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, straight_run: Path, crash_at: int
+) -> None:
+    recipe, data = load_recipe("digits", SHORT), load_data("digits")
+    with monkeypatch.context() as patch:
+        _crash_after(patch, crash_at)
+        with pytest.raises(KeyboardInterrupt):
+            build_bundle(recipe, data, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     build_bundle(recipe, data, tmp_path / "resumed")
 
-    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    straight, resumed = _weights(straight_run), _weights(tmp_path / "resumed")
     assert straight.keys() == resumed.keys()
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0)
+
+
+def test_resume_reproduces_dropout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dropout draws from the global RNG; a resumed epoch must draw the same masks."""
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cfg = OptimConfig(epochs=3, batch_size=16, lr=1e-2)
+
+    def train(folder: Path) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+        runner = PhaseRunner(Checkpointer(folder, "fp"), seed=0, show_progress=False)
+
+        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+            return F.cross_entropy(model(x[idx]), y[idx])
+
+        runner.run("p", cfg, {"m": model}, len(y), loss)
+        return model
+
+    straight = train(tmp_path / "a")
+    with monkeypatch.context() as patch:
+        _crash_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "b")
+    torch.randn(1000)  # disturb the global RNG, as a fresh process would
+    resumed = train(tmp_path / "b")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_teacher_loaded_from_user_checkpoint(tmp_path: Path, digits_bundle: Path) -> None:
@@ -104,5 +146,24 @@ def test_teacher_loaded_from_user_checkpoint(tmp_path: Path, digits_bundle: Path
     )
     manifest = build_bundle(recipe, load_data("digits"), tmp_path / "b")
     assert manifest.teacher_accuracy == read_manifest(digits_bundle).teacher_accuracy
-    state = (tmp_path / "b" / "checkpoint" / "state.json").read_text()
-    assert '"teacher"' not in state  # nothing was trained for the teacher
+    # Nothing was trained for the teacher, so no teacher phase was checkpointed.
+    assert not (tmp_path / "b" / "checkpoint" / "teacher.safetensors").exists()
+    assert (tmp_path / "b" / "checkpoint" / "head.safetensors").exists()
+
+
+class _NotAStateDict:
+    pass
+
+
+@pytest.mark.parametrize("kind", ["missing", "pickled-object", "wrong-keys", "corrupt"])
+def test_bad_teacher_checkpoint_is_a_recipe_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / ("t.safetensors" if kind == "corrupt" else "t.pt")
+    if kind == "pickled-object":
+        torch.save({"state_dict": _NotAStateDict()}, path)
+    elif kind == "wrong-keys":
+        torch.save({"conv.weight": torch.zeros(1)}, path)
+    elif kind == "corrupt":
+        path.write_bytes(b"\x00" * 32)
+    recipe = load_recipe("digits", [*SHORT, f"teacher.checkpoint='{path}'"])
+    with pytest.raises(RecipeError, match=str(path)):
+        build_bundle(recipe, load_data("digits"), tmp_path / "b")
