@@ -75,6 +75,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -609,12 +611,8 @@ def read_header(
     Raises:
         CodecError: if anything is malformed or exceeds the caps.
     """
-    try:
+    with _codec_errors_only():
         return _parse(_buffer(data), max_elements)
-    except CodecError:
-        raise
-    except Exception as exc:  # defence in depth: validation should make this unreachable
-        raise _internal(exc) from exc
 
 
 def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_ELEMENTS) -> np.ndarray:
@@ -631,11 +629,18 @@ def decode(data: bytes | bytearray | memoryview, *, max_elements: int = MAX_ELEM
         CodecError: for any malformed, truncated, oversized or inconsistent input;
             no other exception escapes.
     """
-    try:
+    with _codec_errors_only():
         return _decode(_buffer(data), max_elements)
+
+
+@contextmanager
+def _codec_errors_only() -> Iterator[None]:
+    """Turn any escaped exception into a CodecError: validation should make this unreachable."""
+    try:
+        yield
     except CodecError:
         raise
-    except Exception as exc:  # defence in depth: validation should make this unreachable
+    except Exception as exc:
         raise _internal(exc) from exc
 
 
