@@ -90,7 +90,7 @@ class Manifest(StrictModel):
     bottleneck: BottleneckSpec
     codec: CodecDefaults
     teacher_accuracy: float | None = Field(default=None, ge=0, le=1)
-    teacher_flops: int = Field(ge=0)
+    teacher_flops: int = Field(gt=0)
     head_flops: int = Field(ge=0, description="encoder FLOPs per sample at full width")
     table: list[TablePoint] = Field(default_factory=list)
     profile: list[dict[str, Any]] = Field(default_factory=list)
