@@ -261,7 +261,7 @@ class TailRunner:
         self.manifest = manifest
         b = manifest.bottleneck
         self.accepted = {tuple(shape) for shape in b.shapes.values()}
-        self._max_elements = max(math.prod(shape) for shape in self.accepted)
+        self.max_elements = max(math.prod(shape) for shape in self.accepted)
 
     @classmethod
     def from_bundle(cls, bundle: Path) -> TailRunner:
@@ -282,10 +282,10 @@ class TailRunner:
         """Decode payloads into one batch, rejecting shapes the decoder was not trained for."""
         # Headers first: a payload whose shape the decoder cannot take is refused before any
         # of the batch is decompressed, so a hostile batch costs no more than a valid one.
-        shapes = {codec.read_header(p, max_elements=self._max_elements).shape for p in payloads}
+        shapes = {codec.read_header(p, max_elements=self.max_elements).shape for p in payloads}
         if len(shapes) != 1 or next(iter(shapes)) not in self.accepted:
             raise ValueError(f"payload shapes {sorted(shapes)} not among {sorted(self.accepted)}")
-        arrays = [codec.decode(p, max_elements=self._max_elements) for p in payloads]
+        arrays = [codec.decode(p, max_elements=self.max_elements) for p in payloads]
         # The codec only ever yields finite values, so no NaN check is needed here.
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 

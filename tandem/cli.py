@@ -247,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true", help="print one JSON document")
+    # The roles register their own subcommands (each adds its own --json).
+    from cloud.cli import register as register_cloud
+    from edge.cli import register as register_edge
+
+    register_cloud(sub)
+    register_edge(sub)
     return parser
 
 

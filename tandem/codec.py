@@ -430,6 +430,12 @@ def encode(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> bytes
             payload = frame
             flags |= _FLAG_ZSTD
 
+    return _assemble(flags, bits, dtype_code, shape, params, payload)
+
+
+def _assemble(
+    flags: int, bits: int, dtype_code: int, shape: tuple[int, ...], params: bytes, payload: bytes
+) -> bytes:
     out = bytearray(
         (MAGIC, (VERSION << 4) | flags, (_CODE_BY_BITS[bits] << 6) | (dtype_code << 4) | len(shape))
     )
@@ -439,6 +445,57 @@ def encode(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> bytes
     out += params
     out += payload
     return bytes(out)
+
+
+def assemble(
+    *,
+    dtype: Any,
+    bits: int,
+    shape: tuple[int, ...],
+    compressed: bool,
+    fp32_params: bool,
+    params: bytes,
+    payload: bytes,
+) -> bytes:
+    """Build encoded bytes from header fields carried separately (the wire message's fields).
+
+    Only what cannot be expressed in the byte layout is checked here; everything else,
+    lengths and values included, is validated by :func:`decode` as for any other input.
+
+    Raises:
+        CodecError: for bits, a dtype, a rank or a dimension the layout cannot hold.
+    """
+    if bits not in _CODE_BY_BITS:
+        raise CodecError(f"unsupported bits {bits!r}; expected one of {SUPPORTED_BITS}")
+    try:
+        dtype_code = _DTYPES.index(np.dtype(dtype))
+    except (TypeError, ValueError) as exc:
+        raise CodecError(f"unsupported dtype {dtype!r}") from exc
+    if len(shape) > MAX_NDIM or any(not 1 <= d <= MAX_DIM for d in shape):
+        raise CodecError(f"shape {shape} outside the caps ({MAX_NDIM} dims of 1..{MAX_DIM})")
+    flags = (_FLAG_ZSTD if compressed else 0) | (_FLAG_FP32_PARAMS if fp32_params else 0)
+    return _assemble(flags, bits, dtype_code, tuple(shape), bytes(params), bytes(payload))
+
+
+def split(data: bytes | bytearray | memoryview) -> tuple[Header, bytes, bytes]:
+    """Validate the header and return it with the raw parameter and payload bytes.
+
+    The inverse of :func:`assemble`: ``assemble(...)`` of the parts gives back ``data``.
+
+    Raises:
+        CodecError: if the header is malformed (see :func:`read_header`).
+    """
+    buf = _buffer(data)
+    header = read_header(buf)
+    param_bytes = 0
+    if header.scale is not None:
+        param_bytes = 2 * header.groups * (4 if header.param_precision == "float32" else 2)
+    start = header.header_size - param_bytes
+    return (
+        header,
+        bytes(buf[start : header.header_size]),
+        bytes(buf[header.header_size : header.total_size]),
+    )
 
 
 def _encode_f16(arr: np.ndarray) -> bytes:

@@ -189,3 +189,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(f"recipe {name_or_path!r} is invalid:\n{exc}") from exc
+
+
+def settings_error(what: str, exc: ValidationError) -> ValueError:
+    """One line per problem of a settings model, naming the offending options."""
+    problems = [
+        f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}" for err in exc.errors()
+    ]
+    return ValueError(f"invalid {what}: " + "; ".join(problems))

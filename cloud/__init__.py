@@ -1,0 +1,1 @@
+"""Cloud tail service: model repository, batcher, adapters, auth, metrics, gRPC server."""

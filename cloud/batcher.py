@@ -1,0 +1,168 @@
+"""Dynamic batching: requests for the same (model, version, width, adapter) share a pass.
+
+A batch closes when it holds ``max_batch`` requests or when its oldest request has waited
+``max_delay_s``, whichever comes first. It then waits for a free worker, and takes whatever
+else arrived meanwhile (up to ``max_batch``): under load, batches grow by themselves. Work
+runs in a thread pool, because torch releases the GIL and the event loop must never block.
+
+The queue is bounded: past ``max_queue`` waiting requests, :meth:`Batcher.submit` raises
+:class:`QueueFullError` (the server answers RESOURCE_EXHAUSTED) instead of growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class QueueFullError(RuntimeError):
+    """The batcher holds ``max_queue`` requests already."""
+
+
+class DeadlinePassedError(TimeoutError):
+    """The request's deadline passed before it reached a worker."""
+
+
+@dataclass
+class Job:
+    """One queued request."""
+
+    payload: Any
+    deadline: float | None  # time.monotonic() seconds, or None
+    enqueued: float = field(default_factory=time.monotonic)
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass
+class Done:
+    """A job's result with its queue time and the size of the batch it ran in."""
+
+    value: Any
+    queue_s: float
+    batch_size: int
+
+
+# (key, payloads) -> one result per payload; runs in a worker thread.
+RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+
+
+class _Lane:
+    def __init__(self) -> None:
+        self.jobs: deque[Job] = deque()
+        self.arrived = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class Batcher:
+    """Groups submitted jobs by key into batches and runs them on ``executor``."""
+
+    def __init__(
+        self,
+        run: RunBatch,
+        executor: Executor,
+        *,
+        workers: int,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
+        if workers < 1 or max_batch < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError("workers, max_batch and max_queue must be >= 1, max_delay_s >= 0")
+        self._run, self._executor = run, executor
+        self._slots = asyncio.Semaphore(workers)
+        self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
+        self._on_batch = on_batch
+        self._lanes: dict[Hashable, _Lane] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self.queued = 0
+
+    def submit(self, key: Hashable, payload: Any, deadline: float | None) -> asyncio.Future[Any]:
+        """Queue one payload; the future resolves to a :class:`Done`.
+
+        Raises:
+            QueueFullError: when ``max_queue`` jobs are already waiting.
+        """
+        if self.queued >= self.max_queue:
+            raise QueueFullError(f"queue full ({self.max_queue} requests waiting)")
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+            lane.task = asyncio.create_task(self._collect(key, lane))
+        job = Job(payload, deadline)
+        lane.jobs.append(job)
+        self.queued += 1
+        lane.arrived.set()
+        return job.future
+
+    async def _collect(self, key: Hashable, lane: _Lane) -> None:
+        while True:
+            while not lane.jobs:
+                lane.arrived.clear()
+                await lane.arrived.wait()
+            close_at = lane.jobs[0].enqueued + self.max_delay_s
+            while len(lane.jobs) < self.max_batch and (left := close_at - time.monotonic()) > 0:
+                lane.arrived.clear()
+                try:
+                    await asyncio.wait_for(lane.arrived.wait(), left)
+                except TimeoutError:
+                    break
+            await self._slots.acquire()
+            batch = [lane.jobs.popleft() for _ in range(min(self.max_batch, len(lane.jobs)))]
+            self.queued -= len(batch)
+            task = asyncio.create_task(self._dispatch(key, batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _dispatch(self, key: Hashable, batch: list[Job]) -> None:
+        try:
+            now = time.monotonic()
+            live = []
+            for job in batch:
+                if job.future.done():  # the caller gave up (cancelled RPC)
+                    continue
+                if job.deadline is not None and now >= job.deadline:
+                    job.future.set_exception(DeadlinePassedError("deadline passed in the queue"))
+                    continue
+                live.append(job)
+            if not live:
+                return
+            if self._on_batch:
+                self._on_batch(len(live))
+            loop = asyncio.get_running_loop()
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._run, key, [j.payload for j in live]
+                )
+            except Exception as exc:  # a failed batch fails its requests, not the server
+                for job in live:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                return
+            for job, value in zip(live, results, strict=True):
+                if not job.future.done():
+                    job.future.set_result(Done(value, now - job.enqueued, len(live)))
+        finally:
+            self._slots.release()
+
+    async def close(self) -> None:
+        """Finish the batches already running, then stop collecting."""
+        while self._running:
+            await asyncio.gather(*list(self._running), return_exceptions=True)
+        for lane in self._lanes.values():
+            if lane.task:
+                lane.task.cancel()
+        await asyncio.gather(
+            *(lane.task for lane in self._lanes.values() if lane.task), return_exceptions=True
+        )
+        for lane in self._lanes.values():
+            for job in lane.jobs:
+                if not job.future.done():
+                    job.future.set_exception(DeadlinePassedError("server stopped"))

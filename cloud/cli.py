@@ -1,0 +1,109 @@
+"""``tandem cloud serve``: the tail service from the command line.
+
+Heavy imports (grpc, torch) happen inside the command, so ``tandem --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cloud.server import CloudServer
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``cloud serve`` to the ``tandem`` parser."""
+    cloud = sub.add_parser("cloud", help="the cloud tail service")
+    commands = cloud.add_subparsers(dest="cloud_command", required=True)
+    p = commands.add_parser("serve", help="serve every bundle in a model repository over gRPC")
+    p.add_argument("--models", required=True, type=Path, help="model repository directory")
+    p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free)")
+    p.add_argument(
+        "--metrics-listen", default="127.0.0.1:9464", help="Prometheus HOST:PORT, or 'off'"
+    )
+    p.add_argument("--max-batch", type=int, default=32)
+    p.add_argument("--max-delay-ms", type=float, default=2.0)
+    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--workers", type=int, default=2, help="threads running decoder + tail")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 20)
+    p.add_argument("--cache-entries", type=int, default=50_000)
+    p.add_argument("--poll-s", type=float, default=2.0, help="repository rescan interval")
+    p.add_argument("--drain-grace-s", type=float, default=30.0)
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
+    p.add_argument("--tokens", type=Path, help="JSON file mapping bearer token -> tenant")
+    p.add_argument("--insecure", action="store_true", help="allow plain text off loopback")
+    p.add_argument("--server-id", help="name reported in responses (default: host-pid)")
+    p.add_argument("--json", action="store_true", help="print one JSON line once listening")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the service until SIGTERM/SIGINT, then drain and return 0."""
+    import torch
+    from pydantic import ValidationError
+
+    from cloud.config import ServeConfig
+    from cloud.server import CloudServer
+    from tandem.config import settings_error
+
+    fields = {
+        "models": args.models,
+        "listen": args.listen,
+        "metrics_listen": None if args.metrics_listen == "off" else args.metrics_listen,
+        "max_batch": args.max_batch,
+        "max_delay_ms": args.max_delay_ms,
+        "max_queue": args.max_queue,
+        "workers": args.workers,
+        "max_message_bytes": args.max_message_bytes,
+        "cache_entries": args.cache_entries,
+        "poll_s": args.poll_s,
+        "drain_grace_s": args.drain_grace_s,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "tokens": args.tokens,
+        "insecure": args.insecure,
+    }
+    if args.server_id:
+        fields["server_id"] = args.server_id
+    try:
+        cfg = ServeConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise settings_error("cloud serve options", exc) from exc
+    torch.set_num_threads(args.torch_threads)
+
+    def ready(server: CloudServer) -> None:
+        doc = _ready_doc(server)
+        if args.json:
+            print(json.dumps(doc), flush=True)
+        else:
+            metrics = f", metrics on {doc['metrics']}" if doc["metrics"] else ""
+            print(
+                f"serving {len(doc['models'])} model version(s) on {doc['address']}{metrics}",
+                flush=True,
+            )
+
+    asyncio.run(CloudServer(cfg).run_until_signalled(ready))
+    return 0
+
+
+def _ready_doc(server: CloudServer) -> dict[str, Any]:
+    metrics_host = server.cfg.metrics_listen.rpartition(":")[0] if server.cfg.metrics_listen else ""
+    return {
+        "event": "listening",
+        "address": server.address,
+        "port": server.port,
+        "metrics": f"{metrics_host}:{server.metrics_port}" if server.metrics_port else None,
+        "tls": server.cfg.tls,
+        "mtls": server.cfg.tls_client_ca is not None,
+        "auth": server.tokens.enabled,
+        "server_id": server.cfg.server_id,
+        "models": [f"{e.name}:{e.version}" for e in server.repo.models()],
+    }

@@ -1,0 +1,60 @@
+"""The cloud service's settings, validated before anything starts."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from tandem.address import parse_address
+from tandem.config import StrictModel
+from tandem.tls import is_loopback
+
+
+class ServeConfig(StrictModel):
+    """Everything ``tandem cloud serve`` takes."""
+
+    models: Path = Field(description="model repository: one bundle per subdirectory")
+    listen: str = "127.0.0.1:50051"
+    metrics_listen: str | None = Field("127.0.0.1:9464", description="None turns metrics off")
+    max_batch: int = Field(32, ge=1, le=4096)
+    max_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    max_queue: int = Field(1024, ge=1)
+    workers: int = Field(2, ge=1, le=256, description="threads running decoder + tail")
+    max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
+    cache_entries: int = Field(50_000, ge=0, description="responses kept for retried ids")
+    poll_s: float = Field(2.0, gt=0, description="how often the repository is rescanned")
+    miss_rescan_s: float = Field(
+        0.2, ge=0, description="a request for an unknown model rescans at most this often"
+    )
+    drain_grace_s: float = Field(30.0, ge=0)
+    max_stream_inflight: int = Field(256, ge=1, description="per InferStream call")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = Field(None, description="require client certificates (mTLS)")
+    tokens: Path | None = Field(None, description="JSON file: bearer token -> tenant")
+    insecure: bool = Field(False, description="allow plain text on a non-loopback address")
+    server_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeConfig:
+        """TLS files go together, and plain text stays on loopback unless insecure is set."""
+        host, _ = parse_address(self.listen)
+        if self.metrics_listen is not None:
+            parse_address(self.metrics_listen)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.tls_cert is None and not self.insecure and not is_loopback(host):
+            raise ValueError(
+                f"refusing plain text on {host}: give --tls-cert/--tls-key, or --insecure"
+            )
+        return self
+
+    @property
+    def tls(self) -> bool:
+        """Whether the service listens with TLS."""
+        return self.tls_cert is not None

@@ -1,0 +1,140 @@
+"""Prometheus metrics of the cloud service, exported over HTTP on a port of their own.
+
+Each :class:`ServiceMetrics` owns its registry by default rather than using the global
+one, so several servers (in tests, say) can live in one process without name clashes.
+
+Exported series (all prefixed ``tandem_``):
+
+- ``requests_total{method,model}``: calls received;
+- ``errors_total{code}``: calls that failed, by gRPC status code name;
+- ``request_seconds{stage}``: latency of each stage: queue, decode, compute, total;
+- ``batch_size``: rows per executed batch;
+- ``received_bytes_total``: request payload bytes;
+- ``queue_depth``: requests waiting for a batch;
+- ``models_loaded``: models ready to serve.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+
+# From 0.1 ms (a cached decode) to 10 s (a stuck queue), about three buckets per decade.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("queue", "decode", "compute", "total")
+
+
+class ServiceMetrics:
+    """The service's metrics, in ``registry`` (a fresh one when None)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tandem_requests", "Calls received.", ["method", "model"], registry=r
+        )
+        self.errors = Counter(
+            "tandem_errors", "Calls failed, by gRPC status code.", ["code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "tandem_request_seconds",
+            "Seconds spent per request in each stage.",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "tandem_batch_size", "Rows per executed batch.", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.received_bytes = Counter(
+            "tandem_received_bytes", "Request payload bytes received.", registry=r
+        )
+        self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.models_loaded = Gauge("tandem_models_loaded", "Models ready to serve.", registry=r)
+        # Create every stage's series up front: a dashboard sees zeros, not missing data.
+        for stage in STAGES:
+            self.request_seconds.labels(stage=stage)
+
+    def observe_request(self, method: str, model: str) -> None:
+        """Count one call of ``method`` for ``model``."""
+        self.requests.labels(method=method, model=model).inc()
+
+    def observe_error(self, code: str) -> None:
+        """Count one failed call; ``code`` is a gRPC status code name, e.g. "NOT_FOUND"."""
+        self.errors.labels(code=code).inc()
+
+    def observe_stages(self, queue_s: float, decode_s: float, compute_s: float) -> None:
+        """Record the queue, decode and compute seconds of one request."""
+        self.request_seconds.labels(stage="queue").observe(queue_s)
+        self.request_seconds.labels(stage="decode").observe(decode_s)
+        self.request_seconds.labels(stage="compute").observe(compute_s)
+
+    def observe_total(self, seconds: float) -> None:
+        """Record the end-to-end seconds of one request."""
+        self.request_seconds.labels(stage="total").observe(seconds)
+
+    def observe_batch(self, size: int) -> None:
+        """Record the size of one executed batch."""
+        self.batch_size.observe(size)
+
+    def add_bytes(self, n: int) -> None:
+        """Count ``n`` received payload bytes."""
+        self.received_bytes.inc(n)
+
+    def set_queue_depth(self, n: int) -> None:
+        """Set the number of requests waiting for a batch."""
+        self.queue_depth.set(n)
+
+    def set_models_loaded(self, n: int) -> None:
+        """Set the number of models ready to serve."""
+        self.models_loaded.set(n)
+
+    def text(self) -> str:
+        """The metrics in Prometheus' text exposition format."""
+        return generate_latest(self.registry).decode("utf-8")
+
+    def serve(self, host: str, port: int) -> tuple[int, Callable[[], None]]:
+        """Export the metrics over HTTP on ``host:port`` (0: any free port), in a thread.
+
+        Returns the bound port and a function that stops the server, closes its socket
+        and joins its thread (calling it again does nothing).
+        """
+        httpd, thread = start_http_server(port, addr=host, registry=self.registry)
+        stopped = False
+
+        def stop() -> None:
+            nonlocal stopped
+            if stopped:
+                return
+            stopped = True
+            httpd.shutdown()  # returns once serve_forever has left its loop
+            httpd.server_close()
+            thread.join()
+
+        return int(httpd.server_port), stop

@@ -1,0 +1,164 @@
+"""The cloud tail service: a ``grpc.aio`` server around :class:`SplitInferenceService`.
+
+Besides ``tandem.v1.SplitInference`` it speaks ``grpc.health.v1`` and server reflection (so
+``grpcurl`` can list and call it), exports Prometheus metrics on a separate port, rescans
+its model repository on a timer, reloads its tokens file on SIGHUP and drains on SIGTERM:
+it stops accepting calls, finishes those in flight, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cloud.auth import AuthInterceptor, TokenStore
+from cloud.batcher import Batcher
+from cloud.config import ServeConfig
+from cloud.metrics import ServiceMetrics
+from cloud.repository import ModelRepository
+from cloud.service import SplitInferenceService, run_targets
+from tandem.address import format_address, parse_address
+from tandem.tls import server_credentials
+from tandem.wire.v1 import split_inference_pb2 as pb
+from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
+
+
+class CloudServer:
+    """One running service. ``await start()``, then ``await drain()`` to stop it."""
+
+    def __init__(self, cfg: ServeConfig) -> None:
+        self.cfg = cfg
+        self.tokens = TokenStore(cfg.tokens)
+        self.repo = ModelRepository(cfg.models)
+        self.metrics = ServiceMetrics()
+        self.executor = ThreadPoolExecutor(cfg.workers + 1, thread_name_prefix="tail")
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._stop_metrics: Callable[[], None] | None = None
+        self._scan_lock: asyncio.Lock | None = None
+        self._last_scan = 0.0
+        self._poller: asyncio.Task[None] | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.aio.HealthServicer()
+
+    @property
+    def address(self) -> str:
+        """``host:port`` the service listens on (the real port when 0 was asked for)."""
+        return format_address(parse_address(self.cfg.listen)[0], self.port)
+
+    async def start(self) -> None:
+        """Load the repository, bind the ports, and start answering."""
+        self.tokens.load()
+        self._scan_lock = asyncio.Lock()
+        await self.rescan(force=True)
+        self.batcher = Batcher(
+            run_targets,
+            self.executor,
+            workers=self.cfg.workers,
+            max_batch=self.cfg.max_batch,
+            max_delay_s=self.cfg.max_delay_ms / 1000,
+            max_queue=self.cfg.max_queue,
+            on_batch=self.metrics.observe_batch,
+        )
+        self.service = SplitInferenceService(
+            self.cfg, self.repo, self.batcher, self.metrics, self.tokens, self.rescan
+        )
+        self._server = server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.tokens)],
+            options=[
+                ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
+                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_SplitInferenceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = self._bind(server)
+        await server.start()
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.cfg.metrics_listen is not None:
+            host, port = parse_address(self.cfg.metrics_listen)
+            self.metrics_port, self._stop_metrics = self.metrics.serve(host, port)
+        self._poller = asyncio.create_task(self._poll())
+        log.info("serving %d model(s) on %s", len(self.repo.models()), self.address)
+
+    def _bind(self, server: grpc.aio.Server) -> int:
+        if self.cfg.tls_cert is not None and self.cfg.tls_key is not None:
+            creds = server_credentials(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
+            port = server.add_secure_port(self.cfg.listen, creds)
+        else:
+            port = server.add_insecure_port(self.cfg.listen)
+        if port == 0:
+            raise OSError(f"cannot listen on {self.cfg.listen}")
+        return port
+
+    async def rescan(self, force: bool = False) -> None:
+        """Rescan the repository in a worker thread; unless forced, at most every miss_rescan_s.
+
+        The limit keeps a stream of requests for unknown models from turning into a stream
+        of directory scans.
+        """
+        assert self._scan_lock is not None
+        async with self._scan_lock:
+            loop = asyncio.get_running_loop()
+            if not force and loop.time() - self._last_scan < self.cfg.miss_rescan_s:
+                return
+            count = await loop.run_in_executor(self.executor, self.repo.scan)
+            self._last_scan = loop.time()
+        self.metrics.set_models_loaded(count)
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.poll_s)
+            try:
+                await self.rescan(force=True)
+            except Exception:  # a scan must never kill the poller
+                log.exception("repository scan failed")
+
+    def reload_tokens(self) -> bool:
+        """Re-read the tokens file (SIGHUP); on error the old tokens stay."""
+        return self.tokens.reload()
+
+    async def drain(self) -> None:
+        """Refuse new calls, finish the ones in flight, then release everything."""
+        if self._server is None:
+            return
+        self.service.draining = True
+        await self._health.enter_graceful_shutdown()
+        if self._poller:
+            self._poller.cancel()
+        await self._server.stop(self.cfg.drain_grace_s)
+        await self.batcher.close()
+        if self._stop_metrics:
+            self._stop_metrics()
+        self.executor.shutdown(wait=True)
+        self._server = None
+        log.info("drained")
+
+    async def run_until_signalled(self, on_ready: Callable[[CloudServer], None]) -> None:
+        """Start, report readiness, then serve until SIGTERM or SIGINT (SIGHUP reloads tokens)."""
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_tokens)
+        await self.start()
+        on_ready(self)
+        await stop.wait()
+        log.info("signal received: draining")
+        await self.drain()

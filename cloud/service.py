@@ -1,0 +1,377 @@
+"""The ``SplitInference`` servicer: validation, batching, caching, answers.
+
+Every failure becomes a gRPC status from the error model (see the README), raised here as a
+:class:`RequestError` and never as a crash. Checks run cheapest first and before any work is
+queued: the model and adapter are resolved, the width and the tensor header are checked
+against the bundle, and only then is the payload queued for decoding in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+
+import tandem
+from cloud.adapters import Adapter
+from cloud.auth import TokenStore, can_use, tenant_of
+from cloud.batcher import Batcher, DeadlinePassedError, Done, QueueFullError
+from cloud.config import ServeConfig
+from cloud.idempotency import ResponseCache, ReusedIdError
+from cloud.inference import run_batch
+from cloud.metrics import ServiceMetrics
+from cloud.repository import ModelEntry, ModelRepository, NotFoundError
+from tandem import codec
+from tandem.protocol import from_message
+from tandem.wire.v1 import split_inference_pb2 as pb
+from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_ID = 128
+_RESCAN_INTERVAL_S = 0.2
+
+
+class RequestError(Exception):
+    """A request fails with ``code``; the message goes back to the client."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class _Target:
+    entry: ModelEntry
+    adapter: Adapter | None
+    width: float
+    payload: bytes
+    deadline: float | None
+
+
+def run_targets(key: Hashable, targets: Sequence[_Target]) -> list[Any]:
+    """Batcher callback (worker thread): one (logits or CodecError, decode_s, compute_s) each."""
+    out = run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets])
+    return [(r, out.decode_s, out.compute_s) for r in out.results]
+
+
+class SplitInferenceService(pb_grpc.SplitInferenceServicer):
+    """Answers ``tandem.v1.SplitInference`` from a model repository."""
+
+    def __init__(
+        self,
+        cfg: ServeConfig,
+        repo: ModelRepository,
+        batcher: Batcher,
+        metrics: ServiceMetrics,
+        tokens: TokenStore,
+        rescan: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.cfg, self.repo, self.batcher = cfg, repo, batcher
+        self.metrics, self.tokens, self._rescan = metrics, tokens, rescan
+        self.cache: ResponseCache[pb.InferResponse] = ResponseCache(cfg.cache_entries)
+        self.draining = False
+
+    # ------------------------------------------------------------------ RPCs
+
+    async def Infer(
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.InferResponse:
+        """One request, one answer, or the request's status code."""
+        try:
+            return await self._answer(request, tenant_of(context, self.tokens), context, "Infer")
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
+            raise  # abort raises; this only satisfies the type checker
+
+    async def InferStream(
+        self,
+        request_iterator: AsyncIterator[pb.InferRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.StreamResult]:
+        """Pipelined requests; answers in completion order, each failure on its own."""
+        tenant = tenant_of(context, self.tokens)
+        results: asyncio.Queue[pb.StreamResult | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.cfg.max_stream_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.InferRequest) -> None:
+            try:
+                response = await self._answer(request, tenant, context, "InferStream")
+                results.put_nowait(
+                    pb.StreamResult(request_id=request.request_id, response=response)
+                )
+            except RequestError as exc:
+                status = pb.Status(code=exc.code.value[0], message=exc.message)
+                results.put_nowait(pb.StreamResult(request_id=request.request_id, error=status))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*list(tasks))
+            finally:
+                results.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (item := await results.get()) is not None:
+                yield item
+            await reader
+        finally:
+            for task in [reader, *tasks]:
+                task.cancel()
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        """Every loaded bundle version."""
+        return pb.ListModelsResponse(models=[_model_info(e) for e in self.repo.models()])
+
+    async def ListAdapters(
+        self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListAdaptersResponse:
+        """The adapters the caller's tenant may use: its own and the shared ones."""
+        tenant = tenant_of(context, self.tokens)
+        infos = [
+            pb.AdapterInfo(
+                model=e.name,
+                model_version=e.version,
+                name=a.name,
+                version=a.version,
+                tenant=a.tenant,
+            )
+            for e in self.repo.models()
+            if not request.model or e.name == request.model
+            for versions in e.adapters.values()
+            for a in versions.values()
+            if can_use(tenant, a.tenant)
+        ]
+        return pb.ListAdaptersResponse(adapters=infos)
+
+    async def GetServerInfo(
+        self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ServerInfo:
+        """Limits and identity of this server, and who the caller is."""
+        return pb.ServerInfo(
+            server_id=self.cfg.server_id,
+            tandem_version=tandem.__version__,
+            codec_version=codec.VERSION,
+            max_batch=self.cfg.max_batch,
+            max_delay_ms=self.cfg.max_delay_ms,
+            max_queue=self.cfg.max_queue,
+            max_message_bytes=self.cfg.max_message_bytes,
+            tenant=tenant_of(context, self.tokens),
+        )
+
+    # ------------------------------------------------------------------ the request path
+
+    async def _answer(
+        self,
+        request: pb.InferRequest,
+        tenant: str,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: str,
+    ) -> pb.InferResponse:
+        start = time.perf_counter()
+        self.metrics.observe_request(method, request.model)
+        self.metrics.add_bytes(request.ByteSize())
+        try:
+            target = await self._validate(request, tenant, context.time_remaining())
+            key = (tenant, request.request_id)
+            try:
+                response, cached = await self.cache.get_or_run(
+                    key, _fingerprint(request, target), lambda: self._compute(request, target)
+                )
+            except ReusedIdError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        except RequestError as exc:
+            self.metrics.observe_error(exc.code.name)
+            raise
+        self.metrics.observe_total(time.perf_counter() - start)
+        if cached:
+            response = pb.InferResponse.FromString(response.SerializeToString())
+            response.cached = True
+        return response
+
+    async def _validate(
+        self, request: pb.InferRequest, tenant: str, remaining: float | None
+    ) -> _Target:
+        if self.draining:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining")
+        if not 0 < len(request.request_id) <= MAX_REQUEST_ID:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request_id needs 1..{MAX_REQUEST_ID} chars"
+            )
+        deadline = _deadline(remaining, request.deadline_ms)
+        entry = await self._resolve(request.model, request.version)
+        adapter = await self._adapter(entry, request, tenant)
+        width = entry.trained_width(request.width)
+        if width is None:
+            widths = entry.manifest.bottleneck.widths
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"width {request.width:g} not trained; choose from {widths}",
+            )
+        payload = _checked_payload(request, entry.shape_for(width))
+        return _Target(entry, adapter, width, payload, deadline)
+
+    async def _resolve(self, name: str, version: str) -> ModelEntry:
+        try:
+            return self.repo.resolve(name, version)
+        except NotFoundError:
+            await self._rescan()  # perhaps it was dropped in since the last scan
+        try:
+            return self.repo.resolve(name, version)
+        except NotFoundError as exc:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+
+    async def _adapter(
+        self, entry: ModelEntry, request: pb.InferRequest, tenant: str
+    ) -> Adapter | None:
+        if not request.adapter:
+            if request.adapter_version:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT, "adapter_version without adapter"
+                )
+            return None
+        try:
+            adapter = entry.adapter(request.adapter, request.adapter_version)
+        except NotFoundError:
+            await self._rescan()
+            try:
+                adapter = self.repo.resolve(entry.name, entry.version).adapter(
+                    request.adapter, request.adapter_version
+                )
+            except NotFoundError as exc:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+        if not can_use(tenant, adapter.tenant):
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"adapter {adapter.name!r} belongs to another tenant",
+            )
+        return adapter
+
+    async def _compute(self, request: pb.InferRequest, target: _Target) -> pb.InferResponse:
+        key = (target.entry.name, target.entry.version, target.width, _adapter_key(target.adapter))
+        try:
+            future = self.batcher.submit(key, target, target.deadline)
+        except QueueFullError as exc:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        self.metrics.set_queue_depth(self.batcher.queued)
+        try:
+            done: Done = await future
+        except DeadlinePassedError as exc:
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
+        value, decode_s, compute_s = done.value
+        if isinstance(value, codec.CodecError):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad features: {value}")
+        self.metrics.observe_stages(done.queue_s, decode_s, compute_s)
+        return self._response(request, target, value, done, decode_s, compute_s)
+
+    def _response(
+        self,
+        request: pb.InferRequest,
+        target: _Target,
+        logits: np.ndarray,
+        done: Done,
+        decode_s: float,
+        compute_s: float,
+    ) -> pb.InferResponse:
+        labels = target.entry.manifest.input.labels
+        shifted = np.exp(logits - logits.max())
+        probs = shifted / shifted.sum()
+        k = min(max(request.top_k, 1), len(labels))
+        best = np.argsort(-logits, kind="stable")[:k]
+        return pb.InferResponse(
+            request_id=request.request_id,
+            top=[pb.ClassScore(index=int(i), label=labels[i], score=float(probs[i])) for i in best],
+            logits=logits.tolist() if request.return_logits else [],
+            served_by=self.cfg.server_id,
+            model=target.entry.name,
+            model_version=target.entry.version,
+            adapter=target.adapter.name if target.adapter else "",
+            adapter_version=target.adapter.version if target.adapter else "",
+            timings=pb.Timings(
+                queue_us=int(done.queue_s * 1e6),
+                decode_us=int(decode_s * 1e6),
+                compute_us=int(compute_s * 1e6),
+            ),
+            batch_size=done.batch_size,
+        )
+
+
+def _deadline(remaining: float | None, deadline_ms: int) -> float | None:
+    budgets = [b for b in (remaining, deadline_ms / 1000 if deadline_ms else None) if b is not None]
+    if not budgets:
+        return None
+    if min(budgets) <= 0:
+        raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed on arrival")
+    return time.monotonic() + min(budgets)
+
+
+def _checked_payload(request: pb.InferRequest, shape: tuple[int, ...]) -> bytes:
+    if not request.HasField("features"):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "features are missing")
+    try:
+        payload = from_message(request.features)
+        header = codec.read_header(payload, max_elements=int(np.prod(shape)))
+    except codec.CodecError as exc:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad features: {exc}") from exc
+    if header.shape != shape:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"features have shape {header.shape}; this width takes {shape}",
+        )
+    return payload
+
+
+def _adapter_key(adapter: Adapter | None) -> tuple[str, str] | None:
+    return None if adapter is None else (adapter.name, adapter.version)
+
+
+def _fingerprint(request: pb.InferRequest, target: _Target) -> bytes:
+    digest = hashlib.sha256()
+    for part in (
+        target.entry.name,
+        target.entry.version,
+        str(target.width),
+        repr(_adapter_key(target.adapter)),
+        str(request.top_k),
+        str(request.return_logits),
+    ):
+        digest.update(part.encode() + b"\0")
+    digest.update(target.payload)
+    return digest.digest()
+
+
+def _model_info(entry: ModelEntry) -> pb.ModelInfo:
+    m = entry.manifest
+    return pb.ModelInfo(
+        name=m.name,
+        version=m.version,
+        arch=m.arch.name,
+        cut=m.cut,
+        input_shape=m.input.shape,
+        labels=m.input.labels,
+        widths=m.bottleneck.widths,
+        bits=[b for b in codec.SUPPORTED_BITS],
+        table=[
+            pb.TablePoint(
+                width=p.width, bits=p.bits, accuracy=p.accuracy, bytes_per_sample=p.bytes_per_sample
+            )
+            for p in m.table
+        ],
+    )

@@ -1,0 +1,312 @@
+"""The edge daemon: source -> spool -> head -> cloud (or local) -> sink.
+
+Nothing accepted is lost and nothing is answered twice:
+
+* an input is written to the spool (SQLite, WAL) before anything is done with it;
+* its encoded features are stored there too before the first send, so every resend, even
+  after a restart, carries the same bytes under the same ``request_id``;
+* it leaves the spool only after its result line is in the sink; on start, entries whose
+  result the sink already holds (the daemon died between the two writes) are dropped.
+
+Sending is pipelined: one task batches inputs through the head, many tasks keep requests
+in flight. The split policy picks width and bits per batch from the bundle's measured table
+and the live link estimate; when the cloud is unreachable and the bundle carries its full
+model, inputs are served locally and their records say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from functools import partial
+from itertools import islice
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from edge.client import RETRYABLE, ClientSecurity, CloudClient, RetryPolicy
+from edge.config import DaemonConfig
+from edge.device import DeviceModels
+from edge.link import LinkEstimator
+from edge.policy import SplitPolicy
+from edge.sinks import open_sink
+from edge.sources import Item, Source, open_source
+from edge.spool import Spool, SpoolEntry
+from edge.stats import RunStats
+from tandem.protocol import to_message
+from tandem.wire.v1 import split_inference_pb2 as pb
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class _Ready:
+    """An entry about to be served: with its payload, or None for local/error handling."""
+
+    entry: SpoolEntry
+    payload: bytes | None
+    started: float = field(default_factory=time.monotonic)
+
+
+class EdgeDaemon:
+    """One run of the daemon over one source."""
+
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        *,
+        progress: Callable[[int], object] | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.progress = progress
+        self.stop = stop or asyncio.Event()
+        self.stats = RunStats()
+        self.link = LinkEstimator()
+        self._device_pool = ThreadPoolExecutor(1, thread_name_prefix="head")
+        self._spool_pool = ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._done: list[str] = []
+        self._cloud_down_until = 0.0
+
+    async def run(self) -> dict[str, Any]:
+        """Process the whole source (or until ``stop`` is set); return the run's summary."""
+        cfg = self.cfg
+        self.device = await self._in(
+            self._device_pool,
+            lambda: DeviceModels(cfg.bundle, fallback=cfg.fallback, batch=cfg.head_batch),
+        )
+        manifest = self.device.manifest
+        source = open_source(cfg.source, manifest.input.shape, manifest.input.labels)
+        self.policy = await self._make_policy()
+        retry = RetryPolicy(
+            attempt_timeout_s=cfg.attempt_timeout_s,
+            give_up_after_s=cfg.fallback_after_s if self.device.full is not None else None,
+        )
+        security = ClientSecurity(cfg.ca, cfg.cert, cfg.key, cfg.token(), cfg.tls)
+        self.client = CloudClient(
+            cfg.cloud,
+            security=security,
+            retry=retry,
+            max_message_bytes=cfg.max_message_bytes,
+            on_retry=lambda code: self.stats.count_retry(),
+        )
+        started = time.monotonic()
+        try:
+            with open_sink(cfg.sink) as sink, Spool(cfg.spool_path()) as spool:
+                self.sink, self.spool = sink, spool
+                self._reconcile()
+                await self._pipeline(source)
+                await self._flush_done()
+        finally:
+            await self.client.close()
+            self._device_pool.shutdown()
+            self._spool_pool.shutdown()
+        return self.stats.summary(time.monotonic() - started, has_labels=source.has_labels)
+
+    # ------------------------------------------------------------------ set-up
+
+    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn)
+
+    async def _make_policy(self) -> SplitPolicy | None:
+        cfg, m = self.cfg, self.device.manifest
+        if cfg.width is not None and cfg.bits is not None:
+            if cfg.width not in m.bottleneck.widths:
+                raise ValueError(
+                    f"width {cfg.width} not trained; choose from {m.bottleneck.widths}"
+                )
+            return None
+        table = [
+            p.model_dump()
+            for p in m.table
+            if (cfg.width is None or p.width == cfg.width)
+            and (cfg.bits is None or p.bits == cfg.bits)
+        ]
+        if not table:
+            raise ValueError(
+                "the bundle's table has no point to choose from: give --width and --bits"
+            )
+        head_ms = await self._in(self._device_pool, self.device.time_head)
+        local_ms = await self._in(self._device_pool, self.device.time_local)
+        return SplitPolicy.from_table(table, cfg.slo_ms, head_ms, local_ms=local_ms)
+
+    def _reconcile(self) -> None:
+        # The daemon may have died after writing a result but before clearing its entry.
+        done = [e.request_id for e in self.spool.pending() if e.request_id in self.sink.written_ids]
+        if done:
+            log.info("%d spooled inputs already have results; clearing them", len(done))
+            self.spool.complete(done)
+
+    # ------------------------------------------------------------------ pipeline
+
+    async def _pipeline(self, source: Source) -> None:
+        cfg = self.cfg
+        self.encode_q: asyncio.Queue[SpoolEntry] = asyncio.Queue(maxsize=2 * cfg.head_batch)
+        self.send_q: asyncio.Queue[_Ready] = asyncio.Queue(maxsize=2 * cfg.concurrency)
+        workers = [asyncio.create_task(self._encoder())]
+        workers += [asyncio.create_task(self._sender()) for _ in range(cfg.concurrency)]
+        workers.append(asyncio.create_task(self._completer()))
+        try:
+            await self._produce(source)
+            await self.encode_q.join()
+            await self.send_q.join()
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _produce(self, source: Source) -> None:
+        for entry in await self._in(self._spool_pool, self.spool.pending):
+            await self._route(entry)
+        # A replayable source resumes at the cursor; a stream numbers its items from there.
+        start = await self._in(self._spool_pool, lambda: self.spool.cursor(source.key))
+        items = source.iter_from(start, self.cfg.limit)
+        while not self.stop.is_set():
+            chunk = await asyncio.to_thread(_take, items, self.cfg.head_batch)
+            if not chunk:
+                break
+            accepted = await self._in(self._spool_pool, partial(_accept, self.spool, source, chunk))
+            for entry in accepted:
+                await self._route(entry)
+
+    async def _route(self, entry: SpoolEntry) -> None:
+        if entry.error is not None:
+            await self.send_q.put(_Ready(entry, None))
+        elif entry.payload is not None:
+            await self.send_q.put(_Ready(entry, entry.payload))
+        else:
+            await self.encode_q.put(entry)
+
+    async def _encoder(self) -> None:
+        while True:
+            batch = [await self.encode_q.get()]
+            while len(batch) < self.cfg.head_batch and not self.encode_q.empty():
+                batch.append(self.encode_q.get_nowait())
+            try:
+                await self._encode(batch)
+            finally:
+                for _ in batch:
+                    self.encode_q.task_done()
+
+    async def _encode(self, batch: list[SpoolEntry]) -> None:
+        started = time.monotonic()
+        width, bits = self._operating_point()
+        x = np.stack([e.array() for e in batch])
+        payloads = await self._in(self._device_pool, lambda: self.device.encode(x, width, bits))
+        rows = [(e.request_id, width, bits, p) for e, p in zip(batch, payloads, strict=True)]
+        await self._in(self._spool_pool, lambda: self.spool.assign(rows))
+        for e, p in zip(batch, payloads, strict=True):
+            entry = replace(e, width=width, bits=bits, payload=p)
+            await self.send_q.put(_Ready(entry, p, started))
+
+    def _operating_point(self) -> tuple[float, int]:
+        if self.policy is None:
+            assert self.cfg.width is not None and self.cfg.bits is not None
+            return self.cfg.width, self.cfg.bits
+        decision = self.policy.decide(self.link.state())
+        if decision.width is None or decision.bits is None:  # a local decision: encode anyway
+            best = max(self.policy.options, key=lambda o: o.accuracy)
+            return best.width, best.bits
+        return decision.width, decision.bits
+
+    async def _sender(self) -> None:
+        while True:
+            item = await self.send_q.get()
+            try:
+                record = await self._serve(item)
+                self.sink.write(record)
+                self.stats.add(record)
+                self._done.append(item.entry.request_id)
+                if self.progress:
+                    self.progress(1)
+            finally:
+                self.send_q.task_done()
+
+    async def _completer(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            await self._flush_done()
+
+    async def _flush_done(self) -> None:
+        done, self._done = self._done, []
+        if done:
+            await self._in(self._spool_pool, lambda: self.spool.complete(done))
+
+    # ------------------------------------------------------------------ serving one input
+
+    async def _serve(self, item: _Ready) -> dict[str, Any]:
+        entry = item.entry
+        base = {"request_id": entry.request_id, "input_index": entry.input_index}
+        if entry.label is not None:
+            base["label"] = entry.label
+        if entry.error is not None or item.payload is None:
+            return {**base, "error": entry.error or "no payload"}
+        if self._cloud_is_down():
+            return {**base, **await self._serve_locally(item)}
+        request = pb.InferRequest(
+            request_id=entry.request_id,
+            model=self.cfg.model or self.device.manifest.name,
+            adapter=self.cfg.adapter,
+            width=float(entry.width or 0.0),
+            features=to_message(item.payload),
+            deadline_ms=self.cfg.deadline_ms,
+        )
+        try:
+            answer = await self.client.infer(request)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in RETRYABLE and self.device.full is not None:
+                self._cloud_down_until = time.monotonic() + self.cfg.probe_s
+                log.warning("cloud unreachable (%s): serving locally", exc.code().name)
+                return {**base, **await self._serve_locally(item)}
+            return {**base, "error": f"{exc.code().name}: {exc.details()}"}
+        return {**base, **self._cloud_record(item, request, answer.response, answer)}
+
+    def _cloud_is_down(self) -> bool:
+        return self.device.full is not None and time.monotonic() < self._cloud_down_until
+
+    def _cloud_record(
+        self, item: _Ready, request: pb.InferRequest, response: pb.InferResponse, answer: Any
+    ) -> dict[str, Any]:
+        t = response.timings
+        server_ms = (t.queue_us + t.decode_us + t.compute_us) / 1000
+        if answer.attempts == 1:
+            self.link.observe(
+                request.ByteSize(), response.ByteSize(), 1000 * answer.last_attempt_s, server_ms
+            )
+        if self.policy is not None:
+            self.policy.set_server_ms(server_ms)
+        return {
+            "prediction": response.top[0].index,
+            "width": item.entry.width,
+            "bits": item.entry.bits,
+            "bytes_sent": request.ByteSize(),
+            "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
+            "served_by": response.served_by,
+        }
+
+    async def _serve_locally(self, item: _Ready) -> dict[str, Any]:
+        x = item.entry.array()[None]
+        prediction = (await self._in(self._device_pool, lambda: self.device.predict_local(x)))[0]
+        return {
+            "prediction": prediction,
+            "width": None,
+            "bits": None,
+            "bytes_sent": 0,
+            "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
+            "served_by": "local",
+        }
+
+
+def _take(items: Iterator[Item], n: int) -> list[Item]:
+    return list(islice(items, n))
+
+
+def _accept(spool: Spool, source: Source, chunk: list[Item]) -> list[SpoolEntry]:
+    rows = [(i.index, i.label, i.x if i.x is not None else str(i.error)) for i in chunk]
+    return spool.accept(source.key, rows)

@@ -1,0 +1,65 @@
+"""What runs on the device: the bundle's head, and its whole model as a local fallback.
+
+Both are timed once at start-up on this device, because the split policy needs to know
+what computing costs here, not on the machine the bundle was trained on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tandem.bundle import HeadRunner, load_full
+from tandem.data import normalize
+
+
+def _per_sample_ms(fn: Callable[[], object], batch: int, repeats: int = 3) -> float:
+    fn()  # warm-up: first calls pay for allocation
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) / batch
+
+
+class DeviceModels:
+    """The head (always) and the full model (when the bundle has one and fallback is on)."""
+
+    def __init__(self, bundle: Path, *, fallback: bool, batch: int) -> None:
+        self.head = HeadRunner.from_bundle(bundle)
+        self.manifest = self.head.manifest
+        self.full: nn.Module | None = load_full(bundle) if fallback else None
+        self.batch = batch
+
+    def time_head(self) -> dict[float, float]:
+        """Milliseconds per sample of head + encoder at each width, at this device's batch."""
+        x = np.zeros((self.batch, *self.manifest.input.shape), np.uint8)
+        return {w: self._time_width(x, w) for w in self.manifest.bottleneck.widths}
+
+    def _time_width(self, x: np.ndarray, width: float) -> float:
+        return _per_sample_ms(lambda: self.head.features(x, width), self.batch)
+
+    def time_local(self) -> float | None:
+        """Milliseconds for one input through the full model, or None without one."""
+        if self.full is None:
+            return None
+        x = np.zeros((1, *self.manifest.input.shape), np.uint8)
+        return _per_sample_ms(lambda: self.predict_local(x), 1)
+
+    def encode(self, x: np.ndarray, width: float, bits: int) -> list[bytes]:
+        """Wire payloads for uint8 inputs ``(N, C, H, W)``."""
+        return self.head.encode(x, width, bits)
+
+    @torch.inference_mode()
+    def predict_local(self, x: np.ndarray) -> list[int]:
+        """Predicted classes from the full model, for uint8 inputs ``(N, C, H, W)``."""
+        if self.full is None:
+            raise RuntimeError("this bundle has no local fallback model")
+        spec = self.manifest.input
+        return self.full(normalize(x, spec.mean, spec.std)).argmax(1).tolist()
