@@ -217,7 +217,8 @@ def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
 
 def normalize(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     """Turn uint8 ``(N, C, H, W)`` images into the float tensor the models take."""
-    t = torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+    # float32 conversion copies anyway; doing it in numpy also accepts read-only inputs.
+    t = torch.from_numpy(x.astype(np.float32)).div_(255.0)
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
     return t.sub_(m).div_(s)

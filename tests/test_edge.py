@@ -1,0 +1,181 @@
+"""The edge daemon against an in-process cloud service, over real gRPC on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from serving import config, make_repo, running
+
+from edge.config import DaemonConfig
+from edge.daemon import EdgeDaemon
+from tandem.bundle import load_full, read_manifest
+from tandem.data import load_data, normalize
+from tandem.evaluate import evaluate_bundle
+
+
+@pytest.fixture()
+def repo(tmp_path: Path, digits_bundle: Path) -> Path:
+    return make_repo(tmp_path, digits_bundle)
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An npz source whose test split (its last 10,000 rows) starts with the digits test set.
+
+    Padding fills the rest, so ``limit=len(digits test)`` sends exactly the digits test set.
+    """
+    test = load_data("digits").test
+    pad = 10_000 - len(test)
+    x = np.concatenate(
+        [np.zeros((1, 8, 8), np.uint8), test.x[:, 0], np.zeros((pad, 8, 8), np.uint8)]
+    )
+    y = np.concatenate([np.zeros(1, np.int64), test.y, np.zeros(pad, np.int64)])
+    path = tmp_path_factory.mktemp("npz") / "digits.npz"
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _run(cfg: DaemonConfig, repo: Path | None, **server: Any) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        if repo is None:
+            return await EdgeDaemon(cfg).run()
+        async with running(config(repo, **server)) as srv:
+            return await EdgeDaemon(cfg.model_copy(update={"cloud": srv.address})).run()
+
+    return asyncio.run(main())
+
+
+def _cfg(tmp_path: Path, bundle: Path, source: str, **fields: Any) -> DaemonConfig:
+    values = {
+        "bundle": bundle,
+        "cloud": "127.0.0.1:1",
+        "source": source,
+        "sink": str(tmp_path / "out.jsonl"),
+        "concurrency": 8,
+        **fields,
+    }
+    return DaemonConfig.model_validate(values)
+
+
+def test_served_accuracy_equals_eval(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    test = load_data("digits").test
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", width=0.5, bits=4, limit=len(test))
+    summary = _run(cfg, repo)
+    records = _records(tmp_path / "out.jsonl")
+    assert len(records) == summary["served"] == len(test)
+    assert sorted(r["input_index"] for r in records) == list(range(len(test)))
+    report = evaluate_bundle(digits_bundle, test, [4])
+    (point,) = [p for p in report["points"] if p["width"] == 0.5]
+    served_acc = np.mean([r["prediction"] == r["label"] for r in records])
+    assert summary["accuracy"] == served_acc
+    assert served_acc == point["accuracy"]
+    first = records[0]
+    assert set(first) == {
+        "request_id",
+        "input_index",
+        "prediction",
+        "label",
+        "width",
+        "bits",
+        "bytes_sent",
+        "latency_ms",
+        "served_by",
+    }
+    assert first["width"] == 0.5 and first["bits"] == 4 and first["served_by"] != "local"
+    assert summary["errors"] == 0 and summary["served_locally"] == 0
+    assert not (tmp_path / "out.jsonl.spool").exists() or _spool_empty(tmp_path / "out.jsonl.spool")
+
+
+def _spool_empty(path: Path) -> bool:
+    from edge.spool import Spool
+
+    with Spool(path) as spool:
+        return len(spool) == 0
+
+
+def test_policy_picks_points_from_the_table(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", limit=200, slo_ms=1000)
+    summary = _run(cfg, repo)
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["served"] == 200
+    table = {(p.width, p.bits) for p in read_manifest(digits_bundle).table}
+    assert {(r["width"], r["bits"]) for r in records} <= table
+
+
+def test_unreachable_cloud_falls_back_to_the_local_model(
+    tmp_path: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(
+        tmp_path,
+        digits_bundle,
+        f"npz:{digits_npz}",
+        cloud=f"127.0.0.1:{port}",
+        width=0.5,
+        bits=4,
+        limit=40,
+        fallback_after_s=0.5,
+    )
+    summary = _run(cfg, None)
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["served_locally"] == 40 == len(records)
+    assert {r["served_by"] for r in records} == {"local"}
+    x = np.stack([np.load(digits_npz)["x"][-10_000 + r["input_index"]][None] for r in records])
+    full = load_full(digits_bundle)
+    assert full is not None
+    m = read_manifest(digits_bundle)
+    with torch.inference_mode():
+        want = full(normalize(x, m.input.mean, m.input.std)).argmax(1).tolist()
+    assert [r["prediction"] for r in records] == want
+
+
+def test_final_errors_are_written_not_retried(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    cfg = _cfg(
+        tmp_path,
+        digits_bundle,
+        f"npz:{digits_npz}",
+        model="nope",
+        width=0.5,
+        bits=4,
+        limit=10,
+        fallback=False,
+    )
+    summary = _run(cfg, repo)
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["errors"] == 10 == len(records)
+    assert all(r["error"].startswith("NOT_FOUND") for r in records)
+
+
+def test_bad_json_lines_become_error_records(
+    tmp_path: Path, repo: Path, digits_bundle: Path
+) -> None:
+    test = load_data("digits").test
+    lines = [json.dumps({"input": test.x[i].tolist(), "label": int(test.y[i])}) for i in range(5)]
+    lines.insert(2, "{not json")
+    lines.insert(4, json.dumps({"input": [[1, 2], [3, 4]]}))
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    cfg = _cfg(tmp_path, digits_bundle, f"jsonl:{src}", width=1.0, bits=8)
+    summary = _run(cfg, repo)
+    records = sorted(_records(tmp_path / "out.jsonl"), key=lambda r: r["input_index"])
+    assert [("error" in r) for r in records] == [False, False, True, False, True, False, False]
+    assert summary["served"] == 5 and summary["errors"] == 2
