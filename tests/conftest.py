@@ -47,3 +47,37 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "digits"
     build_bundle(load_recipe("digits", TINY), load_data("digits"), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def mnist_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A quickly trained MNIST bundle and the npz it was trained on.
+
+    The npz holds 2,000 real training rows and the real 10,000-row test split, so a source
+    ``npz:PATH`` sends real MNIST test digits. One epoch per phase: the model is weak, but
+    the serving tests compare predictions between runs, not against labels.
+    """
+    import numpy as np
+
+    from tandem.build import build_bundle
+    from tandem.config import load_recipe
+    from tandem.data import load_data
+
+    if not MNIST.is_file():
+        pytest.skip(f"{MNIST} is not there")
+    root = tmp_path_factory.mktemp("mnist")
+    with np.load(MNIST) as archive:
+        x, y = archive["x"], archive["y"]
+    npz = root / "mnist-small.npz"
+    np.savez(
+        npz, x=np.concatenate([x[:2000], x[-10_000:]]), y=np.concatenate([y[:2000], y[-10_000:]])
+    )
+    overrides = [
+        "teacher.train.epochs=1",
+        "distill.head.epochs=1",
+        "distill.finetune.epochs=1",
+        "eval_bits=[4]",
+    ]
+    out = root / "bundle"
+    build_bundle(load_recipe("mnist", overrides), load_data(f"npz:{npz}"), out)
+    return out, npz

@@ -103,3 +103,16 @@ def server_process(
         for stream in (proc.stdout, proc.stderr):
             if stream:
                 stream.close()
+
+
+def edge_command(*args: str) -> list[str]:
+    """The ``tandem edge run --json ARGS`` command line."""
+    return [*TANDEM, "edge", "run", "--json", *args]
+
+
+def sink_lines(path: Path) -> int:
+    """Complete lines in a JSON-lines sink written so far."""
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
