@@ -23,11 +23,10 @@ from cloud.batcher import Batcher
 from cloud.config import ServeConfig
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelRepository
-from cloud.service import SplitInferenceService, run_targets
+from cloud.service import SplitInferenceService, handlers, run_targets
 from tandem.address import format_address, parse_address
 from tandem.tls import server_credentials
 from tandem.wire.v1 import split_inference_pb2 as pb
-from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +81,7 @@ class CloudServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        pb_grpc.add_SplitInferenceServicer_to_server(self.service, server)
+        server.add_generic_rpc_handlers((handlers(self.service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 import tandem
 from cloud.adapters import Adapter
@@ -25,7 +26,7 @@ from cloud.auth import TokenStore, can_use, tenant_of
 from cloud.batcher import Batcher, DeadlinePassedError, Done, QueueFullError
 from cloud.config import ServeConfig
 from cloud.idempotency import ResponseCache, ReusedIdError
-from cloud.inference import run_batch
+from cloud.inference import BadFeatures, run_batch
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelEntry, ModelRepository, NotFoundError
 from tandem import codec
@@ -39,12 +40,50 @@ MAX_REQUEST_ID = 128
 _RESCAN_INTERVAL_S = 0.2
 
 
+MAX_DETAILS = 300
+
+
 class RequestError(Exception):
-    """A request fails with ``code``; the message goes back to the client."""
+    """A request fails with ``code``; the message goes back to the client.
+
+    Messages may quote what the client sent, so they are clipped: status details travel as
+    metadata, and an echoed 20 KB model name would overflow grpc's metadata limit and turn
+    the intended code into RESOURCE_EXHAUSTED.
+    """
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        if len(message) > MAX_DETAILS:
+            message = message[: MAX_DETAILS - 30] + f"... ({len(message)} chars)"
         super().__init__(message)
         self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class Unparsed:
+    """Stands in for a message whose bytes did not parse, so the handler can answer it."""
+
+    error: str
+
+
+def tolerant(message: type[Any]) -> Callable[[bytes], Any]:
+    """A request deserializer that returns :class:`Unparsed` instead of raising.
+
+    grpc answers a deserializer's exception with UNKNOWN and logs a traceback per call;
+    bad bytes are the client's mistake, so they get INVALID_ARGUMENT and no log flood.
+    """
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message.FromString(data)
+        except DecodeError as exc:
+            return Unparsed(f"request does not parse as {message.DESCRIPTOR.full_name}: {exc}")
+
+    return parse
+
+
+def _parsed(request: Any) -> None:
+    if isinstance(request, Unparsed):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.error)
 
 
 @dataclass(frozen=True)
@@ -86,8 +125,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     ) -> pb.InferResponse:
         """One request, one answer, or the request's status code."""
         try:
+            _parsed(request)
             return await self._answer(request, tenant_of(context, self.tokens), context, "Infer")
         except RequestError as exc:
+            self.metrics.observe_error(exc.code.name)
             await context.abort(exc.code, exc.message)
             raise  # abort raises; this only satisfies the type checker
 
@@ -102,15 +143,17 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         slots = asyncio.Semaphore(self.cfg.max_stream_inflight)
         tasks: set[asyncio.Task[None]] = set()
 
-        async def one(request: pb.InferRequest) -> None:
+        async def one(request: pb.InferRequest | Unparsed) -> None:
+            request_id = "" if isinstance(request, Unparsed) else request.request_id
             try:
+                _parsed(request)
+                assert isinstance(request, pb.InferRequest)
                 response = await self._answer(request, tenant, context, "InferStream")
-                results.put_nowait(
-                    pb.StreamResult(request_id=request.request_id, response=response)
-                )
+                results.put_nowait(pb.StreamResult(request_id=request_id, response=response))
             except RequestError as exc:
+                self.metrics.observe_error(exc.code.name)
                 status = pb.Status(code=exc.code.value[0], message=exc.message)
-                results.put_nowait(pb.StreamResult(request_id=request.request_id, error=status))
+                results.put_nowait(pb.StreamResult(request_id=request_id, error=status))
             finally:
                 slots.release()
 
@@ -186,20 +229,18 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         method: str,
     ) -> pb.InferResponse:
         start = time.perf_counter()
-        self.metrics.observe_request(method, request.model)
         self.metrics.add_bytes(request.ByteSize())
+        # Labelled with the resolved model only: a label per unknown name a client makes up
+        # would grow the metrics without bound.
+        target = await self._validate(request, tenant, context.time_remaining())
+        self.metrics.observe_request(method, target.entry.name)
+        key = (tenant, request.request_id)
         try:
-            target = await self._validate(request, tenant, context.time_remaining())
-            key = (tenant, request.request_id)
-            try:
-                response, cached = await self.cache.get_or_run(
-                    key, _fingerprint(request, target), lambda: self._compute(request, target)
-                )
-            except ReusedIdError as exc:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
-        except RequestError as exc:
-            self.metrics.observe_error(exc.code.name)
-            raise
+            response, cached = await self.cache.get_or_run(
+                key, _fingerprint(request, target), lambda: self._compute(request, target)
+            )
+        except ReusedIdError as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         self.metrics.observe_total(time.perf_counter() - start)
         if cached:
             response = pb.InferResponse.FromString(response.SerializeToString())
@@ -276,7 +317,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         except DeadlinePassedError as exc:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
         value, decode_s, compute_s = done.value
-        if isinstance(value, codec.CodecError):
+        if isinstance(value, BadFeatures):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad features: {value}")
         self.metrics.observe_stages(done.queue_s, decode_s, compute_s)
         return self._response(request, target, value, done, decode_s, compute_s)
@@ -374,4 +415,32 @@ def _model_info(entry: ModelEntry) -> pb.ModelInfo:
             )
             for p in m.table
         ],
+    )
+
+
+def handlers(service: SplitInferenceService) -> grpc.GenericRpcHandler:
+    """The service's method handlers, with :func:`tolerant` request parsing."""
+
+    def unary(method: Callable[..., Any], request: type[Any], response: type[Any]) -> Any:
+        return grpc.unary_unary_rpc_method_handler(
+            method,
+            request_deserializer=tolerant(request),
+            response_serializer=response.SerializeToString,
+        )
+
+    return grpc.method_handlers_generic_handler(
+        pb.DESCRIPTOR.services_by_name["SplitInference"].full_name,
+        {
+            "Infer": unary(service.Infer, pb.InferRequest, pb.InferResponse),
+            "InferStream": grpc.stream_stream_rpc_method_handler(
+                service.InferStream,
+                request_deserializer=tolerant(pb.InferRequest),
+                response_serializer=pb.StreamResult.SerializeToString,
+            ),
+            "ListModels": unary(service.ListModels, pb.ListModelsRequest, pb.ListModelsResponse),
+            "ListAdapters": unary(
+                service.ListAdapters, pb.ListAdaptersRequest, pb.ListAdaptersResponse
+            ),
+            "GetServerInfo": unary(service.GetServerInfo, pb.ServerInfoRequest, pb.ServerInfo),
+        },
     )
