@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,10 +292,13 @@ def save_adapter(
     tenant: str = "",
     use_rslora: bool = False,
 ) -> None:
-    """Write an adapter to directory ``path`` in PEFT's format.
+    """Publish an adapter as directory ``path``, in PEFT's format, all at once.
 
     ``lora`` maps a module path to its (lora_A, lora_B) weights, shaped as described in the
-    module docstring. ``tandem.json`` is written only when ``tenant`` is set.
+    module docstring. ``tandem.json`` is written only when ``tenant`` is set. The files are
+    written to a hidden sibling directory that is then renamed to ``path``: a server scanning
+    meanwhile sees the whole adapter or nothing, never weights without their owner (which it
+    would take for a shared adapter). ``path`` must not exist yet: versions are immutable.
     """
     if not lora:
         raise AdapterError("an adapter needs at least one LoRA pair")
@@ -320,15 +325,27 @@ def save_adapter(
         "inference_mode": True,
     }
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, path / WEIGHTS_FILE, metadata={"format": "pt"})
-    if tenant:
-        (path / TENANT_FILE).write_text(json.dumps({"tenant": tenant}) + "\n", encoding="utf-8")
+    if path.exists():
+        raise AdapterError(f"{path} exists: publish a new version instead of overwriting one")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        if tenant:
+            (staging / TENANT_FILE).write_text(json.dumps({"tenant": tenant}) + "\n")
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def list_adapters(bundle_dir: Path) -> list[tuple[str, str, Path]]:
-    """(name, version, path) of every ``adapters/<name>/<version>/`` with a config, sorted."""
+    """(name, version, path) of every ``adapters/<name>/<version>/`` with a config, sorted.
+
+    Hidden directories are skipped: :func:`save_adapter` stages new versions in them.
+    """
     root = Path(bundle_dir) / "adapters"
     if not root.is_dir():
         return []
@@ -337,6 +354,8 @@ def list_adapters(bundle_dir: Path) -> list[tuple[str, str, Path]]:
         for name_dir in root.iterdir()
         if name_dir.is_dir()
         for version_dir in name_dir.iterdir()
-        if version_dir.is_dir() and (version_dir / CONFIG_FILE).is_file()
+        if not version_dir.name.startswith(".")
+        and version_dir.is_dir()
+        and (version_dir / CONFIG_FILE).is_file()
     ]
     return sorted(found, key=lambda item: (item[0], item[1]))

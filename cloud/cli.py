@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--max-queue", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=2, help="threads running decoder + tail")
+    p.add_argument("--workers", type=int, default=1, help="threads running decoder + tail")
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20)
     p.add_argument("--cache-entries", type=int, default=50_000)

@@ -22,7 +22,7 @@ class ServeConfig(StrictModel):
     max_batch: int = Field(32, ge=1, le=4096)
     max_delay_ms: float = Field(2.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)
-    workers: int = Field(2, ge=1, le=256, description="threads running decoder + tail")
+    workers: int = Field(1, ge=1, le=256, description="threads running decoder + tail")
     max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     cache_entries: int = Field(50_000, ge=0, description="responses kept for retried ids")
     poll_s: float = Field(2.0, gt=0, description="how often the repository is rescanned")

@@ -7,12 +7,11 @@ its batch is answered. Shapes were checked against the bundle when the requests 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.func import functional_call
 
 from cloud.adapters import Adapter
 from cloud.repository import ModelEntry
@@ -23,11 +22,20 @@ class BadFeatures(ValueError):
     """Features that fail to decode, or that drive the tail out of the float range."""
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One request's logits, softmax probabilities, and class indices best first."""
+
+    logits: np.ndarray
+    probs: np.ndarray
+    order: np.ndarray
+
+
 @dataclass
 class BatchOutput:
-    """Per-request logits (or the codec error that request raised) and the stage times."""
+    """Per-request scores (or why that request failed) and the batch's stage times."""
 
-    results: list[np.ndarray | BadFeatures]
+    results: list[Scores | BadFeatures]
     decode_s: float
     compute_s: float
 
@@ -36,31 +44,38 @@ def run_batch(entry: ModelEntry, adapter: Adapter | None, payloads: Sequence[byt
     """Decode ``payloads`` (same width) and run decoder + tail, with ``adapter`` if given."""
     start = time.perf_counter()
     max_elements = entry.runner.max_elements
-    decoded: list[np.ndarray | BadFeatures] = []
-    for payload in payloads:
+    errors: dict[int, BadFeatures] = {}
+    arrays: list[np.ndarray] = []
+    for i, payload in enumerate(payloads):
         try:
-            decoded.append(codec.decode(payload, max_elements=max_elements))
+            arrays.append(codec.decode(payload, max_elements=max_elements))
         except codec.CodecError as exc:
-            decoded.append(BadFeatures(str(exc)))
-    good = [i for i, d in enumerate(decoded) if isinstance(d, np.ndarray)]
+            errors[i] = BadFeatures(str(exc))
     mid = time.perf_counter()
-    results: list[np.ndarray | BadFeatures] = list(decoded)
-    if good:
-        arrays = [d for d in decoded if isinstance(d, np.ndarray)]
+    computed: Iterator[Scores | BadFeatures] = iter([])
+    if arrays:
         batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
-        logits = _forward(entry, adapter, batch)
-        # Finite features can still overflow the tail (the codec allows values near the
-        # float32 limit): such a request gets an error, not NaN scores.
-        finite = np.isfinite(logits).all(axis=1)
-        for row, i in enumerate(good):
-            ok = finite[row]
-            results[i] = logits[row] if ok else BadFeatures("the tail's output is not finite")
+        computed = iter(_scores(_forward(entry, adapter, batch)))
+    results = [errors[i] if i in errors else next(computed) for i in range(len(payloads))]
     return BatchOutput(results, mid - start, time.perf_counter() - mid)
+
+
+def _scores(logits: np.ndarray) -> list[Scores | BadFeatures]:
+    # Finite features can still overflow the tail (the codec allows values near the float32
+    # limit): such a request gets an error, not NaN scores.
+    finite = np.isfinite(logits).all(axis=1)
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    return [
+        Scores(logits[r], probs[r], order[r])
+        if finite[r]
+        else BadFeatures("the tail's output is not finite")
+        for r in range(len(logits))
+    ]
 
 
 @torch.inference_mode()
 def _forward(entry: ModelEntry, adapter: Adapter | None, batch: torch.Tensor) -> np.ndarray:
-    model = entry.runner.model
-    if adapter is None:
-        return model(batch).numpy()
-    return functional_call(model, entry.merged(adapter), (batch,), strict=False).numpy()
+    model = entry.runner.model if adapter is None else entry.model_for(adapter)
+    return model(batch).numpy()

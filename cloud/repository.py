@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from cloud.adapters import Adapter, AdapterError, list_adapters, load_adapter, merged_state
 from tandem.bundle import MANIFEST, BundleError, Manifest, TailRunner, read_manifest
 
 log = logging.getLogger(__name__)
+
+ADAPTED_COPIES = 16
+"""Adapted copies of a tail kept in memory per bundle version (least recently used go)."""
 
 
 class NotFoundError(LookupError):
@@ -35,7 +40,7 @@ class ModelEntry:
     runner: TailRunner
     mtime: float
     adapters: dict[str, dict[str, Adapter]] = field(default_factory=dict)
-    _merged: dict[tuple[str, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    _adapted: OrderedDict[tuple[str, str], nn.Module] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -70,13 +75,27 @@ class ModelEntry:
             raise NotFoundError(f"adapter {name!r} has no version {version!r}")
         return versions[version]
 
-    def merged(self, adapter: Adapter) -> dict[str, torch.Tensor]:
-        """The tail's weights with ``adapter`` merged in, computed once per adapter version."""
+    def model_for(self, adapter: Adapter) -> nn.Module:
+        """A copy of decoder + tail with ``adapter`` merged into its weights.
+
+        A copy per adapter, not weights swapped into the shared module: worker threads run
+        batches for different adapters at once, and swapping would let one tenant's batch
+        run with another's weights. The most recently used copies are kept.
+        """
         key = (adapter.name, adapter.version)
         with self._lock:
-            if key not in self._merged:
-                self._merged[key] = merged_state(self.runner.model, adapter)
-            return self._merged[key]
+            model = self._adapted.get(key)
+            if model is None:
+                # A fresh load rather than a deepcopy, which would also copy any hooks.
+                model = TailRunner.from_bundle(self.path).model
+                with torch.no_grad():
+                    for name, weight in merged_state(self.runner.model, adapter).items():
+                        model.get_parameter(name).copy_(weight)
+                self._adapted[key] = model
+            self._adapted.move_to_end(key)
+            while len(self._adapted) > ADAPTED_COPIES:
+                self._adapted.popitem(last=False)
+            return model
 
 
 def newest(versions: dict[str, Adapter]) -> str:
@@ -144,7 +163,7 @@ class ModelRepository:
             if known is None:
                 try:
                     known = load_adapter(path, name, version)
-                    entry.merged(known)  # refuse an adapter that does not fit, before use
+                    merged_state(entry.runner.model, known)  # refuse one that does not fit
                 except (AdapterError, OSError) as exc:
                     log.error("skipping adapter %s: %s", path, exc)
                     continue

@@ -26,7 +26,7 @@ from cloud.auth import TokenStore, can_use, tenant_of
 from cloud.batcher import Batcher, DeadlinePassedError, Done, QueueFullError
 from cloud.config import ServeConfig
 from cloud.idempotency import ResponseCache, ReusedIdError
-from cloud.inference import BadFeatures, run_batch
+from cloud.inference import BadFeatures, Scores, run_batch
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelEntry, ModelRepository, NotFoundError
 from tandem import codec
@@ -96,7 +96,7 @@ class _Target:
 
 
 def run_targets(key: Hashable, targets: Sequence[_Target]) -> list[Any]:
-    """Batcher callback (worker thread): one (logits or CodecError, decode_s, compute_s) each."""
+    """Batcher callback (worker thread): one (scores or BadFeatures, decode_s, compute_s) each."""
     out = run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets])
     return [(r, out.decode_s, out.compute_s) for r in out.results]
 
@@ -326,20 +326,18 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self,
         request: pb.InferRequest,
         target: _Target,
-        logits: np.ndarray,
+        scores: Scores,
         done: Done,
         decode_s: float,
         compute_s: float,
     ) -> pb.InferResponse:
         labels = target.entry.manifest.input.labels
-        shifted = np.exp(logits - logits.max())
-        probs = shifted / shifted.sum()
-        k = min(max(request.top_k, 1), len(labels))
-        best = np.argsort(-logits, kind="stable")[:k]
+        best = scores.order[: max(request.top_k, 1)].tolist()
+        probs = scores.probs
         return pb.InferResponse(
             request_id=request.request_id,
-            top=[pb.ClassScore(index=int(i), label=labels[i], score=float(probs[i])) for i in best],
-            logits=logits.tolist() if request.return_logits else [],
+            top=[pb.ClassScore(index=i, label=labels[i], score=float(probs[i])) for i in best],
+            logits=scores.logits.tolist() if request.return_logits else [],
             served_by=self.cfg.server_id,
             model=target.entry.name,
             model_version=target.entry.version,

@@ -7,6 +7,7 @@ stdout; progress bars go to stderr, only on a terminal, and never in ``--json`` 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import sys
@@ -183,7 +184,7 @@ def _profile_text(cuts: list[dict[str, Any]]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``tandem demo``: train the digits recipe on the bundled data and evaluate it."""
+    """``tandem demo``: train the digits recipe, evaluate it, then serve it edge -> cloud."""
     args.set, args.fresh, args.bits = [], True, None
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
@@ -193,9 +194,55 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _train(args, "digits", "digits", out)
         train_s = time.perf_counter() - start
         report = _evaluate(args, out, "digits")
-    doc = {"train_seconds": round(train_s, 1), "eval": report}
-    _emit(args, doc, lambda: f"trained in {train_s:.0f} s\n" + _eval_text(report))
+        if not args.json:
+            print(f"trained in {train_s:.0f} s\n" + _eval_text(report) + "\n")
+            print("serving the digits test split: edge daemon -> gRPC on loopback -> cloud ...")
+        served = asyncio.run(_serve_demo(out, Path(tmp)))
+    doc = {"train_seconds": round(train_s, 1), "eval": report, "served": served}
+    _emit(args, doc, lambda: _served_text(served))
     return 0
+
+
+async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
+    """A cloud service on 127.0.0.1, and the edge daemon sending it the digits test split."""
+    from cloud.config import ServeConfig
+    from cloud.server import CloudServer
+    from edge.config import DaemonConfig
+    from edge.daemon import EdgeDaemon
+    from tandem.data import load_data
+
+    test = load_data("digits").test
+    source = tmp / "digits-test.jsonl"
+    source.write_text(
+        "".join(
+            json.dumps({"input": x.tolist(), "label": int(y)}) + "\n"
+            for x, y in zip(test.x, test.y, strict=True)
+        )
+    )
+    (tmp / "repo").mkdir()
+    (tmp / "repo" / "digits").symlink_to(bundle.resolve())
+    server = CloudServer(
+        ServeConfig(models=tmp / "repo", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
+    )
+    await server.start()
+    try:
+        daemon = DaemonConfig(
+            bundle=bundle, cloud=server.address, source=f"jsonl:{source}",
+            sink=str(tmp / "results.jsonl"), slo_ms=50.0,
+        )  # fmt: skip
+        summary = await EdgeDaemon(daemon).run()
+    finally:
+        await server.drain()
+    records = [json.loads(line) for line in (tmp / "results.jsonl").read_text().splitlines()]
+    points = sorted({(r["width"], r["bits"]) for r in records if r.get("width") is not None})
+    return {**summary, "server": server.address, "operating_points": points}
+
+
+def _served_text(served: dict[str, Any]) -> str:
+    from edge.cli import summary_text
+
+    points = ", ".join(f"width {w} at {b} bits" for w, b in served["operating_points"])
+    return f"served via {served['server']} ({points})\n" + summary_text(served)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def test_accept_pending_complete(tmp_path: Path) -> None:
         entries = spool.accept("npz:/a", _items(range(5)))
         assert [e.input_index for e in entries] == [0, 1, 2, 3, 4]
         assert len({e.request_id for e in entries}) == 5
-        assert all(len(e.request_id) == 32 for e in entries)
+        assert all(len(e.request_id) == 16 for e in entries)  # 96 random bits, base64url
         pending = spool.pending()
         assert pending == entries
         first = pending[0]
