@@ -47,11 +47,12 @@ T = TypeVar("T")
 
 @dataclass
 class _Ready:
-    """An entry about to be served: with its payload, or None for local/error handling."""
+    """An entry about to be served: its payload, or None when it has an error or goes local."""
 
     entry: SpoolEntry
     payload: bytes | None
     started: float = field(default_factory=time.monotonic)
+    local: bool = False
 
 
 class EdgeDaemon:
@@ -196,7 +197,12 @@ class EdgeDaemon:
 
     async def _encode(self, batch: list[SpoolEntry]) -> None:
         started = time.monotonic()
-        width, bits = self._operating_point()
+        point = self._operating_point()
+        if point is None:  # the policy expects the local model to answer sooner
+            for e in batch:
+                await self.send_q.put(_Ready(e, None, started, local=True))
+            return
+        width, bits = point
         x = np.stack([e.array() for e in batch])
         payloads = await self._in(self._device_pool, lambda: self.device.encode(x, width, bits))
         rows = [(e.request_id, width, bits, p) for e, p in zip(batch, payloads, strict=True)]
@@ -205,14 +211,14 @@ class EdgeDaemon:
             entry = replace(e, width=width, bits=bits, payload=p)
             await self.send_q.put(_Ready(entry, p, started))
 
-    def _operating_point(self) -> tuple[float, int]:
+    def _operating_point(self) -> tuple[float, int] | None:
+        """Width and bits for the next batch, or None to serve it with the local model."""
         if self.policy is None:
             assert self.cfg.width is not None and self.cfg.bits is not None
             return self.cfg.width, self.cfg.bits
         decision = self.policy.decide(self.link.state())
-        if decision.width is None or decision.bits is None:  # a local decision: encode anyway
-            best = max(self.policy.options, key=lambda o: o.accuracy)
-            return best.width, best.bits
+        if decision.local or decision.width is None or decision.bits is None:
+            return None
         return decision.width, decision.bits
 
     async def _sender(self) -> None:
@@ -245,10 +251,11 @@ class EdgeDaemon:
         base = {"request_id": entry.request_id, "input_index": entry.input_index}
         if entry.label is not None:
             base["label"] = entry.label
-        if entry.error is not None or item.payload is None:
-            return {**base, "error": entry.error or "no payload"}
-        if self._cloud_is_down():
+        if entry.error is not None:
+            return {**base, "error": entry.error}
+        if item.local or self._cloud_is_down():
             return {**base, **await self._serve_locally(item)}
+        assert item.payload is not None  # only local and failed entries lack one
         request = pb.InferRequest(
             request_id=entry.request_id,
             model=self.cfg.model or self.device.manifest.name,

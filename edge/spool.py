@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sqlite3
 import threading
-import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field

@@ -228,7 +228,9 @@ async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
     try:
         daemon = DaemonConfig(
             bundle=bundle, cloud=server.address, source=f"jsonl:{source}",
-            sink=str(tmp / "results.jsonl"), slo_ms=50.0,
+            # No local fallback: on loopback the tiny model would always win locally, and the
+            # demo is about the split path.
+            sink=str(tmp / "results.jsonl"), slo_ms=50.0, fallback=False,
         )  # fmt: skip
         summary = await EdgeDaemon(daemon).run()
     finally:

@@ -179,3 +179,17 @@ def test_bad_json_lines_become_error_records(
     records = sorted(_records(tmp_path / "out.jsonl"), key=lambda r: r["input_index"])
     assert [("error" in r) for r in records] == [False, False, True, False, True, False, False]
     assert summary["served"] == 5 and summary["errors"] == 2
+
+
+def test_policy_serves_locally_when_the_local_model_is_faster(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    # No split point can meet a 1 µs SLO, and the whole tiny model runs locally in about a
+    # millisecond, well under the 50 ms round trip the policy assumes before measuring.
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", limit=20, slo_ms=0.001)
+    summary = _run(cfg, repo)
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["served_locally"] == 20
+    assert {(r["served_by"], r["width"], r["bits"], r["bytes_sent"]) for r in records} == {
+        ("local", None, None, 0)
+    }
