@@ -179,7 +179,8 @@ def serve_echo(port: int) -> None:
 
         async def InferStream(self, requests: Any, context: Any) -> Any:
             async for request in requests:
-                yield pb.StreamResult(request_id=request.request_id)
+                response = pb.InferResponse(request_id=request.request_id)
+                yield pb.StreamResult(request_id=request.request_id, response=response)
 
     async def run() -> None:
         server = grpc.aio.server()

@@ -29,3 +29,21 @@ def test_codec_bench_prints_one_json_line(capsys: pytest.CaptureFixture[str]) ->
         assert doc["codec"][bits]["encode_MBps"] > 0 and doc["codec"][bits]["decode_MBps"] > 0
         assert doc["speedup_vs_zstd"][bits]["ratio"] > 1  # quantizing beats lossless zstd
     assert doc["codec"]["2"]["bytes"] < doc["codec"]["4"]["bytes"] < doc["codec"]["8"]["bytes"]
+
+
+@pytest.mark.slow
+def test_serve_bench_prints_one_json_line(
+    capsys: pytest.CaptureFixture[str], mnist_small: tuple[Path, Path]
+) -> None:
+    bundle, npz = mnist_small
+    args = ["--bundle", str(bundle), "--data", f"npz:{npz}", "--runs", "1", "--requests", "300"]
+    assert _load("serve").main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    doc = json.loads(out)
+    assert doc["raw_best"]["samples_per_s"] > 0
+    for mode in ("unary", "stream"):
+        assert doc["service"][mode]["rps"] > 0
+        assert doc["service"][mode]["p99_ms"] >= doc["service"][mode]["p50_ms"] > 0
+        assert doc["ratios"][f"service_{mode}_vs_raw"] > 0
+    assert 0 < doc["ratios"]["edge_vs_head"] < 1
