@@ -7,10 +7,10 @@ not given), it measures:
 
 * ``raw``: decoder + tail in-process on one thread (decode included), at batch sizes
   1..128; the best batch size's samples/s is the reference;
-* ``service``: ``tandem cloud serve`` as its own process (one worker thread, one torch
-  thread: the same compute as ``raw``), loaded by 32 concurrent clients from this process,
-  each with one request outstanding, once over unary ``Infer`` and once over one
-  ``InferStream`` per client; requests/s and p50/p99 latency;
+* ``service``: ``tandem cloud serve`` as its own process (one worker, one torch thread: the
+  same compute as ``raw``), with each compute backend (a worker thread, a worker process),
+  loaded by 32 concurrent clients from this process, each with one request outstanding, once
+  over unary ``Infer`` and once over one ``InferStream`` per client; requests/s and p50/p99;
 * ``grpc_floor``: the same load against a server whose handler does nothing, which is the
   most any Python gRPC service reaches on this machine with this load generator;
 * ``edge``: ``tandem edge run`` over the data's test split against the service, inputs/s,
@@ -212,6 +212,15 @@ def edge_run(
     return float(summary["inputs_per_s"])
 
 
+def _serve_command(repo: Path, compute: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tandem.cli", "cloud", "serve", "--json", "--models", str(repo),
+        "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--workers", "1",
+        "--compute", compute, "--torch-threads", "1", "--max-batch", "64",
+        "--max-delay-ms", "2",
+    ]  # fmt: skip
+
+
 def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, Any]:
     """Every figure of the benchmark; see the module docstring."""
     torch.set_num_threads(1)
@@ -228,24 +237,21 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
     repo.mkdir(exist_ok=True)
     if not (repo / manifest.name).exists():
         (repo / manifest.name).symlink_to(bundle.resolve())
-    serve = [
-        sys.executable, "-m", "tandem.cli", "cloud", "serve", "--json", "--models", str(repo),
-        "--listen", "127.0.0.1:0", "--metrics-listen", "off", "--workers", "1",
-        "--torch-threads", "1", "--max-batch", "64", "--max-delay-ms", "2",
-    ]  # fmt: skip
-    with process(serve) as ready:
-        address = ready["address"]
-        unary = _repeat(
-            runs,
-            lambda r: unary_load(address, _requests(payloads, manifest.name, width, n, f"u{r}")),
-        )
-        stream = _repeat(
-            runs,
-            lambda r: stream_load(address, _requests(payloads, manifest.name, width, n, f"s{r}")),
-        )
-        edge = statistics.median(
-            edge_run(bundle, data, address, width, bits, n, tmp / "edge.jsonl") for _ in range(runs)
-        )
+    service, edge = {}, 0.0
+    for compute in ("threads", "processes"):
+        with process(_serve_command(repo, compute)) as ready:
+            address = ready["address"]
+            service[compute] = {
+                "unary": _repeat(runs, lambda r, a=address: unary_load(
+                    a, _requests(payloads, manifest.name, width, n, f"u{r}"))),
+                "stream": _repeat(runs, lambda r, a=address: stream_load(
+                    a, _requests(payloads, manifest.name, width, n, f"s{r}"))),
+            }  # fmt: skip
+            if compute == "threads":
+                edge = statistics.median(
+                    edge_run(bundle, data, address, width, bits, n, tmp / "edge.jsonl")
+                    for _ in range(runs)
+                )
     with process([sys.executable, __file__, "--echo", "0"]) as ready:
         address = f"127.0.0.1:{ready['port']}"
         floor_unary = _repeat(
@@ -262,13 +268,18 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
         "clients": CLIENTS, "cpu_count": os.cpu_count(),
         "raw_samples_per_s": {str(k): round(v, 1) for k, v in raw.items()},
         "raw_best": {"batch": best_bs, "samples_per_s": round(raw[best_bs], 1)},
-        "service": {"unary": unary, "stream": stream},
+        "service": service,
         "grpc_floor": {"unary": floor_unary, "stream": floor_stream},
         "ratios": {
-            "service_unary_vs_raw": unary["rps"] / raw[best_bs],
-            "service_stream_vs_raw": stream["rps"] / raw[best_bs],
-            "service_unary_vs_grpc_floor": unary["rps"] / floor_unary["rps"],
-            "service_stream_vs_grpc_floor": stream["rps"] / floor_stream["rps"],
+            **{
+                f"service_{compute}_{mode}_vs_raw": service[compute][mode]["rps"] / raw[best_bs]
+                for compute in service
+                for mode in ("unary", "stream")
+            },
+            "service_threads_unary_vs_grpc_floor": service["threads"]["unary"]["rps"]
+            / floor_unary["rps"],
+            "service_threads_stream_vs_grpc_floor": service["threads"]["stream"]["rps"]
+            / floor_stream["rps"],
             "edge_vs_head": edge / head_rate,
         },
         "edge": {"inputs_per_s": edge, "head_inputs_per_s": head_rate},

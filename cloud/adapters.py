@@ -78,6 +78,7 @@ class Adapter:
     scale: float
     targets: list[str] = field(default_factory=list)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
+    path: Path | None = None  # the directory it was loaded from
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -236,6 +237,7 @@ def load_adapter(path: Path, name: str, version: str) -> Adapter:
         scale=scale,
         targets=sorted(pairs),
         deltas=deltas,
+        path=Path(path),
     )
 
 

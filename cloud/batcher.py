@@ -2,8 +2,8 @@
 
 A batch closes when it holds ``max_batch`` requests or when its oldest request has waited
 ``max_delay_s``, whichever comes first. It then waits for a free worker, and takes whatever
-else arrived meanwhile (up to ``max_batch``): under load, batches grow by themselves. Work
-runs in a thread pool, because torch releases the GIL and the event loop must never block.
+else arrived meanwhile (up to ``max_batch``): under load, batches grow by themselves. The
+batch itself runs off the event loop, on the compute backend (``cloud/compute.py``).
 
 The queue is bounded: past ``max_queue`` waiting requests, :meth:`Batcher.submit` raises
 :class:`QueueFullError` (the server answers RESOURCE_EXHAUSTED) instead of growing.
@@ -14,14 +14,17 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import Executor
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 
 class QueueFullError(RuntimeError):
     """The batcher holds ``max_queue`` requests already."""
+
+
+class BatcherClosedError(RuntimeError):
+    """The batcher was closed: the server is stopping."""
 
 
 class DeadlinePassedError(TimeoutError):
@@ -49,8 +52,8 @@ class Done:
     batch_size: int
 
 
-# (key, payloads) -> one result per payload; runs in a worker thread.
-RunBatch = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+# payloads of one batch -> one result per payload (the compute backend runs it off the loop).
+RunBatch = Callable[[Sequence[Any]], Awaitable[Sequence[Any]]]
 
 
 class _Lane:
@@ -62,12 +65,11 @@ class _Lane:
 
 
 class Batcher:
-    """Groups submitted jobs by key into batches and runs them on ``executor``."""
+    """Groups submitted jobs by key into batches and hands each batch to ``run``."""
 
     def __init__(
         self,
         run: RunBatch,
-        executor: Executor,
         *,
         workers: int,
         max_batch: int,
@@ -77,12 +79,13 @@ class Batcher:
     ) -> None:
         if workers < 1 or max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("workers, max_batch and max_queue must be >= 1, max_delay_s >= 0")
-        self._run, self._executor = run, executor
+        self._run = run
         self._slots = asyncio.Semaphore(workers)
         self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
         self._on_batch = on_batch
         self._lanes: dict[Hashable, _Lane] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._closed = False
         self.queued = 0
 
     def submit(self, key: Hashable, payload: Any, deadline: float | None) -> asyncio.Future[Any]:
@@ -90,7 +93,10 @@ class Batcher:
 
         Raises:
             QueueFullError: when ``max_queue`` jobs are already waiting.
+            BatcherClosedError: after :meth:`close`.
         """
+        if self._closed:
+            raise BatcherClosedError("the batcher is closed")
         if self.queued >= self.max_queue:
             raise QueueFullError(f"queue full ({self.max_queue} requests waiting)")
         lane = self._lanes.get(key)
@@ -135,28 +141,34 @@ class Batcher:
                     job.future.set_exception(DeadlinePassedError("deadline passed in the queue"))
                     continue
                 live.append(job)
-            if not live:
-                return
-            if self._on_batch:
-                self._on_batch(len(live))
-            loop = asyncio.get_running_loop()
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self._run, key, [j.payload for j in live]
-                )
-            except Exception as exc:  # a failed batch fails its requests, not the server
-                for job in live:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                return
-            for job, value in zip(live, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(Done(value, now - job.enqueued, len(live)))
+            if live:
+                await self._run_live(live, now)
         finally:
             self._slots.release()
 
+    async def _run_live(self, live: list[Job], now: float) -> None:
+        # Whatever goes wrong, every job gets an answer: a caller must never hang.
+        try:
+            if self._on_batch:
+                self._on_batch(len(live))
+            results = list(await self._run([j.payload for j in live]))
+            if len(results) != len(live):
+                raise RuntimeError(f"the batch returned {len(results)} results for {len(live)}")
+        except BaseException as exc:  # a failed batch fails its requests, not the server
+            failure = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
+            for job in live:
+                if not job.future.done():
+                    job.future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for job, value in zip(live, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(Done(value, now - job.enqueued, len(live)))
+
     async def close(self) -> None:
-        """Finish the batches already running, then stop collecting."""
+        """Finish the batches already running, then stop collecting; later submits raise."""
+        self._closed = True
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
         for lane in self._lanes.values():
@@ -169,3 +181,5 @@ class Batcher:
             for job in lane.jobs:
                 if not job.future.done():
                     job.future.set_exception(DeadlinePassedError("server stopped"))
+            self.queued -= len(lane.jobs)
+            lane.jobs.clear()

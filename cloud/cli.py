@@ -28,7 +28,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-delay-ms", type=float, default=2.0)
     p.add_argument("--max-queue", type=int, default=1024)
-    p.add_argument("--workers", type=int, default=1, help="threads running decoder + tail")
+    p.add_argument("--workers", type=int, default=1, help="threads or processes running the tail")
+    p.add_argument(
+        "--compute",
+        choices=["threads", "processes"],
+        default="threads",
+        help="processes keep the forward pass off the server's GIL (faster for small tails)",
+    )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20)
     p.add_argument("--cache-entries", type=int, default=50_000)
@@ -61,6 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "max_delay_ms": args.max_delay_ms,
         "max_queue": args.max_queue,
         "workers": args.workers,
+        "compute": args.compute,
+        "torch_threads": args.torch_threads,
         "max_message_bytes": args.max_message_bytes,
         "cache_entries": args.cache_entries,
         "poll_s": args.poll_s,
@@ -77,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = ServeConfig.model_validate(fields)
     except ValidationError as exc:
         raise settings_error("cloud serve options", exc) from exc
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(cfg.torch_threads)
 
     def ready(server: CloudServer) -> None:
         doc = _ready_doc(server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -22,7 +23,11 @@ class ServeConfig(StrictModel):
     max_batch: int = Field(32, ge=1, le=4096)
     max_delay_ms: float = Field(2.0, ge=0, le=10_000)
     max_queue: int = Field(1024, ge=1)
-    workers: int = Field(1, ge=1, le=256, description="threads running decoder + tail")
+    workers: int = Field(1, ge=1, le=256, description="threads or processes running the tail")
+    compute: Literal["threads", "processes"] = Field(
+        "threads", description="run batches in worker threads or in worker processes"
+    )
+    torch_threads: int = Field(1, ge=1, le=256, description="torch threads per worker")
     max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     cache_entries: int = Field(50_000, ge=0, description="responses kept for retried ids")
     poll_s: float = Field(2.0, gt=0, description="how often the repository is rescanned")

@@ -23,6 +23,21 @@ class BadFeatures(ValueError):
 
 
 @dataclass(frozen=True)
+class Target:
+    """A validated request on its way to a batch: what to run, on what, and until when."""
+
+    entry: ModelEntry
+    adapter: Adapter | None
+    width: float
+    payload: bytes
+    deadline: float | None
+
+
+Outcome = tuple["Scores | BadFeatures", float, float]
+"""One request's result, with its batch's decode and compute seconds."""
+
+
+@dataclass(frozen=True)
 class Scores:
     """One request's logits, softmax probabilities, and class indices best first."""
 
@@ -79,3 +94,9 @@ def _scores(logits: np.ndarray) -> list[Scores | BadFeatures]:
 def _forward(entry: ModelEntry, adapter: Adapter | None, batch: torch.Tensor) -> np.ndarray:
     model = entry.runner.model if adapter is None else entry.model_for(adapter)
     return model(batch).numpy()
+
+
+def run_targets(targets: Sequence[Target]) -> list[Outcome]:
+    """Run one batch of targets that share a model, width and adapter (in a worker thread)."""
+    out = run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets])
+    return [(r, out.decode_s, out.compute_s) for r in out.results]

@@ -20,10 +20,11 @@ from grpc_reflection.v1alpha import reflection
 
 from cloud.auth import AuthInterceptor, TokenStore
 from cloud.batcher import Batcher
+from cloud.compute import make_compute
 from cloud.config import ServeConfig
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelRepository
-from cloud.service import SplitInferenceService, handlers, run_targets
+from cloud.service import SplitInferenceService, handlers
 from tandem.address import format_address, parse_address
 from tandem.tls import server_credentials
 from tandem.wire.v1 import split_inference_pb2 as pb
@@ -41,7 +42,9 @@ class CloudServer:
         self.tokens = TokenStore(cfg.tokens)
         self.repo = ModelRepository(cfg.models)
         self.metrics = ServiceMetrics()
-        self.executor = ThreadPoolExecutor(cfg.workers + 1, thread_name_prefix="tail")
+        # Repository scans read files: one thread of their own keeps them off the loop.
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")
+        self.compute = make_compute(cfg.compute, cfg.workers, cfg.torch_threads)
         self.port = 0
         self.metrics_port: int | None = None
         self._stop_metrics: Callable[[], None] | None = None
@@ -62,8 +65,7 @@ class CloudServer:
         self._scan_lock = asyncio.Lock()
         await self.rescan(force=True)
         self.batcher = Batcher(
-            run_targets,
-            self.executor,
+            self.compute.run,
             workers=self.cfg.workers,
             max_batch=self.cfg.max_batch,
             max_delay_s=self.cfg.max_delay_ms / 1000,
@@ -145,6 +147,7 @@ class CloudServer:
         await self.batcher.close()
         if self._stop_metrics:
             self._stop_metrics()
+        self.compute.close()
         self.executor.shutdown(wait=True)
         self._server = None
         log.info("drained")

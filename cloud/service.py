@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,17 @@ from google.protobuf.message import DecodeError
 import tandem
 from cloud.adapters import Adapter
 from cloud.auth import TokenStore, can_use, tenant_of
-from cloud.batcher import Batcher, DeadlinePassedError, Done, QueueFullError
+from cloud.batcher import (
+    Batcher,
+    BatcherClosedError,
+    DeadlinePassedError,
+    Done,
+    QueueFullError,
+)
+from cloud.compute import ComputeFailedError
 from cloud.config import ServeConfig
 from cloud.idempotency import ResponseCache, ReusedIdError
-from cloud.inference import BadFeatures, Scores, run_batch
+from cloud.inference import BadFeatures, Scores, Target
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelEntry, ModelRepository, NotFoundError
 from tandem import codec
@@ -84,21 +91,6 @@ def tolerant(message: type[Any]) -> Callable[[bytes], Any]:
 def _parsed(request: Any) -> None:
     if isinstance(request, Unparsed):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, request.error)
-
-
-@dataclass(frozen=True)
-class _Target:
-    entry: ModelEntry
-    adapter: Adapter | None
-    width: float
-    payload: bytes
-    deadline: float | None
-
-
-def run_targets(key: Hashable, targets: Sequence[_Target]) -> list[Any]:
-    """Batcher callback (worker thread): one (scores or BadFeatures, decode_s, compute_s) each."""
-    out = run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets])
-    return [(r, out.decode_s, out.compute_s) for r in out.results]
 
 
 class SplitInferenceService(pb_grpc.SplitInferenceServicer):
@@ -249,7 +241,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
 
     async def _validate(
         self, request: pb.InferRequest, tenant: str, remaining: float | None
-    ) -> _Target:
+    ) -> Target:
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining")
         if not 0 < len(request.request_id) <= MAX_REQUEST_ID:
@@ -267,7 +259,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 f"width {request.width:g} not trained; choose from {widths}",
             )
         payload = _checked_payload(request, entry.shape_for(width))
-        return _Target(entry, adapter, width, payload, deadline)
+        return Target(entry, adapter, width, payload, deadline)
 
     async def _resolve(self, name: str, version: str) -> ModelEntry:
         try:
@@ -305,17 +297,21 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             )
         return adapter
 
-    async def _compute(self, request: pb.InferRequest, target: _Target) -> pb.InferResponse:
+    async def _compute(self, request: pb.InferRequest, target: Target) -> pb.InferResponse:
         key = (target.entry.name, target.entry.version, target.width, _adapter_key(target.adapter))
         try:
             future = self.batcher.submit(key, target, target.deadline)
         except QueueFullError as exc:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from exc
+        except BatcherClosedError as exc:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         self.metrics.set_queue_depth(self.batcher.queued)
         try:
             done: Done = await future
         except DeadlinePassedError as exc:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
+        except ComputeFailedError as exc:  # transient: the client retries on UNAVAILABLE
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         value, decode_s, compute_s = done.value
         if isinstance(value, BadFeatures):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad features: {value}")
@@ -325,7 +321,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     def _response(
         self,
         request: pb.InferRequest,
-        target: _Target,
+        target: Target,
         scores: Scores,
         done: Done,
         decode_s: float,
@@ -381,7 +377,7 @@ def _adapter_key(adapter: Adapter | None) -> tuple[str, str] | None:
     return None if adapter is None else (adapter.name, adapter.version)
 
 
-def _fingerprint(request: pb.InferRequest, target: _Target) -> bytes:
+def _fingerprint(request: pb.InferRequest, target: Target) -> bytes:
     digest = hashlib.sha256()
     for part in (
         target.entry.name,

@@ -42,8 +42,9 @@ def test_serve_bench_prints_one_json_line(
     assert out.count("\n") == 1
     doc = json.loads(out)
     assert doc["raw_best"]["samples_per_s"] > 0
-    for mode in ("unary", "stream"):
-        assert doc["service"][mode]["rps"] > 0
-        assert doc["service"][mode]["p99_ms"] >= doc["service"][mode]["p50_ms"] > 0
-        assert doc["ratios"][f"service_{mode}_vs_raw"] > 0
+    for compute in ("threads", "processes"):
+        for mode in ("unary", "stream"):
+            figures = doc["service"][compute][mode]
+            assert figures["rps"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
+            assert doc["ratios"][f"service_{compute}_{mode}_vs_raw"] > 0
     assert 0 < doc["ratios"]["edge_vs_head"] < 1

@@ -30,7 +30,7 @@ from serving import ROOT, config, make_repo, running, server_process
 from torch.func import functional_call
 
 import cloud.adapters
-import cloud.server
+import cloud.compute
 from cloud.adapters import load_adapter, merged_state, save_adapter
 from cloud.config import ServeConfig
 from cloud.server import CloudServer
@@ -467,17 +467,16 @@ class _Interleaving:
             self.first_left.wait(RACE_WAIT_S)
 
     def wrap(self, run: Callable[..., Any]) -> Callable[..., Any]:
-        """``run_targets`` with roles: the batch key's last item is (adapter, version)."""
+        """``run_targets`` with roles, from the adapter the batch's targets name."""
 
-        def wrapped(key: Any, targets: Any) -> Any:
-            last = key[-1] if isinstance(key, tuple) and key else None
-            adapter = last[0] if isinstance(last, tuple) else None
-            role = {"acme-a": "first", "globex-a": "second"}.get(adapter or "")
+        def wrapped(targets: Any) -> Any:
+            adapter = targets[0].adapter.name if targets[0].adapter else ""
+            role = {"acme-a": "first", "globex-a": "second"}.get(adapter)
             self._local.role = role
             if role == "second":
                 self.first_in.wait(RACE_WAIT_S)
             try:
-                return run(key, targets)
+                return run(targets)
             finally:
                 self._local.role = None
                 if role == "first":
@@ -495,9 +494,9 @@ def test_concurrent_adapter_batches_keep_their_own_weights(
     globex_ask = _request(payloads[0], "globex-0", adapter="globex-a")
     base_ask = _request(payloads[0], "base-0")
     race = _Interleaving()
-    # CloudServer.start hands this function to its Batcher: wrapping it gives each worker
-    # its role and tells the hook when a whole pass (functional_call included) is over.
-    monkeypatch.setattr(cloud.server, "run_targets", race.wrap(cloud.server.run_targets))
+    # The thread backend calls this function per batch: wrapping it gives each worker its
+    # role and tells the hook when a whole pass is over.
+    monkeypatch.setattr(cloud.compute, "run_targets", race.wrap(cloud.compute.run_targets))
     cfg = _cfg(repo, tokens=tokens_file, workers=2, poll_s=3600)
 
     async def main() -> tuple[pb.InferResponse, ...]:

@@ -1,0 +1,152 @@
+"""Where batches run: worker threads in the server's process, or worker processes.
+
+Threads are the default: nothing to start, and torch releases the GIL inside its kernels.
+But every batch still runs Python (module calls, decoding) under the server's GIL, which the
+event loop needs for every request; when the tail is small, that contention, not the
+arithmetic, caps the request rate. Processes take decoding and the forward pass off the
+server's GIL entirely, for the price of pickling payloads and scores across a pipe once per
+batch. Worker processes load bundles and adapters themselves, from the paths the
+repository found, and keep the ones in use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol, TypeVar
+
+import torch
+
+from cloud.adapters import Adapter, load_adapter
+from cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
+from cloud.repository import ModelEntry
+from tandem.bundle import TailRunner, read_manifest
+
+ComputeKind = Literal["threads", "processes"]
+K = TypeVar("K")
+V = TypeVar("V")
+_WORKER_CACHE = 8  # bundle versions (and adapters) a worker process keeps loaded
+
+
+class ComputeFailedError(RuntimeError):
+    """A worker process died; the batch can be retried once the pool is rebuilt."""
+
+
+class Compute(Protocol):
+    """Runs one batch of same-key targets and returns one outcome per target."""
+
+    async def run(self, targets: Sequence[Target]) -> list[Outcome]:
+        """The batch's outcomes, in order."""
+        ...
+
+    def close(self) -> None:
+        """Release the workers."""
+        ...
+
+
+class ThreadCompute:
+    """Batches run on ``workers`` threads of this process."""
+
+    def __init__(self, workers: int) -> None:
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tail")
+
+    async def run(self, targets: Sequence[Target]) -> list[Outcome]:
+        """Run the batch in a worker thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, run_targets, list(targets))
+
+    def close(self) -> None:
+        """Wait for running batches, then stop the threads."""
+        self._pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a worker process needs to find the model: paths, and the manifest's mtime."""
+
+    bundle: str
+    mtime: float
+    adapter: tuple[str, str, str] | None  # (path, name, version)
+
+
+class ProcessCompute:
+    """Batches run in ``workers`` processes (spawned: forking a gRPC server is unsafe)."""
+
+    def __init__(self, workers: int, torch_threads: int) -> None:
+        self._workers, self._torch_threads = workers, torch_threads
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self._workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=torch.set_num_threads,
+            initargs=(self._torch_threads,),
+        )
+
+    async def run(self, targets: Sequence[Target]) -> list[Outcome]:
+        """Send the payloads to a worker process and wait for its scores."""
+        first = targets[0]
+        adapter = first.adapter
+        spec = BatchSpec(
+            str(first.entry.path),
+            first.entry.mtime,
+            None if adapter is None else (str(adapter.path), adapter.name, adapter.version),
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            out = await loop.run_in_executor(
+                self._pool, run_spec, spec, [t.payload for t in targets]
+            )
+        except BrokenProcessPool as exc:
+            self._pool = self._new_pool()  # the next batch gets fresh workers
+            raise ComputeFailedError("a compute worker died") from exc
+        return [(r, out.decode_s, out.compute_s) for r in out.results]
+
+    def close(self) -> None:
+        """Wait for running batches, then stop the processes."""
+        self._pool.shutdown(wait=True)
+
+
+def make_compute(kind: ComputeKind, workers: int, torch_threads: int) -> Compute:
+    """The compute backend named ``kind``."""
+    if kind == "processes":
+        return ProcessCompute(workers, torch_threads)
+    return ThreadCompute(workers)
+
+
+# ---------------------------------------------------------------- inside a worker process
+
+_entries: OrderedDict[tuple[str, float], ModelEntry] = OrderedDict()
+_adapters: OrderedDict[str, Adapter] = OrderedDict()
+
+
+def _cached(cache: OrderedDict[K, V], key: K, load: Callable[[], V]) -> V:
+    if key not in cache:
+        cache[key] = load()
+    cache.move_to_end(key)
+    while len(cache) > _WORKER_CACHE:
+        cache.popitem(last=False)
+    return cache[key]
+
+
+def _load_entry(bundle: str, mtime: float) -> ModelEntry:
+    path = Path(bundle)
+    return ModelEntry(path, read_manifest(path), TailRunner.from_bundle(path), mtime)
+
+
+def run_spec(spec: BatchSpec, payloads: list[bytes]) -> BatchOutput:
+    """Worker-process side: load (or reuse) the model and adapter, and run the batch."""
+    key = (spec.bundle, spec.mtime)
+    entry = _cached(_entries, key, lambda: _load_entry(spec.bundle, spec.mtime))
+    adapter = None
+    if spec.adapter is not None:
+        path, name, version = spec.adapter
+        adapter = _cached(_adapters, path, lambda: load_adapter(Path(path), name, version))
+    return run_batch(entry, adapter, payloads)

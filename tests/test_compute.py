@@ -1,0 +1,70 @@
+"""The process compute backend: same answers as threads, and it survives a dead worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+from serving import config, make_repo, requests_for, running
+
+from cloud.adapters import save_adapter
+from edge.client import CloudClient
+from tandem.bundle import TailRunner
+from tandem.data import load_data
+from tandem.wire.v1 import split_inference_pb2 as pb
+
+WIDTH, BITS = 0.5, 4
+
+
+def _adapter(bundle: Path) -> None:
+    fc = TailRunner.from_bundle(bundle).model.tail.fc
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4, fc.in_features, generator=g)
+    b = torch.randn(fc.out_features, 4, generator=g)
+    path = bundle / "adapters" / "shift" / "1"
+    save_adapter(path, lora={"tail.fc": (a, b)}, rank=4, alpha=8.0, target_modules=["tail.fc"])
+
+
+def _answers(repo: Path, requests: list[pb.InferRequest], **cfg: object) -> list[list[float]]:
+    async def main() -> list[list[float]]:
+        async with running(config(repo, **cfg)) as server, CloudClient(server.address) as c:
+            return [list((await c.infer(r)).response.logits) for r in requests]
+
+    return asyncio.run(main())
+
+
+def test_processes_answer_like_threads(tmp_path: Path, digits_bundle: Path) -> None:
+    repo = make_repo(tmp_path, digits_bundle)
+    _adapter(repo / "digits")
+    requests = requests_for(digits_bundle, load_data("digits").test.x[:16], WIDTH, BITS)
+    for i, r in enumerate(requests):
+        r.return_logits = True
+        r.adapter = "shift" if i % 2 else ""
+    threads = _answers(repo, requests)
+    processes = _answers(repo, requests, compute="processes")
+    np.testing.assert_allclose(processes, threads, rtol=1e-5, atol=1e-5)
+
+
+def test_a_killed_worker_process_is_replaced(tmp_path: Path, digits_bundle: Path) -> None:
+    repo = make_repo(tmp_path, digits_bundle)
+    first, second = requests_for(digits_bundle, load_data("digits").test.x[:2], WIDTH, BITS)
+    codes: list[grpc.StatusCode] = []
+
+    async def main() -> tuple[pb.InferResponse, pb.InferResponse]:
+        async with (
+            running(config(repo, compute="processes")) as server,
+            CloudClient(server.address, seed=0, on_retry=codes.append) as client,
+        ):
+            before = (await client.infer(first)).response
+            for pid in list(server.compute._pool._processes):  # type: ignore[attr-defined]
+                os.kill(pid, signal.SIGKILL)
+            return before, (await client.infer(second)).response
+
+    before, after = asyncio.run(main())
+    assert before.top and after.top
+    assert codes == [grpc.StatusCode.UNAVAILABLE], "one failed attempt, then a fresh worker"
