@@ -241,6 +241,8 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
     for compute in ("threads", "processes"):
         with process(_serve_command(repo, compute)) as ready:
             address = ready["address"]
+            # Unmeasured warm-up: a worker process loads the model on its first batch.
+            asyncio.run(unary_load(address, _requests(payloads, manifest.name, width, 256, "w")))
             service[compute] = {
                 "unary": _repeat(runs, lambda r, a=address: unary_load(
                     a, _requests(payloads, manifest.name, width, n, f"u{r}"))),
