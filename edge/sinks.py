@@ -26,6 +26,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, TextIO
 
+from edge.closing import Closing
+
 __all__ = ["JsonlSink", "Sink", "SinkError", "StdoutSink", "open_sink"]
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def _line(record: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":")) + "\n"
 
 
-class JsonlSink:
+class JsonlSink(Closing):
     """An append-only JSON-lines file, repaired and reconciled when opened (see module docs).
 
     The file must be one that Tandem wrote (or empty, or absent): text after its last newline is
@@ -165,19 +167,8 @@ class JsonlSink:
             self.sync()
             self._fh.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class StdoutSink:
+class StdoutSink(Closing):
     """JSON lines on standard output (or another text stream), flushed after every line.
 
     ``written_ids`` is always empty: what went to stdout cannot be read back after a crash, so
@@ -202,17 +193,6 @@ class StdoutSink:
         """Flush; standard output itself stays open for the rest of the process."""
         if not self._stream.closed:
             self._stream.flush()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _fsync_dir(path: Path) -> None:

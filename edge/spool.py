@@ -37,10 +37,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import numpy as np
+
+from edge.closing import Closing
 
 __all__ = ["SCHEMA_VERSION", "Spool", "SpoolEntry", "SpoolError"]
 
@@ -106,7 +107,7 @@ class SpoolEntry:
         return np.frombuffer(self.data, dtype=np.uint8).reshape(self.shape)
 
 
-class Spool:
+class Spool(Closing):
     """A durable queue of accepted inputs, one SQLite file (see the module docstring).
 
     ``Spool(path)`` creates the file if needed and raises :class:`SpoolError` if it is not a
@@ -312,17 +313,6 @@ class Spool:
         """Close the file (releasing the lock); safe to call twice."""
         with self._lock:
             self._db.close()
-
-    def __enter__(self) -> Spool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _opt_int(value: int | None) -> int | None:
