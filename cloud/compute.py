@@ -26,7 +26,7 @@ import torch
 from cloud.adapters import Adapter, load_adapter
 from cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
 from cloud.repository import ModelEntry
-from tandem.bundle import TailRunner, read_manifest
+from tandem.bundle import BundleError, TailRunner, read_manifest
 
 ComputeKind = Literal["threads", "processes"]
 K = TypeVar("K")
@@ -35,7 +35,11 @@ _WORKER_CACHE = 8  # bundle versions (and adapters) a worker process keeps loade
 
 
 class ComputeFailedError(RuntimeError):
-    """A worker process died; the batch can be retried once the pool is rebuilt."""
+    """The batch could not run, for a reason a retry may not meet (a worker process died)."""
+
+
+class BundleChangedError(RuntimeError):
+    """A worker process found another version on disk than the one the request resolved."""
 
 
 class Compute(Protocol):
@@ -71,6 +75,7 @@ class BatchSpec:
     """What a worker process needs to find the model: paths, and the manifest's mtime."""
 
     bundle: str
+    version: str
     mtime: float
     adapter: tuple[str, str, str] | None  # (path, name, version)
 
@@ -96,17 +101,20 @@ class ProcessCompute:
         adapter = first.adapter
         spec = BatchSpec(
             str(first.entry.path),
+            first.entry.version,
             first.entry.mtime,
             None if adapter is None else (str(adapter.path), adapter.name, adapter.version),
         )
         loop = asyncio.get_running_loop()
+        pool = self._pool
         try:
-            out = await loop.run_in_executor(
-                self._pool, run_spec, spec, [t.payload for t in targets]
-            )
+            out = await loop.run_in_executor(pool, run_spec, spec, [t.payload for t in targets])
         except BrokenProcessPool as exc:
-            self._pool = self._new_pool()  # the next batch gets fresh workers
+            if self._pool is pool:  # every batch of the dead pool fails: replace it once
+                self._pool = self._new_pool()
             raise ComputeFailedError("a compute worker died") from exc
+        except (BundleChangedError, BundleError) as exc:  # changed or changing on disk
+            raise ComputeFailedError(str(exc)) from exc
         return [(r, out.decode_s, out.compute_s) for r in out.results]
 
     def close(self) -> None:
@@ -136,15 +144,18 @@ def _cached(cache: OrderedDict[K, V], key: K, load: Callable[[], V]) -> V:
     return cache[key]
 
 
-def _load_entry(bundle: str, mtime: float) -> ModelEntry:
-    path = Path(bundle)
-    return ModelEntry(path, read_manifest(path), TailRunner.from_bundle(path), mtime)
+def _load_entry(spec: BatchSpec) -> ModelEntry:
+    path = Path(spec.bundle)
+    manifest = read_manifest(path)
+    if manifest.version != spec.version:  # replaced on disk since the server loaded it
+        raise BundleChangedError(f"{path} now holds version {manifest.version}")
+    return ModelEntry(path, manifest, TailRunner.from_bundle(path), spec.mtime)
 
 
 def run_spec(spec: BatchSpec, payloads: list[bytes]) -> BatchOutput:
     """Worker-process side: load (or reuse) the model and adapter, and run the batch."""
     key = (spec.bundle, spec.mtime)
-    entry = _cached(_entries, key, lambda: _load_entry(spec.bundle, spec.mtime))
+    entry = _cached(_entries, key, lambda: _load_entry(spec))
     adapter = None
     if spec.adapter is not None:
         path, name, version = spec.adapter

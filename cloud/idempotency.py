@@ -18,6 +18,10 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 
+class _AbandonedError(Exception):
+    """The first attempt was cancelled: a retry waiting on it must compute for itself."""
+
+
 class ReusedIdError(ValueError):
     """A request id came back attached to a different request."""
 
@@ -43,31 +47,41 @@ class ResponseCache(Generic[T]):
         ``fingerprint`` identifies the request's content; the same id with another
         fingerprint raises :class:`ReusedIdError` rather than return a stale answer.
         """
-        if key in self._done:
-            stored_fp, value = self._done[key]
-            self._check(stored_fp, fingerprint)
-            self._done.move_to_end(key)
-            return value, True
-        if key in self._running:
+        while True:
+            if key in self._done:
+                stored_fp, value = self._done[key]
+                self._check(stored_fp, fingerprint)
+                self._done.move_to_end(key)
+                return value, True
+            if key not in self._running:
+                return await self._run_first(key, fingerprint, run), False
             stored_fp, first = self._running[key]
             self._check(stored_fp, fingerprint)
-            return await asyncio.shield(first), True
+            try:
+                return await asyncio.shield(first), True
+            except _AbandonedError:
+                continue  # the first caller went away mid-computation: this one carries on
+
+    async def _run_first(
+        self, key: tuple[str, str], fingerprint: bytes, run: Callable[[], Awaitable[T]]
+    ) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._running[key] = (fingerprint, future)
         try:
             value = await run()
         except asyncio.CancelledError:
-            future.cancel()
+            future.set_exception(_AbandonedError())
+            future.exception()  # retrieved here, so an unawaited failure is not reported
             raise
         except Exception as exc:
             future.set_exception(exc)
-            future.exception()  # retrieved here, so an unawaited failure is not reported
+            future.exception()
             raise
         finally:
             del self._running[key]
         future.set_result(value)
         self._store(key, fingerprint, value)
-        return value, False
+        return value
 
     @staticmethod
     def _check(stored: bytes, fingerprint: bytes) -> None:

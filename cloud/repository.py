@@ -12,14 +12,15 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from cloud.adapters import Adapter, AdapterError, list_adapters, load_adapter, merged_state
-from tandem.bundle import MANIFEST, BundleError, Manifest, TailRunner, read_manifest
+from cloud.adapters import Adapter, list_adapters, load_adapter, merged_state
+from tandem.bundle import MANIFEST, Manifest, TailRunner, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +65,20 @@ class ModelEntry:
         """The (C, H, W) feature shape the decoder takes at a trained ``width``."""
         return tuple(self.manifest.bottleneck.shapes[str(width)])
 
-    def adapter(self, name: str, version: str = "") -> Adapter:
-        """An adapter by name, the newest version unless one is named."""
+    def adapter(
+        self, name: str, version: str = "", usable: Callable[[Adapter], bool] = lambda a: True
+    ) -> Adapter:
+        """An adapter by name: the given version, else the newest one that is ``usable``.
+
+        Without a usable version the newest is returned, for the caller to refuse: another
+        tenant publishing under the same name must not change which version a tenant gets.
+        """
         versions = self.adapters.get(name)
         if not versions:
             raise NotFoundError(f"model {self.name} has no adapter {name!r}")
         if not version:
-            return versions[newest(versions)]
+            candidates = {v: a for v, a in versions.items() if usable(a)} or versions
+            return candidates[newest(candidates)]
         if version not in versions:
             raise NotFoundError(f"adapter {name!r} has no version {version!r}")
         return versions[version]
@@ -86,8 +94,10 @@ class ModelEntry:
         with self._lock:
             model = self._adapted.get(key)
             if model is None:
-                # A fresh load rather than a deepcopy, which would also copy any hooks.
-                model = TailRunner.from_bundle(self.path).model
+                # Built from the weights in memory, not from disk, which may hold a newer
+                # version by now; and not a deepcopy, which would copy hooks too.
+                state = self.runner.model.state_dict()
+                model = TailRunner.from_state(self.manifest, state).model
                 with torch.no_grad():
                     for name, weight in merged_state(self.runner.model, adapter).items():
                         model.get_parameter(name).copy_(weight)
@@ -150,7 +160,7 @@ class ModelRepository:
                 return known[0]
             manifest = read_manifest(path)
             entry = ModelEntry(path, manifest, TailRunner.from_bundle(path), mtime)
-        except (BundleError, OSError) as exc:
+        except Exception as exc:  # an unknown architecture, a bad cut, unreadable files...
             log.error("skipping bundle %s: %s", path, exc)
             return None
         log.info("loaded %s version %s from %s", manifest.name, manifest.version, path)
@@ -158,13 +168,18 @@ class ModelRepository:
 
     def _refresh_adapters(self, entry: ModelEntry) -> None:
         adapters: dict[str, dict[str, Adapter]] = {}
-        for name, version, path in list_adapters(entry.path):
+        try:
+            found = list_adapters(entry.path)
+        except OSError as exc:  # e.g. a directory removed while it was listed: keep what we had
+            log.error("cannot list adapters of %s: %s", entry.path, exc)
+            return
+        for name, version, path in found:
             known = entry.adapters.get(name, {}).get(version)
             if known is None:
                 try:
                     known = load_adapter(path, name, version)
                     merged_state(entry.runner.model, known)  # refuse one that does not fit
-                except (AdapterError, OSError) as exc:
+                except Exception as exc:  # one bad adapter must not hide the others
                     log.error("skipping adapter %s: %s", path, exc)
                     continue
                 log.info("loaded adapter %s/%s for %s", name, version, entry.name)

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 import tandem
 from cloud.adapters import Adapter
-from cloud.auth import TokenStore, can_use, tenant_of
+from cloud.auth import TokenStore, bearer_token, can_use, tenant_of
 from cloud.batcher import (
     Batcher,
     BatcherClosedError,
@@ -117,10 +117,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     ) -> pb.InferResponse:
         """One request, one answer, or the request's status code."""
         try:
-            _parsed(request)
-            return await self._answer(request, tenant_of(context, self.tokens), context, "Infer")
+            return await self._guarded(request, context, "Infer")
         except RequestError as exc:
-            self.metrics.observe_error(exc.code.name)
             await context.abort(exc.code, exc.message)
             raise  # abort raises; this only satisfies the type checker
 
@@ -130,24 +128,20 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamResult]:
         """Pipelined requests; answers in completion order, each failure on its own."""
-        tenant = tenant_of(context, self.tokens)
         results: asyncio.Queue[pb.StreamResult | None] = asyncio.Queue()
+        # A slot is freed when its answer has been sent, not when it is ready: a client that
+        # writes without reading holds at most max_stream_inflight answers here.
         slots = asyncio.Semaphore(self.cfg.max_stream_inflight)
         tasks: set[asyncio.Task[None]] = set()
 
         async def one(request: pb.InferRequest | Unparsed) -> None:
             request_id = "" if isinstance(request, Unparsed) else request.request_id
             try:
-                _parsed(request)
-                assert isinstance(request, pb.InferRequest)
-                response = await self._answer(request, tenant, context, "InferStream")
+                response = await self._guarded(request, context, "InferStream")
                 results.put_nowait(pb.StreamResult(request_id=request_id, response=response))
             except RequestError as exc:
-                self.metrics.observe_error(exc.code.name)
                 status = pb.Status(code=exc.code.value[0], message=exc.message)
                 results.put_nowait(pb.StreamResult(request_id=request_id, error=status))
-            finally:
-                slots.release()
 
         async def read() -> None:
             try:
@@ -164,10 +158,39 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         try:
             while (item := await results.get()) is not None:
                 yield item
+                slots.release()
             await reader
         finally:
             for task in [reader, *tasks]:
                 task.cancel()
+
+    async def _guarded(
+        self,
+        request: pb.InferRequest | Unparsed,
+        context: grpc.aio.ServicerContext[Any, Any],
+        method: str,
+    ) -> pb.InferResponse:
+        """Answer one request; every failure, expected or not, leaves as a RequestError."""
+        try:
+            _parsed(request)
+            assert isinstance(request, pb.InferRequest)
+            return await self._answer(request, self._tenant(context), context, method)
+        except RequestError as exc:
+            self.metrics.observe_error(exc.code.name)
+            raise
+        except Exception as exc:
+            log.exception("request failed unexpectedly")
+            self.metrics.observe_error(grpc.StatusCode.INTERNAL.name)
+            raise RequestError(grpc.StatusCode.INTERNAL, "internal error") from exc
+
+    def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The caller's tenant, checked per request: a token revoked by SIGHUP stops working
+        at once, on streams opened before the reload too."""
+        if self.tokens.enabled:
+            token = bearer_token(context.invocation_metadata())
+            if token is None or self.tokens.tenant_for(token) is None:
+                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        return tenant_of(context, self.tokens)
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -179,6 +202,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListAdaptersResponse:
         """The adapters the caller's tenant may use: its own and the shared ones."""
+        if isinstance(request, Unparsed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
         tenant = tenant_of(context, self.tokens)
         infos = [
             pb.AdapterInfo(
@@ -280,13 +305,18 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, "adapter_version without adapter"
                 )
             return None
+
+        def usable(a: Adapter) -> bool:
+            return can_use(tenant, a.tenant)
+
+        name, version = request.adapter, request.adapter_version
         try:
-            adapter = entry.adapter(request.adapter, request.adapter_version)
+            adapter = entry.adapter(name, version, usable)
         except NotFoundError:
             await self._rescan()
             try:
                 adapter = self.repo.resolve(entry.name, entry.version).adapter(
-                    request.adapter, request.adapter_version
+                    name, version, usable
                 )
             except NotFoundError as exc:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
@@ -378,12 +408,15 @@ def _adapter_key(adapter: Adapter | None) -> tuple[str, str] | None:
 
 
 def _fingerprint(request: pb.InferRequest, target: Target) -> bytes:
+    """What the request asked for, as sent. Not what it resolved to: a retry that arrives
+    after a new version was loaded asks for the same thing, and must be recognised."""
     digest = hashlib.sha256()
     for part in (
-        target.entry.name,
-        target.entry.version,
+        request.model,
+        request.version,
+        request.adapter,
+        request.adapter_version,
         str(target.width),
-        repr(_adapter_key(target.adapter)),
         str(request.top_k),
         str(request.return_logits),
     ):

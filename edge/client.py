@@ -2,8 +2,9 @@
 
 A request is retried with exponential backoff and full jitter when the answer is
 UNAVAILABLE (server down, restarting or draining) or DEADLINE_EXCEEDED (the answer may have
-been lost). Retrying is safe because the request keeps its ``request_id``: the server
-answers a repeated id from its cache, so a request is never computed twice for the client.
+been lost), and a few times when it is RESOURCE_EXHAUSTED (the server's queue was full).
+Retrying is safe because the request keeps its ``request_id``: the server answers a repeated
+id from its cache, so a request is never computed twice for the client.
 Every other status is final, and raised at once.
 """
 
@@ -25,6 +26,8 @@ from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+OVERLOADED = grpc.StatusCode.RESOURCE_EXHAUSTED
+"""A full queue clears, but a message too large never fits: retried a bounded number of times."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class RetryPolicy:
     attempt_timeout_s: float = 10.0
     max_attempts: int | None = None
     give_up_after_s: float | None = None
+    overloaded_attempts: int = 6
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
@@ -116,12 +120,17 @@ class CloudClient:
                 )
                 return Answer(response, attempt + 1, loop.time() - sent)
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRYABLE or self._exhausted(attempt, loop.time() - started):
+                if not self._retryable(exc.code(), attempt, loop.time() - started):
                     raise
                 if self._on_retry:
                     self._on_retry(exc.code())
                 await asyncio.sleep(self.retry.delay(attempt, self._rng))
                 attempt += 1
+
+    def _retryable(self, code: grpc.StatusCode, attempt: int, elapsed: float) -> bool:
+        if code == OVERLOADED:
+            return attempt + 1 < self.retry.overloaded_attempts
+        return code in RETRYABLE and not self._exhausted(attempt, elapsed)
 
     def _exhausted(self, attempt: int, elapsed: float) -> bool:
         r = self.retry

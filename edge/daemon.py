@@ -19,19 +19,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
+from asyncio import FIRST_COMPLETED
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import islice
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from edge.client import RETRYABLE, ClientSecurity, CloudClient, RetryPolicy
+from edge.client import OVERLOADED, RETRYABLE, ClientSecurity, CloudClient, RetryPolicy
 from edge.config import DaemonConfig
 from edge.device import DeviceModels
+from edge.feed import SourceFeed
 from edge.link import LinkEstimator
 from edge.policy import SplitPolicy
 from edge.sinks import open_sink
@@ -43,6 +44,10 @@ from tandem.wire.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+STOP_GRACE_S = 5.0
+"""After a stop signal, how long requests in flight may take before the daemon leaves them
+pending in the spool for the next run."""
 
 
 @dataclass
@@ -99,7 +104,8 @@ class EdgeDaemon:
         )
         started = time.monotonic()
         try:
-            with open_sink(cfg.sink) as sink, Spool(cfg.spool_path()) as spool:
+            # The spool first: its lock keeps a second daemon from touching the sink.
+            with Spool(cfg.spool_path()) as spool, open_sink(cfg.sink) as sink:
                 self.sink, self.spool = sink, spool
                 self._reconcile()
                 await self._pipeline(source)
@@ -153,23 +159,41 @@ class EdgeDaemon:
         workers = [asyncio.create_task(self._encoder())]
         workers += [asyncio.create_task(self._sender()) for _ in range(cfg.concurrency)]
         workers.append(asyncio.create_task(self._completer()))
+        flow = asyncio.create_task(self._flow(source))
+        stopping = asyncio.create_task(self.stop.wait())
         try:
-            await self._produce(source)
-            await self.encode_q.join()
-            await self.send_q.join()
+            await asyncio.wait({flow, stopping, *workers}, return_when=FIRST_COMPLETED)
+            _raise_if_failed(workers)
+            if not flow.done():
+                # Stopped: everything read is spooled. Give requests in flight a moment; what
+                # is still pending after that is sent by the next run.
+                await asyncio.wait(
+                    {flow, *workers}, timeout=STOP_GRACE_S, return_when=FIRST_COMPLETED
+                )
+                _raise_if_failed(workers)
+            if flow.done():
+                flow.result()  # a failing source fails the run
         finally:
-            for task in workers:
+            for task in [flow, stopping, *workers]:
                 task.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+            await asyncio.gather(flow, stopping, *workers, return_exceptions=True)
+
+    async def _flow(self, source: Source) -> None:
+        await self._produce(source)
+        await self.encode_q.join()
+        await self.send_q.join()
 
     async def _produce(self, source: Source) -> None:
         for entry in await self._in(self._spool_pool, self.spool.pending):
             await self._route(entry)
         # A replayable source resumes at the cursor; a stream numbers its items from there.
         start = await self._in(self._spool_pool, lambda: self.spool.cursor(source.key))
-        items = source.iter_from(start, self.cfg.limit)
+        # Read ahead only what can be re-read: an item taken from a stream exists nowhere
+        # else until the spool has it.
+        ahead = 2 * self.cfg.head_batch if source.replayable else 1
+        feed = SourceFeed(source.iter_from(start, self.cfg.limit), ahead)
         while not self.stop.is_set():
-            chunk = await asyncio.to_thread(_take, items, self.cfg.head_batch)
+            chunk = await feed.chunk(self.cfg.head_batch, self.stop)
             if not chunk:
                 break
             accepted = await self._in(self._spool_pool, partial(_accept, self.spool, source, chunk))
@@ -203,13 +227,32 @@ class EdgeDaemon:
                 await self.send_q.put(_Ready(e, None, started, local=True))
             return
         width, bits = point
-        x = np.stack([e.array() for e in batch])
-        payloads = await self._in(self._device_pool, lambda: self.device.encode(x, width, bits))
-        rows = [(e.request_id, width, bits, p) for e, p in zip(batch, payloads, strict=True)]
+        encoded = await self._in(self._device_pool, partial(self._head, batch, width, bits))
+        rows = [(e.request_id, width, bits, p) for e, p in encoded if isinstance(p, bytes)]
         await self._in(self._spool_pool, lambda: self.spool.assign(rows))
-        for e, p in zip(batch, payloads, strict=True):
-            entry = replace(e, width=width, bits=bits, payload=p)
-            await self.send_q.put(_Ready(entry, p, started))
+        for e, p in encoded:
+            if isinstance(p, bytes):
+                entry = replace(e, width=width, bits=bits, payload=p)
+                await self.send_q.put(_Ready(entry, p, started))
+            else:  # this input cannot be encoded: its error goes to the sink
+                await self.send_q.put(_Ready(replace(e, error=p), None, started))
+
+    def _head(
+        self, batch: list[SpoolEntry], width: float, bits: int
+    ) -> list[tuple[SpoolEntry, bytes | str]]:
+        """Payloads for a batch (device thread); one input that fails, fails alone."""
+        try:
+            x = np.stack([e.array() for e in batch])
+            return list(zip(batch, self.device.encode(x, width, bits), strict=True))
+        except ValueError:
+            pass  # find the culprit: encode one by one
+        out: list[tuple[SpoolEntry, bytes | str]] = []
+        for e in batch:
+            try:
+                out.append((e, self.device.encode(e.array()[None], width, bits)[0]))
+            except ValueError as exc:
+                out.append((e, f"cannot encode input: {exc}"))
+        return out
 
     def _operating_point(self) -> tuple[float, int] | None:
         """Width and bits for the next batch, or None to serve it with the local model."""
@@ -242,7 +285,13 @@ class EdgeDaemon:
     async def _flush_done(self) -> None:
         done, self._done = self._done, []
         if done:
-            await self._in(self._spool_pool, lambda: self.spool.complete(done))
+            await self._in(self._spool_pool, partial(self._complete, done))
+
+    def _complete(self, done: list[str]) -> None:
+        # Results reach the disk before their inputs leave the spool: a power cut in between
+        # repeats nothing (the sink's ids say what is there) and loses nothing.
+        self.sink.sync()
+        self.spool.complete(done)
 
     # ------------------------------------------------------------------ serving one input
 
@@ -267,7 +316,7 @@ class EdgeDaemon:
         try:
             answer = await self.client.infer(request)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in RETRYABLE and self.device.full is not None:
+            if exc.code() in {*RETRYABLE, OVERLOADED} and self.device.full is not None:
                 self._cloud_down_until = time.monotonic() + self.cfg.probe_s
                 log.warning("cloud unreachable (%s): serving locally", exc.code().name)
                 return {**base, **await self._serve_locally(item)}
@@ -310,8 +359,13 @@ class EdgeDaemon:
         }
 
 
-def _take(items: Iterator[Item], n: int) -> list[Item]:
-    return list(islice(items, n))
+def _raise_if_failed(workers: list[asyncio.Task[None]]) -> None:
+    # Workers loop until cancelled: one that has finished has failed. Failing the run keeps
+    # its entries in the spool for the next one, where carrying on with fewer workers (or
+    # none) would hang.
+    for task in workers:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            raise RuntimeError(f"edge worker failed: {task.exception()!r}") from task.exception()
 
 
 def _accept(spool: Spool, source: Source, chunk: list[Item]) -> list[SpoolEntry]:

@@ -267,16 +267,21 @@ class TailRunner:
     def from_bundle(cls, bundle: Path) -> TailRunner:
         """Rebuild decoder + tail from the manifest and load ``tail.safetensors`` only."""
         m = read_manifest(bundle)
-        b = m.bottleneck
+        return cls.from_state(m, _load_verified(bundle, m, TAIL_FILE))
+
+    @classmethod
+    def from_state(cls, manifest: Manifest, state: dict[str, torch.Tensor]) -> TailRunner:
+        """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict)."""
+        b = manifest.bottleneck
         decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
         # Tracing needs the whole architecture, but on the meta device it costs no memory
         # and no head weights are ever materialised.
         with torch.device("meta"):
-            model = build_arch(m)
-        tail = split_model(model, m.cut).tail.to_empty(device="cpu")
+            model = build_arch(manifest)
+        tail = split_model(model, manifest.cut).tail.to_empty(device="cpu")
         cloud = CloudTail(decoder, tail)
-        _load_into(cloud, _load_verified(bundle, m, TAIL_FILE), "tail")
-        return cls(cloud, m)
+        _load_into(cloud, state, "tail")
+        return cls(cloud, manifest)
 
     def unpack(self, payloads: Sequence[bytes]) -> torch.Tensor:
         """Decode payloads into one batch, rejecting shapes the decoder was not trained for."""
