@@ -228,6 +228,11 @@ class JsonlSource:
         self._stream: Iterable[str | bytes] | None
         if isinstance(source, str | Path):
             self.path: Path | None = Path(source).expanduser().resolve()
+            if self.path.is_fifo():  # a named pipe is a stream: read once, opened when read
+                self._stream = _lines_of(self.path)
+                self.key = key or f"jsonl:{self.path}"
+                self.replayable = False
+                return
             if not self.path.is_file():
                 raise SourceError(f"jsonl:{self.path}: no such file")
             self._stream = None
@@ -311,6 +316,13 @@ class JsonlSource:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             return None, "'input' values must be in 0..255"
         return arr.astype(np.uint8), None
+
+
+def _lines_of(path: Path) -> Iterator[bytes]:
+    # Opening a named pipe blocks until a writer appears: do it on first read, on the
+    # daemon's reader thread, not when the source is set up.
+    with path.open("rb") as fh:
+        yield from fh
 
 
 def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import urllib.request
 from pathlib import Path
@@ -16,6 +17,7 @@ from serving import config, connected, make_repo, requests_for, running
 
 from tandem.bundle import HeadRunner, TailRunner
 from tandem.data import load_data
+from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 
@@ -298,3 +300,81 @@ def test_drain_finishes_in_flight_requests_and_refuses_new_ones(
     in_flight, refused = asyncio.run(main())
     assert in_flight == grpc.StatusCode.OK
     assert refused == grpc.StatusCode.UNAVAILABLE
+
+
+def _copy_as(src: Path, dest: Path, **fields: object) -> None:
+    """A copy of a bundle whose manifest says something else for ``fields``."""
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("checkpoint", "adapters"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({**manifest, **fields}))
+
+
+def test_a_bundle_that_cannot_load_does_not_stop_the_others(
+    repo: Path, digits_bundle: Path, test_x: tuple
+) -> None:
+    _copy_as(digits_bundle, repo / "broken", name="broken", cut="no.such.node")
+    request = requests_for(digits_bundle, test_x[0][:1], 0.5, 4)[0]
+
+    async def main() -> tuple[list[str], grpc.StatusCode]:
+        async with connected(config(repo)) as (server, stub):
+            names = [e.name for e in server.repo.models()]
+            return names, await _code(stub.Infer(request, timeout=30))
+
+    assert asyncio.run(main()) == (["digits"], grpc.StatusCode.OK)
+
+
+def test_a_retry_after_a_new_version_appears_is_still_the_same_request(
+    repo: Path, digits_bundle: Path, test_x: tuple
+) -> None:
+    request = requests_for(digits_bundle, test_x[0][:1], 0.5, 4)[0]
+
+    async def main() -> tuple[pb.InferResponse, pb.InferResponse]:
+        async with connected(config(repo, poll_s=3600)) as (server, stub):
+            first = await stub.Infer(request, timeout=30)
+            _copy_as(digits_bundle, repo / "digits-v2", version="v2")
+            await server.rescan(force=True)
+            return first, await stub.Infer(request, timeout=30)
+
+    first, retry = asyncio.run(main())
+    assert retry.cached and retry.top == first.top
+
+
+def test_an_unexpected_failure_is_internal_and_fails_only_its_request(
+    repo: Path, digits_bundle: Path, test_x: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cloud.compute
+
+    requests = requests_for(digits_bundle, test_x[0][:3], 0.5, 4)
+    real = cloud.compute.run_targets
+
+    def flaky(targets: list) -> list:
+        if any(t.payload == requests_payload[1] for t in targets):
+            raise RuntimeError("boom")
+        return real(targets)
+
+    requests_payload = [from_message(r.features) for r in requests]
+    monkeypatch.setattr(cloud.compute, "run_targets", flaky)
+
+    async def main() -> tuple[list[grpc.StatusCode], list[pb.StreamResult]]:
+        # One request per batch, so the failing one fails alone.
+        async with connected(config(repo, max_batch=1)) as (_server, stub):
+            unary = [await _code(stub.Infer(r, timeout=30)) for r in requests]
+            for r in requests:
+                r.request_id += "-s"
+            stream = [x async for x in stub.InferStream(iter(requests), timeout=30)]
+            return unary, stream
+
+    unary, stream = asyncio.run(main())
+    ok, internal = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
+    assert unary == [ok, internal, ok]
+    codes = {r.request_id: r.error.code for r in stream}
+    assert codes == {"r0-s": 0, "r1-s": internal.value[0], "r2-s": 0}
+
+
+def test_list_adapters_with_unparseable_bytes_is_invalid_argument(repo: Path) -> None:
+    async def main() -> grpc.StatusCode:
+        async with running(config(repo)) as server, grpc.aio.insecure_channel(server.address) as ch:
+            raw = ch.unary_unary("/tandem.v1.SplitInference/ListAdapters")
+            return await _code(raw(b"\xff\xff\xff", timeout=30))
+
+    assert asyncio.run(main()) == grpc.StatusCode.INVALID_ARGUMENT

@@ -637,3 +637,51 @@ def test_message_size_limit_is_enforced(repo: Path, payloads: list[bytes]) -> No
     assert refused == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert response.request_id == "small" and len(response.top) == 1
     assert advertised == limit
+
+
+def test_a_token_revoked_while_a_stream_is_open_stops_working_on_that_stream(
+    repo: Path, tmp_path: Path, payloads: list[bytes]
+) -> None:
+    tokens = _write_tokens(tmp_path / "tokens.json", TOKENS)
+
+    async def main() -> tuple[pb.StreamResult, pb.StreamResult]:
+        async with (
+            running(_cfg(repo, tokens=tokens)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            call = pb_grpc.SplitInferenceStub(channel).InferStream(
+                metadata=_metadata(TOKEN_A), timeout=30
+            )
+            await call.write(_request(payloads[0], "before"))
+            before = await call.read()
+            _write_tokens(tokens, {TOKEN_B: "globex"})
+            assert server.reload_tokens()
+            await call.write(_request(payloads[1], "after"))
+            after = await call.read()
+            await call.done_writing()
+            return before, after
+
+    before, after = asyncio.run(main())
+    assert before.HasField("response")
+    assert after.error.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
+
+
+def test_another_tenants_newer_version_does_not_change_which_version_a_tenant_gets(
+    repo: Path, tokens_file: Path, payloads: list[bytes]
+) -> None:
+    bundle = repo / "digits"
+    _publish(bundle, "x", "1", tenant="acme", seed=5)
+    _publish(bundle, "x", "2", tenant="globex", seed=6)
+
+    async def main() -> tuple[pb.InferResponse, Any]:
+        async with running(_cfg(repo, tokens=tokens_file)) as server:
+            async with _client(server.address, token=TOKEN_A) as acme:
+                mine = (await acme.infer(_request(payloads[0], "a", adapter="x"))).response
+                theirs = await _outcome(
+                    acme.infer(_request(payloads[0], "b", adapter="x", adapter_version="2"))
+                )
+            return mine, theirs
+
+    mine, theirs = asyncio.run(main())
+    assert (mine.adapter, mine.adapter_version) == ("x", "1")
+    assert theirs == grpc.StatusCode.PERMISSION_DENIED

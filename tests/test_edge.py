@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from serving import config, make_repo, running
+from serving import config, make_repo, running, sink_lines
 
 from edge.config import DaemonConfig
 from edge.daemon import EdgeDaemon
+from edge.sinks import JsonlSink
+from edge.spool import Spool
 from tandem.bundle import load_full, read_manifest
 from tandem.data import load_data, normalize
 from tandem.evaluate import evaluate_bundle
@@ -100,8 +103,6 @@ def test_served_accuracy_equals_eval(
 
 
 def _spool_empty(path: Path) -> bool:
-    from edge.spool import Spool
-
     with Spool(path) as spool:
         return len(spool) == 0
 
@@ -193,3 +194,97 @@ def test_policy_serves_locally_when_the_local_model_is_faster(
     assert {(r["served_by"], r["width"], r["bits"], r["bytes_sent"]) for r in records} == {
         ("local", None, None, 0)
     }
+
+
+def test_inputs_the_head_cannot_take_get_error_lines_and_the_rest_is_served(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    # A spool left by a run with another bundle: its inputs have the wrong shape for this one.
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", width=0.5, bits=4, limit=6)
+    with Spool(cfg.spool_path()) as spool:
+        spool.accept(f"npz:{digits_npz}", [(i, 0, np.zeros((1, 4, 4), np.uint8)) for i in range(3)])
+    summary = _run(cfg, repo)
+    records = sorted(_records(tmp_path / "out.jsonl"), key=lambda r: r["input_index"])
+    assert [r["input_index"] for r in records] == list(range(6))
+    assert ["error" in r for r in records] == [True] * 3 + [False] * 3
+    assert records[0]["error"].startswith("cannot encode input")
+    assert summary["errors"] == 3 and summary["served"] == 3
+
+
+def test_a_failing_sink_fails_the_run_and_keeps_the_inputs(
+    tmp_path: Path,
+    repo: Path,
+    digits_bundle: Path,
+    digits_npz: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def full_disk(self: JsonlSink, record: dict) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(JsonlSink, "write", full_disk)
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", width=0.5, bits=4, limit=10)
+    with pytest.raises(RuntimeError, match="edge worker failed"):
+        _run(cfg, repo)
+    with Spool(cfg.spool_path()) as spool:
+        assert len(spool) == 10, "nothing left the spool without a result"
+
+
+def test_stop_returns_while_the_cloud_is_down_and_keeps_the_inputs(
+    tmp_path: Path, digits_bundle: Path, digits_npz: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import edge.daemon
+
+    monkeypatch.setattr(edge.daemon, "STOP_GRACE_S", 0.2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(
+        tmp_path, digits_bundle, f"npz:{digits_npz}", cloud=f"127.0.0.1:{port}",
+        width=0.5, bits=4, limit=20, fallback=False,
+    )  # fmt: skip
+
+    async def main() -> dict[str, Any]:
+        stop = asyncio.Event()
+        daemon = EdgeDaemon(cfg, stop=stop)
+        task = asyncio.ensure_future(daemon.run())
+        while not cfg.spool_path().exists() or daemon.stats.retries < 3:
+            await asyncio.sleep(0.01)  # polling the daemon's own progress, bounded below
+        stop.set()
+        return await asyncio.wait_for(task, 30)
+
+    summary = asyncio.run(main())
+    assert summary["served"] == 0
+    with Spool(cfg.spool_path()) as spool:
+        assert len(spool) == 20
+
+
+def test_a_trickle_on_a_stream_is_served_without_waiting_for_a_batch(
+    tmp_path: Path, repo: Path, digits_bundle: Path
+) -> None:
+    test = load_data("digits").test
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    cfg = _cfg(tmp_path, digits_bundle, f"jsonl:{fifo}", width=0.5, bits=4, head_batch=32)
+    sink = tmp_path / "out.jsonl"
+    line = json.dumps({"input": test.x[0].tolist(), "label": int(test.y[0])}) + "\n"
+
+    async def main() -> dict[str, Any]:
+        async with running(config(repo)) as srv:
+            task = asyncio.ensure_future(
+                EdgeDaemon(cfg.model_copy(update={"cloud": srv.address})).run()
+            )
+            # Read-write: opening never blocks, and closing it ends the stream.
+            writer = os.fdopen(os.open(fifo, os.O_RDWR), "w")
+            writer.write(line)
+            writer.flush()
+            # One input, far from a batch of 32: it must still come out while the stream
+            # stays open.
+            deadline = asyncio.get_running_loop().time() + 30
+            while sink_lines(sink) < 1:
+                assert asyncio.get_running_loop().time() < deadline, "the input was held back"
+                await asyncio.sleep(0.01)
+            writer.close()
+            return await asyncio.wait_for(task, 30)
+
+    summary = asyncio.run(main())
+    assert summary["served"] == 1
