@@ -685,3 +685,36 @@ def test_another_tenants_newer_version_does_not_change_which_version_a_tenant_ge
     mine, theirs = asyncio.run(main())
     assert (mine.adapter, mine.adapter_version) == ("x", "1")
     assert theirs == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_the_edge_daemon_serves_over_mtls_with_a_token_file(
+    repo: Path, tmp_path: Path, pki: Pki, tokens_file: Path
+) -> None:
+    from edge.config import DaemonConfig
+    from edge.daemon import EdgeDaemon
+
+    test = load_data("digits").test
+    source = tmp_path / "in.jsonl"
+    source.write_text(
+        "".join(json.dumps({"input": x.tolist(), "label": int(y)}) + "\n" for x, y in zip(
+            test.x[:8], test.y[:8], strict=True))
+    )  # fmt: skip
+    token = tmp_path / "token"
+    token.write_text(TOKEN_A + "\n")
+    server_cfg = _cfg(
+        repo, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca_cert,
+        tokens=tokens_file,
+    )  # fmt: skip
+
+    async def main() -> dict[str, Any]:
+        async with running(server_cfg) as server:
+            daemon = DaemonConfig(
+                bundle=repo / "digits", cloud=f"localhost:{server.port}",
+                source=f"jsonl:{source}", sink=str(tmp_path / "out.jsonl"), width=WIDTH,
+                bits=BITS, fallback=False, ca=pki.ca_cert, cert=pki.client_cert,
+                key=pki.client_key, token_file=token,
+            )  # fmt: skip
+            return await EdgeDaemon(daemon).run()
+
+    summary = asyncio.run(main())
+    assert summary["served"] == 8 and summary["errors"] == 0
