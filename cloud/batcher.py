@@ -180,6 +180,6 @@ class Batcher:
         for lane in self._lanes.values():
             for job in lane.jobs:
                 if not job.future.done():
-                    job.future.set_exception(DeadlinePassedError("server stopped"))
+                    job.future.set_exception(BatcherClosedError("server stopped"))
             self.queued -= len(lane.jobs)
             lane.jobs.clear()

@@ -23,7 +23,7 @@ from typing import Literal, Protocol, TypeVar
 
 import torch
 
-from cloud.adapters import Adapter, load_adapter
+from cloud.adapters import Adapter, AdapterError, load_adapter
 from cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
 from cloud.repository import ModelEntry
 from tandem.bundle import BundleError, TailRunner, read_manifest
@@ -113,7 +113,8 @@ class ProcessCompute:
             if self._pool is pool:  # every batch of the dead pool fails: replace it once
                 self._pool = self._new_pool()
             raise ComputeFailedError("a compute worker died") from exc
-        except (BundleChangedError, BundleError) as exc:  # changed or changing on disk
+        except (BundleChangedError, BundleError, AdapterError, OSError) as exc:
+            # Files changed or changing on disk since the last scan: worth a retry.
             raise ComputeFailedError(str(exc)) from exc
         return [(r, out.decode_s, out.compute_s) for r in out.results]
 

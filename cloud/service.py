@@ -340,7 +340,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             done: Done = await future
         except DeadlinePassedError as exc:
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from exc
-        except ComputeFailedError as exc:  # transient: the client retries on UNAVAILABLE
+        except (ComputeFailedError, BatcherClosedError) as exc:  # the client retries these
             raise RequestError(grpc.StatusCode.UNAVAILABLE, str(exc)) from exc
         value, decode_s, compute_s = done.value
         if isinstance(value, BadFeatures):

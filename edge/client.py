@@ -2,7 +2,7 @@
 
 A request is retried with exponential backoff and full jitter when the answer is
 UNAVAILABLE (server down, restarting or draining) or DEADLINE_EXCEEDED (the answer may have
-been lost), and a few times when it is RESOURCE_EXHAUSTED (the server's queue was full).
+been lost), or RESOURCE_EXHAUSTED because the server's queue was full.
 Retrying is safe because the request keeps its ``request_id``: the server answers a repeated
 id from its cache, so a request is never computed twice for the client.
 Every other status is final, and raised at once.
@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 OVERLOADED = grpc.StatusCode.RESOURCE_EXHAUSTED
-"""A full queue clears, but a message too large never fits: retried a bounded number of times."""
+QUEUE_FULL = "queue full"
+"""RESOURCE_EXHAUSTED with these words (the server's full queue) clears; a message too large
+never fits, and is final."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,6 @@ class RetryPolicy:
     attempt_timeout_s: float = 10.0
     max_attempts: int | None = None
     give_up_after_s: float | None = None
-    overloaded_attempts: int = 6
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
@@ -120,17 +121,18 @@ class CloudClient:
                 )
                 return Answer(response, attempt + 1, loop.time() - sent)
             except grpc.aio.AioRpcError as exc:
-                if not self._retryable(exc.code(), attempt, loop.time() - started):
+                if not self._retryable(exc, attempt, loop.time() - started):
                     raise
                 if self._on_retry:
                     self._on_retry(exc.code())
                 await asyncio.sleep(self.retry.delay(attempt, self._rng))
                 attempt += 1
 
-    def _retryable(self, code: grpc.StatusCode, attempt: int, elapsed: float) -> bool:
-        if code == OVERLOADED:
-            return attempt + 1 < self.retry.overloaded_attempts
-        return code in RETRYABLE and not self._exhausted(attempt, elapsed)
+    def _retryable(self, exc: grpc.aio.AioRpcError, attempt: int, elapsed: float) -> bool:
+        transient = exc.code() in RETRYABLE or (
+            exc.code() == OVERLOADED and QUEUE_FULL in (exc.details() or "")
+        )
+        return transient and not self._exhausted(attempt, elapsed)
 
     def _exhausted(self, attempt: int, elapsed: float) -> bool:
         r = self.retry

@@ -108,8 +108,7 @@ class EdgeDaemon:
             with Spool(cfg.spool_path()) as spool, open_sink(cfg.sink) as sink:
                 self.sink, self.spool = sink, spool
                 self._reconcile()
-                await self._pipeline(source)
-                await self._flush_done()
+                await self._run_pipeline(source)
         finally:
             await self.client.close()
             self._device_pool.shutdown()
@@ -151,6 +150,19 @@ class EdgeDaemon:
             self.spool.complete(done)
 
     # ------------------------------------------------------------------ pipeline
+
+    async def _run_pipeline(self, source: Source) -> None:
+        try:
+            await self._pipeline(source)
+        except BaseException:
+            # Results already in the sink still leave the spool; the spool thread runs jobs in
+            # order, so this also waits for any a cancelled completer left behind.
+            try:
+                await self._flush_done()
+            except Exception:
+                log.exception("could not clear finished inputs from the spool")
+            raise
+        await self._flush_done()
 
     async def _pipeline(self, source: Source) -> None:
         cfg = self.cfg
@@ -199,6 +211,11 @@ class EdgeDaemon:
             accepted = await self._in(self._spool_pool, partial(_accept, self.spool, source, chunk))
             for entry in accepted:
                 await self._route(entry)
+        if self.stop.is_set():
+            # What was already read from a stream is spooled for the next run, not dropped.
+            left = await feed.drain()
+            if left:
+                await self._in(self._spool_pool, partial(_accept, self.spool, source, left))
 
     async def _route(self, entry: SpoolEntry) -> None:
         if entry.error is not None:
@@ -268,7 +285,12 @@ class EdgeDaemon:
         while True:
             item = await self.send_q.get()
             try:
-                record = await self._serve(item)
+                try:
+                    record = await self._serve(item)
+                except (ValueError, RuntimeError) as exc:  # this input, not the daemon
+                    log.warning("input %d failed: %s", item.entry.input_index, exc)
+                    record = {**_base(item.entry), "error": f"cannot serve input: {exc}"}
+                # Failing to write the sink is not this input's fault: it fails the run.
                 self.sink.write(record)
                 self.stats.add(record)
                 self._done.append(item.entry.request_id)
@@ -285,7 +307,11 @@ class EdgeDaemon:
     async def _flush_done(self) -> None:
         done, self._done = self._done, []
         if done:
-            await self._in(self._spool_pool, partial(self._complete, done))
+            try:
+                await self._in(self._spool_pool, partial(self._complete, done))
+            except BaseException:
+                self._done = done + self._done  # completing twice is harmless; never zero times
+                raise
 
     def _complete(self, done: list[str]) -> None:
         # Results reach the disk before their inputs leave the spool: a power cut in between
@@ -297,9 +323,7 @@ class EdgeDaemon:
 
     async def _serve(self, item: _Ready) -> dict[str, Any]:
         entry = item.entry
-        base = {"request_id": entry.request_id, "input_index": entry.input_index}
-        if entry.label is not None:
-            base["label"] = entry.label
+        base = _base(entry)
         if entry.error is not None:
             return {**base, "error": entry.error}
         if item.local or self._cloud_is_down():
@@ -357,6 +381,13 @@ class EdgeDaemon:
             "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
             "served_by": "local",
         }
+
+
+def _base(entry: SpoolEntry) -> dict[str, Any]:
+    base: dict[str, Any] = {"request_id": entry.request_id, "input_index": entry.input_index}
+    if entry.label is not None:
+        base["label"] = entry.label
+    return base
 
 
 def _raise_if_failed(workers: list[asyncio.Task[None]]) -> None:

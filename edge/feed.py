@@ -4,8 +4,8 @@ A source may block for as long as it likes (stdin waits for its producer), so it
 a thread of its own. That thread is a daemon thread: a stop signal must not wait for a
 producer that never writes again. Items reach the event loop through a bounded queue, which
 is the back-pressure on the reader. :meth:`SourceFeed.chunk` hands out whatever has arrived,
-up to a batch, as soon as there is at least one item: under load inputs are batched, and a
-trickle is spooled one at a time instead of waiting for a batch to fill.
+up to a batch, as soon as there is at least one item: under load, inputs of a source read
+ahead are batched, and a trickle is spooled one at a time instead of waiting for a batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from edge.sources import Item
+
+DRAIN_WAIT_S = 0.5
+"""How long :meth:`SourceFeed.drain` waits for the reader to queue the item it holds."""
 
 
 @dataclass(frozen=True)
@@ -33,20 +36,33 @@ class SourceFeed:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Item | _End] = asyncio.Queue(maxsize)
         self._ended: _End | None = None
+        self._halt = threading.Event()  # drain(): read nothing more
+        self._halted = threading.Event()  # the reader has queued its last item
         threading.Thread(target=self._read, args=(items,), daemon=True, name="source").start()
 
     def _read(self, items: Iterator[Item]) -> None:
         end = _End()
         try:
-            for item in items:
+            while not self._halt.is_set():
+                item = next(items, None)
+                if item is None:
+                    break
                 self._put(item)
         except Exception as exc:  # handed to the loop, which fails the run with it
             end = _End(exc)
+        finally:
+            self._halted.set()
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
             self._put(end)
 
     def _put(self, value: Item | _End) -> None:
-        asyncio.run_coroutine_threadsafe(self._queue.put(value), self._loop).result()
+        put = self._queue.put(value)
+        try:
+            future = asyncio.run_coroutine_threadsafe(put, self._loop)
+        except RuntimeError:  # the loop has closed
+            put.close()
+            raise
+        future.result()
 
     async def chunk(self, limit: int, stop: asyncio.Event) -> list[Item]:
         """At least one item (waiting for it), at most ``limit``; [] at the end or on ``stop``.
@@ -68,6 +84,28 @@ class SourceFeed:
         if self._ended is not None and self._ended.error is not None:
             raise self._ended.error
         return []
+
+    async def drain(self) -> list[Item]:
+        """Stop reading; return the items read but not handed out yet.
+
+        Includes an item the reader holds, waiting for room in the queue. A reader blocked
+        in the source itself (stdin with nothing written) holds nothing and is left there.
+        """
+        self._halt.set()
+        items = self._take_queued()
+        # The loop must keep running meanwhile: the reader's last put goes through it.
+        await asyncio.to_thread(self._halted.wait, DRAIN_WAIT_S)
+        return items + self._take_queued()
+
+    def _take_queued(self) -> list[Item]:
+        items = []
+        while not self._queue.empty():
+            value = self._queue.get_nowait()
+            if isinstance(value, _End):
+                self._ended = value
+            else:
+                items.append(value)
+        return items
 
     async def _first(self, stop: asyncio.Event) -> Item | None:
         getting = asyncio.ensure_future(self._queue.get())

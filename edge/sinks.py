@@ -158,8 +158,14 @@ class JsonlSink(Closing):
     def sync(self) -> None:
         """fsync the file, making every line written so far survive a power cut."""
         if self._unsynced:
-            os.fsync(self._fh.fileno())
-            self._unsynced = 0
+            # Reset first: a line written while fsync runs (the daemon writes on one thread
+            # and syncs on another) keeps its count and is synced next time.
+            unsynced, self._unsynced = self._unsynced, 0
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError:
+                self._unsynced += unsynced
+                raise
 
     def close(self) -> None:
         """Sync and close the file; safe to call twice."""

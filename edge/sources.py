@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,7 +343,12 @@ def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) ->
         # The binary buffer: a line that is not valid UTF-8 becomes an item error in _parse,
         # where the text wrapper would raise out of the iteration and stop the daemon.
         return JsonlSource(
-            sys.stdin.buffer, input_shape, num_classes=len(labels) or None, key="stdin"
+            # A file object of our own on fd 0: the reader thread may still be blocked in a
+            # read at exit, and sys.stdin's lock would then abort the interpreter.
+            os.fdopen(os.dup(0), "rb"),
+            input_shape,
+            num_classes=len(labels) or None,
+            key="stdin",
         )
     if sep and arg:
         if kind == "npz":

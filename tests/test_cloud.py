@@ -378,3 +378,38 @@ def test_list_adapters_with_unparseable_bytes_is_invalid_argument(repo: Path) ->
             return await _code(raw(b"\xff\xff\xff", timeout=30))
 
     assert asyncio.run(main()) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_client_retries_a_full_queue_but_not_a_message_too_large(
+    repo: Path, digits_bundle: Path, test_x: tuple
+) -> None:
+    from edge.client import CloudClient
+
+    first, second = requests_for(digits_bundle, test_x[0][:2], 0.5, 4)
+    huge = pb.InferRequest()
+    huge.CopyFrom(first)
+    huge.request_id = "huge"
+    huge.features.payload = b"\0" * 20_000
+    retried: list[grpc.StatusCode] = []
+    cfg = config(repo, max_queue=1, max_delay_ms=300, max_batch=64, max_message_bytes=16384)
+
+    async def main() -> tuple[pb.InferResponse, grpc.StatusCode]:
+        async with running(cfg) as server, CloudClient(server.address, seed=0) as c1:
+            queued = asyncio.ensure_future(c1.infer(first))
+            while server.batcher.queued == 0:
+                await asyncio.sleep(0.01)
+            async with CloudClient(server.address, seed=1, on_retry=retried.append) as c2:
+                answer = await c2.infer(second)  # refused while the queue is full, then served
+                await queued
+                retried_before = len(retried)
+                try:
+                    await c2.infer(huge)
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as exc:
+                    code = exc.code()
+                assert len(retried) == retried_before, "a message too large is not retried"
+                return answer.response, code
+
+    response, code = asyncio.run(main())
+    assert response.top and retried and set(retried) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from serving import config, make_repo, running, sink_lines
+from serving import ROOT, config, edge_command, make_repo, running, sink_lines
 
 from edge.config import DaemonConfig
 from edge.daemon import EdgeDaemon
@@ -288,3 +291,53 @@ def test_a_trickle_on_a_stream_is_served_without_waiting_for_a_batch(
 
     summary = asyncio.run(main())
     assert summary["served"] == 1
+
+
+def test_an_input_the_local_model_cannot_take_gets_an_error_line(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    # Left in the spool by a run with another bundle, and routed to the local model by the
+    # policy (nothing meets a 1 µs SLO): the input fails alone, the run goes on.
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", limit=4, slo_ms=0.001)
+    with Spool(cfg.spool_path()) as spool:
+        spool.accept(f"npz:{digits_npz}", [(0, 0, np.zeros((3, 8, 8), np.uint8))])
+    summary = _run(cfg, repo)
+    records = sorted(_records(tmp_path / "out.jsonl"), key=lambda r: r["input_index"])
+    assert records[0]["error"].startswith("cannot serve input")
+    assert [r["served_by"] for r in records[1:]] == ["local"] * 3
+    assert summary["errors"] == 1
+
+
+def test_sigterm_stops_a_daemon_reading_an_idle_stdin_cleanly(
+    tmp_path: Path, digits_bundle: Path
+) -> None:
+    test = load_data("digits").test
+    sink = tmp_path / "out.jsonl"
+    args = [
+        "--bundle", str(digits_bundle), "--cloud", "127.0.0.1:1", "--source", "-",
+        "--sink", str(sink), "--width", "0.5", "--bits", "4", "--fallback-after-s", "0.2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        edge_command(*args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write((json.dumps({"input": test.x[0].tolist()}) + "\n").encode())
+        proc.stdin.flush()
+        # Its answer (local: the cloud is unreachable) means the reader thread has moved on
+        # to wait for the next line, inside a read on stdin.
+        deadline = time.monotonic() + 60
+        while sink_lines(sink) < 1:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)  # stdin stays open: the reader is still blocked in its read
+        assert proc.stdout is not None and proc.stderr is not None
+        out, err = proc.stdout.read(), proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out)["served_locally"] == 1
