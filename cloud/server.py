@@ -75,7 +75,15 @@ class CloudServer:
         self.service = SplitInferenceService(
             self.cfg, self.repo, self.batcher, self.metrics, self.tokens, self.rescan
         )
-        self._server = server = grpc.aio.server(
+        # Metrics first: a taken port then fails the start before anything answers.
+        if self.cfg.metrics_listen is not None:
+            host, port = parse_address(self.cfg.metrics_listen)
+            try:
+                self.metrics_port, self._stop_metrics = self.metrics.serve(host, port)
+            except OSError as exc:
+                self._release()
+                raise OSError(f"cannot serve metrics on {self.cfg.metrics_listen}: {exc}") from exc
+        server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.tokens)],
             options=[
                 ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
@@ -88,24 +96,34 @@ class CloudServer:
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self.port = self._bind(server)
+        try:
+            self.port = self._bind(server)
+        except BaseException:
+            self._release()
+            raise
+        self._server = server
         await server.start()
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        if self.cfg.metrics_listen is not None:
-            host, port = parse_address(self.cfg.metrics_listen)
-            self.metrics_port, self._stop_metrics = self.metrics.serve(host, port)
         self._poller = asyncio.create_task(self._poll())
         log.info("serving %d model(s) on %s", len(self.repo.models()), self.address)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         if self.cfg.tls_cert is not None and self.cfg.tls_key is not None:
             creds = server_credentials(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
-            port = server.add_secure_port(self.cfg.listen, creds)
+            port = self._add_port(lambda: server.add_secure_port(self.cfg.listen, creds))
         else:
-            port = server.add_insecure_port(self.cfg.listen)
+            port = self._add_port(lambda: server.add_insecure_port(self.cfg.listen))
+        return port
+
+    def _add_port(self, add: Callable[[], int]) -> int:
+        message = f"cannot listen on {self.cfg.listen}: in use or not available"
+        try:
+            port = add()
+        except RuntimeError as exc:  # grpc's "Failed to bind"
+            raise OSError(message) from exc
         if port == 0:
-            raise OSError(f"cannot listen on {self.cfg.listen}")
+            raise OSError(message)
         return port
 
     async def rescan(self, force: bool = False) -> None:
@@ -145,12 +163,16 @@ class CloudServer:
             self._poller.cancel()
         await self._server.stop(self.cfg.drain_grace_s)
         await self.batcher.close()
-        if self._stop_metrics:
-            self._stop_metrics()
-        self.compute.close()
-        self.executor.shutdown(wait=True)
+        self._release()
         self._server = None
         log.info("drained")
+
+    def _release(self) -> None:
+        if self._stop_metrics:
+            self._stop_metrics()
+            self._stop_metrics = None
+        self.compute.close()
+        self.executor.shutdown(wait=True)
 
     async def run_until_signalled(self, on_ready: Callable[[CloudServer], None]) -> None:
         """Start, report readiness, then serve until SIGTERM or SIGINT (SIGHUP reloads tokens)."""

@@ -193,7 +193,9 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 
 def settings_error(what: str, exc: ValidationError) -> ValueError:
     """One line per problem of a settings model, naming the offending options."""
-    problems = [
-        f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}" for err in exc.errors()
-    ]
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
     return ValueError(f"invalid {what}: " + "; ".join(problems))

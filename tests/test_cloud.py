@@ -15,6 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import config, connected, make_repo, requests_for, running
 
+from cloud.server import CloudServer
 from tandem.bundle import HeadRunner, TailRunner
 from tandem.data import load_data
 from tandem.protocol import from_message
@@ -413,3 +414,21 @@ def test_the_client_retries_a_full_queue_but_not_a_message_too_large(
     response, code = asyncio.run(main())
     assert response.top and retried and set(retried) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_taken_ports_fail_the_start_with_a_clear_error(repo: Path) -> None:
+    async def main() -> tuple[str, str]:
+        async with running(config(repo)) as first:
+            messages = []
+            for cfg in (
+                config(repo, listen=first.address, metrics_listen=None),
+                config(repo, metrics_listen=f"127.0.0.1:{first.metrics_port}"),
+            ):
+                with pytest.raises(OSError) as caught:
+                    await CloudServer(cfg).start()
+                messages.append(str(caught.value))
+            return messages[0], messages[1]
+
+    listen, metrics = asyncio.run(main())
+    assert listen.startswith("cannot listen on 127.0.0.1:")
+    assert metrics.startswith("cannot serve metrics on 127.0.0.1:")
