@@ -17,6 +17,7 @@ Exported series (all prefixed ``tandem_``):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -77,13 +78,17 @@ class ServiceMetrics:
         )
         self.queue_depth = Gauge("tandem_queue_depth", "Requests waiting for a batch.", registry=r)
         self.models_loaded = Gauge("tandem_models_loaded", "Models ready to serve.", registry=r)
-        # Create every stage's series up front: a dashboard sees zeros, not missing data.
-        for stage in STAGES:
-            self.request_seconds.labels(stage=stage)
+        # Create every stage's series up front: a dashboard sees zeros, not missing data. The
+        # children are kept: looking a label up costs more than the observation itself.
+        self._stages = {stage: self.request_seconds.labels(stage=stage) for stage in STAGES}
+        self._requests: dict[tuple[str, str], Any] = {}
 
     def observe_request(self, method: str, model: str) -> None:
-        """Count one call of ``method`` for ``model``."""
-        self.requests.labels(method=method, model=model).inc()
+        """Count one call of ``method`` for ``model`` (a served model: labels stay bounded)."""
+        child = self._requests.get((method, model))
+        if child is None:
+            child = self._requests[method, model] = self.requests.labels(method, model)
+        child.inc()
 
     def observe_error(self, code: str) -> None:
         """Count one failed call; ``code`` is a gRPC status code name, e.g. "NOT_FOUND"."""
@@ -91,13 +96,13 @@ class ServiceMetrics:
 
     def observe_stages(self, queue_s: float, decode_s: float, compute_s: float) -> None:
         """Record the queue, decode and compute seconds of one request."""
-        self.request_seconds.labels(stage="queue").observe(queue_s)
-        self.request_seconds.labels(stage="decode").observe(decode_s)
-        self.request_seconds.labels(stage="compute").observe(compute_s)
+        self._stages["queue"].observe(queue_s)
+        self._stages["decode"].observe(decode_s)
+        self._stages["compute"].observe(compute_s)
 
     def observe_total(self, seconds: float) -> None:
         """Record the end-to-end seconds of one request."""
-        self.request_seconds.labels(stage="total").observe(seconds)
+        self._stages["total"].observe(seconds)
 
     def observe_batch(self, size: int) -> None:
         """Record the size of one executed batch."""
