@@ -32,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -166,8 +166,17 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
 
-def _repeat(runs: int, load: Callable[[int], Awaitable[dict[str, float]]]) -> dict[str, float]:
-    return _median([asyncio.run(load(r)) for r in range(runs)])  # type: ignore[arg-type]
+def _loads(
+    address: str, payloads: list[bytes], model: str, width: float, n: int, runs: int, tag: str
+) -> dict[str, dict[str, float]]:
+    """Medians of ``runs`` unary and ``runs`` streaming loads of ``n`` requests each."""
+    figures = {}
+    for mode, load in (("unary", unary_load), ("stream", stream_load)):
+        figures[mode] = _median([
+            asyncio.run(load(address, _requests(payloads, model, width, n, f"{tag}{mode}{r}")))
+            for r in range(runs)
+        ])  # fmt: skip
+    return figures
 
 
 def serve_echo(port: int) -> None:
@@ -243,25 +252,14 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
             address = ready["address"]
             # Unmeasured warm-up: a worker process loads the model on its first batch.
             asyncio.run(unary_load(address, _requests(payloads, manifest.name, width, 256, "w")))
-            service[compute] = {
-                "unary": _repeat(runs, lambda r, a=address: unary_load(
-                    a, _requests(payloads, manifest.name, width, n, f"u{r}"))),
-                "stream": _repeat(runs, lambda r, a=address: stream_load(
-                    a, _requests(payloads, manifest.name, width, n, f"s{r}"))),
-            }  # fmt: skip
+            service[compute] = _loads(address, payloads, manifest.name, width, n, runs, "m")
             if compute == "threads":
                 edge = statistics.median(
                     edge_run(bundle, data, address, width, bits, n, tmp / "edge.jsonl")
                     for _ in range(runs)
                 )
     with process([sys.executable, __file__, "--echo", "0"]) as ready:
-        address = f"127.0.0.1:{ready['port']}"
-        floor_unary = _repeat(
-            runs, lambda r: unary_load(address, _requests(payloads, "m", width, n, f"e{r}"))
-        )
-        floor_stream = _repeat(
-            runs, lambda r: stream_load(address, _requests(payloads, "m", width, n, f"f{r}"))
-        )
+        floor = _loads(f"127.0.0.1:{ready['port']}", payloads, "m", width, n, runs, "e")
     head_rate = statistics.median(
         head_throughput(head, x, width, bits, CLIENTS) for _ in range(runs)
     )
@@ -271,17 +269,18 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
         "raw_samples_per_s": {str(k): round(v, 1) for k, v in raw.items()},
         "raw_best": {"batch": best_bs, "samples_per_s": round(raw[best_bs], 1)},
         "service": service,
-        "grpc_floor": {"unary": floor_unary, "stream": floor_stream},
+        "grpc_floor": floor,
         "ratios": {
             **{
                 f"service_{compute}_{mode}_vs_raw": service[compute][mode]["rps"] / raw[best_bs]
                 for compute in service
                 for mode in ("unary", "stream")
             },
-            "service_threads_unary_vs_grpc_floor": service["threads"]["unary"]["rps"]
-            / floor_unary["rps"],
-            "service_threads_stream_vs_grpc_floor": service["threads"]["stream"]["rps"]
-            / floor_stream["rps"],
+            **{
+                f"service_threads_{mode}_vs_grpc_floor": service["threads"][mode]["rps"]
+                / floor[mode]["rps"]
+                for mode in ("unary", "stream")
+            },
             "edge_vs_head": edge / head_rate,
         },
         "edge": {"inputs_per_s": edge, "head_inputs_per_s": head_rate},

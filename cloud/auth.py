@@ -141,18 +141,24 @@ def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
     return None
 
 
+def authenticated_tenant(
+    context: grpc.aio.ServicerContext[Any, Any], store: TokenStore
+) -> str | None:
+    """The tenant of the current call ("" when authentication is off), or None when its
+    token is missing or no longer valid (a reload revoked it after the call began)."""
+    if not store.enabled:
+        return ""
+    token = bearer_token(context.invocation_metadata())
+    return None if token is None else store.tenant_for(token)
+
+
 def tenant_of(context: grpc.aio.ServicerContext[Any, Any], store: TokenStore) -> str:
     """The tenant of the current call: "" when authentication is off.
 
     Also "" when the token is no longer valid (a reload revoked it after the interceptor
     let the call in): such a call sees only shared resources, never another tenant's.
     """
-    if not store.enabled:
-        return ""
-    token = bearer_token(context.invocation_metadata())
-    if token is None:
-        return ""
-    return store.tenant_for(token) or ""
+    return authenticated_tenant(context, store) or ""
 
 
 def can_use(tenant: str, owner: str) -> bool:

@@ -103,12 +103,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _ready_doc(server: CloudServer) -> dict[str, Any]:
-    metrics_host = server.cfg.metrics_listen.rpartition(":")[0] if server.cfg.metrics_listen else ""
     return {
         "event": "listening",
         "address": server.address,
         "port": server.port,
-        "metrics": f"{metrics_host}:{server.metrics_port}" if server.metrics_port else None,
+        "metrics": server.metrics_address,
         "tls": server.cfg.tls,
         "mtls": server.cfg.tls_client_ca is not None,
         "auth": server.tokens.enabled,

@@ -24,14 +24,11 @@ from cloud.compute import make_compute
 from cloud.config import ServeConfig
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelRepository
-from cloud.service import SplitInferenceService, handlers
+from cloud.service import SERVICE_NAME, SplitInferenceService, handlers
 from tandem.address import format_address, parse_address
 from tandem.tls import server_credentials
-from tandem.wire.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
 
 
 class CloudServer:
@@ -58,6 +55,13 @@ class CloudServer:
     def address(self) -> str:
         """``host:port`` the service listens on (the real port when 0 was asked for)."""
         return format_address(parse_address(self.cfg.listen)[0], self.port)
+
+    @property
+    def metrics_address(self) -> str | None:
+        """``host:port`` of the metrics endpoint, or None when metrics are off."""
+        if self.cfg.metrics_listen is None or self.metrics_port is None:
+            return None
+        return format_address(parse_address(self.cfg.metrics_listen)[0], self.metrics_port)
 
     async def start(self) -> None:
         """Load the repository, bind the ports, and start answering."""
@@ -111,10 +115,8 @@ class CloudServer:
     def _bind(self, server: grpc.aio.Server) -> int:
         if self.cfg.tls_cert is not None and self.cfg.tls_key is not None:
             creds = server_credentials(self.cfg.tls_cert, self.cfg.tls_key, self.cfg.tls_client_ca)
-            port = self._add_port(lambda: server.add_secure_port(self.cfg.listen, creds))
-        else:
-            port = self._add_port(lambda: server.add_insecure_port(self.cfg.listen))
-        return port
+            return self._add_port(lambda: server.add_secure_port(self.cfg.listen, creds))
+        return self._add_port(lambda: server.add_insecure_port(self.cfg.listen))
 
     def _add_port(self, add: Callable[[], int]) -> int:
         message = f"cannot listen on {self.cfg.listen}: in use or not available"

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 import tandem
 from cloud.adapters import Adapter
-from cloud.auth import TokenStore, bearer_token, can_use, tenant_of
+from cloud.auth import TokenStore, authenticated_tenant, can_use, tenant_of
 from cloud.batcher import (
     Batcher,
     BatcherClosedError,
@@ -43,10 +43,8 @@ from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
 MAX_REQUEST_ID = 128
-_RESCAN_INTERVAL_S = 0.2
-
-
 MAX_DETAILS = 300
 
 
@@ -186,11 +184,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The caller's tenant, checked per request: a token revoked by SIGHUP stops working
         at once, on streams opened before the reload too."""
-        if self.tokens.enabled:
-            token = bearer_token(context.invocation_metadata())
-            if token is None or self.tokens.tenant_for(token) is None:
-                raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
-        return tenant_of(context, self.tokens)
+        tenant = authenticated_tenant(context, self.tokens)
+        if tenant is None:
+            raise RequestError(grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token")
+        return tenant
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -435,7 +432,7 @@ def _model_info(entry: ModelEntry) -> pb.ModelInfo:
         input_shape=m.input.shape,
         labels=m.input.labels,
         widths=m.bottleneck.widths,
-        bits=[b for b in codec.SUPPORTED_BITS],
+        bits=list(codec.SUPPORTED_BITS),
         table=[
             pb.TablePoint(
                 width=p.width, bits=p.bits, accuracy=p.accuracy, bytes_per_sample=p.bytes_per_sample
@@ -456,7 +453,7 @@ def handlers(service: SplitInferenceService) -> grpc.GenericRpcHandler:
         )
 
     return grpc.method_handlers_generic_handler(
-        pb.DESCRIPTOR.services_by_name["SplitInference"].full_name,
+        SERVICE_NAME,
         {
             "Infer": unary(service.Infer, pb.InferRequest, pb.InferResponse),
             "InferStream": grpc.stream_stream_rpc_method_handler(

@@ -140,12 +140,6 @@ class CloudClient:
             return True
         return r.give_up_after_s is not None and elapsed >= r.give_up_after_s
 
-    async def list_models(self, timeout: float = 10.0) -> pb.ListModelsResponse:
-        """The service's models."""
-        return await self.stub.ListModels(
-            pb.ListModelsRequest(), timeout=timeout, metadata=self._metadata
-        )
-
     async def server_info(self, timeout: float = 10.0) -> pb.ServerInfo:
         """The service's limits and identity."""
         return await self.stub.GetServerInfo(

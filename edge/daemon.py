@@ -29,7 +29,14 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from edge.client import OVERLOADED, RETRYABLE, ClientSecurity, CloudClient, RetryPolicy
+from edge.client import (
+    OVERLOADED,
+    RETRYABLE,
+    Answer,
+    ClientSecurity,
+    CloudClient,
+    RetryPolicy,
+)
 from edge.config import DaemonConfig
 from edge.device import DeviceModels
 from edge.feed import SourceFeed
@@ -123,10 +130,7 @@ class EdgeDaemon:
     async def _make_policy(self) -> SplitPolicy | None:
         cfg, m = self.cfg, self.device.manifest
         if cfg.width is not None and cfg.bits is not None:
-            if cfg.width not in m.bottleneck.widths:
-                raise ValueError(
-                    f"width {cfg.width} not trained; choose from {m.bottleneck.widths}"
-                )
+            self.device.head.check_width(cfg.width)  # fail at start-up, not per batch
             return None
         table = [
             p.model_dump()
@@ -345,14 +349,15 @@ class EdgeDaemon:
                 log.warning("cloud unreachable (%s): serving locally", exc.code().name)
                 return {**base, **await self._serve_locally(item)}
             return {**base, "error": f"{exc.code().name}: {exc.details()}"}
-        return {**base, **self._cloud_record(item, request, answer.response, answer)}
+        return {**base, **self._cloud_record(item, request, answer)}
 
     def _cloud_is_down(self) -> bool:
         return self.device.full is not None and time.monotonic() < self._cloud_down_until
 
     def _cloud_record(
-        self, item: _Ready, request: pb.InferRequest, response: pb.InferResponse, answer: Any
+        self, item: _Ready, request: pb.InferRequest, answer: Answer
     ) -> dict[str, Any]:
+        response = answer.response
         t = response.timings
         server_ms = (t.queue_us + t.decode_us + t.compute_us) / 1000
         if answer.attempts == 1:

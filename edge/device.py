@@ -61,7 +61,6 @@ class DeviceModels:
         """Predicted classes from the full model, for uint8 inputs ``(N, C, H, W)``."""
         if self.full is None:
             raise RuntimeError("this bundle has no local fallback model")
+        self.head.check_input(x)
         spec = self.manifest.input
-        if x.dtype != np.uint8 or tuple(x.shape[1:]) != tuple(spec.shape):
-            raise ValueError(f"expected uint8 inputs of shape (N, {spec.shape}), got {x.shape}")
         return self.full(normalize(x, spec.mean, spec.std)).argmax(1).tolist()

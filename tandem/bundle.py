@@ -216,14 +216,16 @@ class HeadRunner:
         _load_into(encoder, _load_verified(bundle, m, HEAD_FILE), "head")
         return cls(encoder, m)
 
-    def _check_input(self, x: np.ndarray) -> None:
+    def check_input(self, x: np.ndarray) -> None:
+        """Raise ValueError unless ``x`` is uint8 ``(N, *input shape)`` for this bundle."""
         expected = tuple(self.manifest.input.shape)
         if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(
                 f"expected uint8 inputs of shape (N, {expected}), got {x.dtype} {x.shape}"
             )
 
-    def _check_width(self, width: float) -> None:
+    def check_width(self, width: float) -> None:
+        """Raise ValueError unless ``width`` is one the bottleneck was trained for."""
         if width not in self.manifest.bottleneck.widths:
             raise ValueError(
                 f"width {width} not trained; choose from {self.manifest.bottleneck.widths}"
@@ -232,8 +234,8 @@ class HeadRunner:
     @torch.inference_mode()
     def features(self, x: np.ndarray, width: float, batch_size: int = 512) -> np.ndarray:
         """The float bottleneck tensors for uint8 inputs ``(N, C, H, W)`` at ``width``."""
-        self._check_input(x)
-        self._check_width(width)
+        self.check_input(x)
+        self.check_width(width)
         spec = self.manifest.input
         out = [
             self.encoder.encode(normalize(x[i : i + batch_size], spec.mean, spec.std), width)

@@ -48,6 +48,13 @@ def digits_npz(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _free_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -124,9 +131,7 @@ def test_policy_picks_points_from_the_table(
 def test_unreachable_cloud_falls_back_to_the_local_model(
     tmp_path: Path, digits_bundle: Path, digits_npz: Path
 ) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     cfg = _cfg(
         tmp_path,
         digits_bundle,
@@ -238,9 +243,7 @@ def test_stop_returns_while_the_cloud_is_down_and_keeps_the_inputs(
     import edge.daemon
 
     monkeypatch.setattr(edge.daemon, "STOP_GRACE_S", 0.2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     cfg = _cfg(
         tmp_path, digits_bundle, f"npz:{digits_npz}", cloud=f"127.0.0.1:{port}",
         width=0.5, bits=4, limit=20, fallback=False,
