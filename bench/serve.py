@@ -9,8 +9,9 @@ not given), it measures:
   1..128; the best batch size's samples/s is the reference;
 * ``service``: ``tandem cloud serve`` as its own process (one worker, one torch thread: the
   same compute as ``raw``), with each compute backend (a worker thread, a worker process),
-  loaded by 32 concurrent clients from this process, each with one request outstanding, once
-  over unary ``Infer`` and once over one ``InferStream`` per client; requests/s and p50/p99;
+  loaded by 32 concurrent clients from this process: over unary ``Infer`` with one request
+  outstanding each, over one ``InferStream`` per client with one outstanding (``stream``), and
+  with four outstanding, as the edge daemon pipelines (``pipelined``); requests/s, p50/p99;
 * ``grpc_floor``: the same load against a server whose handler does nothing, which is the
   most any Python gRPC service reaches on this machine with this load generator;
 * ``edge``: ``tandem edge run`` over the data's test split against the service, inputs/s,
@@ -51,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist.npz"
 BATCHES = (1, 8, 16, 32, 64, 128)
 CLIENTS = 32
+DEPTH = 4  # requests each pipelined client keeps outstanding
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -130,26 +132,42 @@ async def unary_load(address: str, requests: list[pb.InferRequest]) -> dict[str,
     return _summary(latencies, time.perf_counter() - start)
 
 
-async def stream_load(address: str, requests: list[pb.InferRequest]) -> dict[str, float]:
-    """32 clients, each one InferStream with one request outstanding."""
+async def stream_load(
+    address: str, requests: list[pb.InferRequest], depth: int = 1
+) -> dict[str, float]:
+    """32 clients, each one InferStream with ``depth`` requests outstanding."""
     pending = iter(requests)
     latencies: list[float] = []
 
     async def client() -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=600)
+            slots, sent = asyncio.Semaphore(depth), dict[str, float]()
+
+            async def read() -> None:
+                async for result in call:
+                    if not result.HasField("response"):
+                        raise RuntimeError(f"stream request failed: {result.error}")
+                    latencies.append(time.perf_counter() - sent.pop(result.request_id))
+                    slots.release()
+
+            reader = asyncio.create_task(read())
             for request in pending:
-                sent = time.perf_counter()
+                await slots.acquire()
+                sent[request.request_id] = time.perf_counter()
                 await call.write(request)
-                result = await call.read()
-                if not result.HasField("response"):
-                    raise RuntimeError(f"stream request failed: {result.error}")
-                latencies.append(time.perf_counter() - sent)
             await call.done_writing()
+            await reader
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(CLIENTS)))
     return _summary(latencies, time.perf_counter() - start)
+
+
+async def pipelined_load(address: str, requests: list[pb.InferRequest]) -> dict[str, float]:
+    """32 clients, each one InferStream with :data:`DEPTH` requests outstanding, as the edge
+    daemon keeps several in flight."""
+    return await stream_load(address, requests, DEPTH)
 
 
 def _requests(payloads: list[bytes], model: str, width: float, n: int, tag: str) -> list:
@@ -171,12 +189,15 @@ def _loads(
 ) -> dict[str, dict[str, float]]:
     """Medians of ``runs`` unary and ``runs`` streaming loads of ``n`` requests each."""
     figures = {}
-    for mode, load in (("unary", unary_load), ("stream", stream_load)):
+    for mode, load in MODES.items():
         figures[mode] = _median([
             asyncio.run(load(address, _requests(payloads, model, width, n, f"{tag}{mode}{r}")))
             for r in range(runs)
         ])  # fmt: skip
     return figures
+
+
+MODES = {"unary": unary_load, "stream": stream_load, "pipelined": pipelined_load}
 
 
 def serve_echo(port: int) -> None:
@@ -274,12 +295,13 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
             **{
                 f"service_{compute}_{mode}_vs_raw": service[compute][mode]["rps"] / raw[best_bs]
                 for compute in service
-                for mode in ("unary", "stream")
+                for mode in MODES
             },
             **{
-                f"service_threads_{mode}_vs_grpc_floor": service["threads"][mode]["rps"]
+                f"service_{compute}_{mode}_vs_grpc_floor": service[compute][mode]["rps"]
                 / floor[mode]["rps"]
-                for mode in ("unary", "stream")
+                for compute in service
+                for mode in MODES
             },
             "edge_vs_head": edge / head_rate,
         },

@@ -5,6 +5,10 @@ A batch closes when it holds ``max_batch`` requests or when its oldest request h
 else arrived meanwhile (up to ``max_batch``): under load, batches grow by themselves. The
 batch itself runs off the event loop, on the compute backend (``cloud/compute.py``).
 
+With ``ahead`` > 0, that many batches beyond one per worker are handed to the backend, which
+queues them: a worker then starts its next batch the moment it finishes, rather than idling
+while the event loop answers the batch just done and dispatches the next one.
+
 The queue is bounded: past ``max_queue`` waiting requests, :meth:`Batcher.submit` raises
 :class:`QueueFullError` (the server answers RESOURCE_EXHAUSTED) instead of growing.
 """
@@ -75,12 +79,15 @@ class Batcher:
         max_batch: int,
         max_delay_s: float,
         max_queue: int,
+        ahead: int = 0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        if workers < 1 or max_batch < 1 or max_queue < 1 or max_delay_s < 0:
-            raise ValueError("workers, max_batch and max_queue must be >= 1, max_delay_s >= 0")
+        if workers < 1 or max_batch < 1 or max_queue < 1 or max_delay_s < 0 or ahead < 0:
+            raise ValueError(
+                "workers, max_batch and max_queue must be >= 1, max_delay_s and ahead >= 0"
+            )
         self._run = run
-        self._slots = asyncio.Semaphore(workers)
+        self._slots = asyncio.Semaphore(workers + ahead)
         self.max_batch, self.max_delay_s, self.max_queue = max_batch, max_delay_s, max_queue
         self._on_batch = on_batch
         self._lanes: dict[Hashable, _Lane] = {}

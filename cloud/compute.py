@@ -4,8 +4,8 @@ Threads are the default: nothing to start, and torch releases the GIL inside its
 But every batch still runs Python (module calls, decoding) under the server's GIL, which the
 event loop needs for every request; when the tail is small, that contention, not the
 arithmetic, caps the request rate. Processes take decoding and the forward pass off the
-server's GIL entirely, for the price of pickling payloads and scores across a pipe once per
-batch. Worker processes load bundles and adapters themselves, from the paths the
+server's GIL entirely, for the price of sending the payloads and the batch's logits across a
+pipe once per batch. Worker processes load bundles and adapters themselves, from the paths the
 repository found, and keep the ones in use.
 """
 
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
+import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -45,6 +48,9 @@ class BundleChangedError(RuntimeError):
 class Compute(Protocol):
     """Runs one batch of same-key targets and returns one outcome per target."""
 
+    ahead: int
+    """Batches worth handing over beyond one per worker (see ``cloud/batcher.py``)."""
+
     async def run(self, targets: Sequence[Target]) -> list[Outcome]:
         """The batch's outcomes, in order."""
         ...
@@ -56,6 +62,10 @@ class Compute(Protocol):
 
 class ThreadCompute:
     """Batches run on ``workers`` threads of this process."""
+
+    # A batch queued at a busy thread would only close early and small: a thread starts
+    # the next batch as soon as the event loop hands it over, with nothing to hide.
+    ahead = 0
 
     def __init__(self, workers: int) -> None:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="tail")
@@ -86,13 +96,16 @@ class ProcessCompute:
     def __init__(self, workers: int, torch_threads: int) -> None:
         self._workers, self._torch_threads = workers, torch_threads
         self._pool = self._new_pool()
+        # One batch waits at each worker: it crosses the pipe while the worker computes,
+        # not after, and the worker never idles while the event loop answers its last batch.
+        self.ahead = workers
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=torch.set_num_threads,
-            initargs=(self._torch_threads,),
+            initializer=_start_worker,
+            initargs=(self._torch_threads, os.getpid()),
         )
 
     async def run(self, targets: Sequence[Target]) -> list[Outcome]:
@@ -116,7 +129,7 @@ class ProcessCompute:
         except (BundleChangedError, BundleError, AdapterError, OSError) as exc:
             # Files changed or changing on disk since the last scan: worth a retry.
             raise ComputeFailedError(str(exc)) from exc
-        return [(r, out.decode_s, out.compute_s) for r in out.results]
+        return out.outcomes()
 
     def close(self) -> None:
         """Wait for running batches, then stop the processes."""
@@ -131,6 +144,23 @@ def make_compute(kind: ComputeKind, workers: int, torch_threads: int) -> Compute
 
 
 # ---------------------------------------------------------------- inside a worker process
+
+_PARENT_POLL_S = 1.0
+
+
+def _start_worker(torch_threads: int, server_pid: int) -> None:
+    """Worker-process set-up: its torch threads, and an exit when the server dies."""
+    torch.set_num_threads(torch_threads)
+    threading.Thread(target=_exit_with, args=(server_pid,), daemon=True).start()
+
+
+def _exit_with(server_pid: int) -> None:
+    # A server killed with SIGKILL never shuts its pool down, and a worker blocked on the
+    # call queue is not told: without this it would live on, holding its models.
+    while os.getppid() == server_pid:
+        time.sleep(_PARENT_POLL_S)
+    os._exit(0)
+
 
 _entries: OrderedDict[tuple[str, float], ModelEntry] = OrderedDict()
 _adapters: OrderedDict[str, Adapter] = OrderedDict()

@@ -7,7 +7,7 @@ its batch is answered. Shapes were checked against the bundle when the requests 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,36 +48,53 @@ class Scores:
 
 @dataclass
 class BatchOutput:
-    """Per-request scores (or why that request failed) and the batch's stage times."""
+    """A batch's logits (rows of the requests that decoded), why the others failed, and the
+    batch's stage times. Compact on purpose: it crosses a pipe from a worker process as a
+    few buffers, not one pickled object per request."""
 
-    results: list[Scores | BadFeatures]
+    logits: np.ndarray
+    errors: dict[int, str]
     decode_s: float
     compute_s: float
+
+    def outcomes(self) -> list[Outcome]:
+        """One outcome per request of the batch, in order."""
+        rows = iter(_scores(self.logits))
+        return [
+            (BadFeatures(self.errors[i]) if i in self.errors else next(rows), *self.times)
+            for i in range(len(self.logits) + len(self.errors))
+        ]
+
+    @property
+    def times(self) -> tuple[float, float]:
+        """The batch's decode and compute seconds."""
+        return self.decode_s, self.compute_s
 
 
 def run_batch(entry: ModelEntry, adapter: Adapter | None, payloads: Sequence[bytes]) -> BatchOutput:
     """Decode ``payloads`` (same width) and run decoder + tail, with ``adapter`` if given."""
     start = time.perf_counter()
     max_elements = entry.runner.max_elements
-    errors: dict[int, BadFeatures] = {}
+    errors: dict[int, str] = {}
     arrays: list[np.ndarray] = []
     for i, payload in enumerate(payloads):
         try:
             arrays.append(codec.decode(payload, max_elements=max_elements))
         except codec.CodecError as exc:
-            errors[i] = BadFeatures(str(exc))
+            errors[i] = str(exc)
     mid = time.perf_counter()
-    computed: Iterator[Scores | BadFeatures] = iter([])
+    logits = np.zeros((0, 0), np.float32)
     if arrays:
         batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
-        computed = iter(_scores(_forward(entry, adapter, batch)))
-    results = [errors[i] if i in errors else next(computed) for i in range(len(payloads))]
-    return BatchOutput(results, mid - start, time.perf_counter() - mid)
+        logits = _forward(entry, adapter, batch)
+    return BatchOutput(logits, errors, mid - start, time.perf_counter() - mid)
 
 
 def _scores(logits: np.ndarray) -> list[Scores | BadFeatures]:
     # Finite features can still overflow the tail (the codec allows values near the float32
     # limit): such a request gets an error, not NaN scores.
+    if not len(logits):
+        return []
     finite = np.isfinite(logits).all(axis=1)
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = shifted / shifted.sum(axis=1, keepdims=True)
@@ -98,5 +115,4 @@ def _forward(entry: ModelEntry, adapter: Adapter | None, batch: torch.Tensor) ->
 
 def run_targets(targets: Sequence[Target]) -> list[Outcome]:
     """Run one batch of targets that share a model, width and adapter (in a worker thread)."""
-    out = run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets])
-    return [(r, out.decode_s, out.compute_s) for r in out.results]
+    return run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets]).outcomes()

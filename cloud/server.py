@@ -74,6 +74,7 @@ class CloudServer:
             max_batch=self.cfg.max_batch,
             max_delay_s=self.cfg.max_delay_ms / 1000,
             max_queue=self.cfg.max_queue,
+            ahead=self.compute.ahead,
             on_batch=self.metrics.observe_batch,
         )
         self.service = SplitInferenceService(

@@ -271,6 +271,24 @@ def test_two_workers_run_two_batches_at_once() -> None:
     run(main)
 
 
+def test_batches_ahead_are_handed_over_before_a_worker_frees() -> None:
+    async def main() -> None:
+        gate = Gate(held=True)
+        batcher = gate.batcher(workers=1, ahead=1, max_batch=1)
+        futures = [batcher.submit("k", i, None) for i in range(3)]
+        # The second batch reaches the backend while the first still runs; the third waits.
+        await until(lambda: gate.active == 2)
+        await turns()
+        assert gate.batches == [[0], [1]]
+        gate.open()
+        await results(futures)
+        assert gate.batches == [[0], [1], [2]]
+        assert gate.peak == 2
+        await batcher.close()
+
+    run(main)
+
+
 def test_one_worker_runs_one_batch_at_a_time_across_keys() -> None:
     async def main() -> None:
         gate = Gate(held=True)
@@ -522,6 +540,7 @@ def test_a_failing_on_batch_callback_fails_the_batch_not_the_batcher() -> None:
     "bad",
     [
         {"workers": 0},
+        {"ahead": -1},
         {"max_batch": 0},
         {"max_queue": 0},
         {"max_delay_s": -0.001},

@@ -43,7 +43,7 @@ def test_serve_bench_prints_one_json_line(
     doc = json.loads(out)
     assert doc["raw_best"]["samples_per_s"] > 0
     for compute in ("threads", "processes"):
-        for mode in ("unary", "stream"):
+        for mode in ("unary", "stream", "pipelined"):
             figures = doc["service"][compute][mode]
             assert figures["rps"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
             assert doc["ratios"][f"service_{compute}_{mode}_vs_raw"] > 0

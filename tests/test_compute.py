@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import torch
-from serving import config, make_repo, requests_for, running
+from serving import config, make_repo, requests_for, running, server_process
 
 from cloud.adapters import save_adapter
 from edge.client import CloudClient
@@ -68,3 +69,46 @@ def test_a_killed_worker_process_is_replaced(tmp_path: Path, digits_bundle: Path
     before, after = asyncio.run(main())
     assert before.top and after.top
     assert codes == [grpc.StatusCode.UNAVAILABLE], "one failed attempt, then a fresh worker"
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def test_worker_processes_exit_when_the_server_is_killed(
+    tmp_path: Path, digits_bundle: Path
+) -> None:
+    repo = make_repo(tmp_path, digits_bundle)
+    (request,) = requests_for(digits_bundle, load_data("digits").test.x[:1], WIDTH, BITS)
+
+    async def ask(address: str) -> None:
+        async with CloudClient(address) as client:
+            assert (await client.infer(request)).response.top
+
+    args = ["--models", str(repo), "--listen", "127.0.0.1:0", "--metrics-listen", "off"]
+    with server_process(*args, "--compute", "processes") as (proc, ready):
+        asyncio.run(ask(ready["address"]))  # the pool starts its worker on the first batch
+        workers = _children(proc.pid)
+        assert workers, "the server has a worker process"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in workers), "a worker outlived its server"
