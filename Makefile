@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check tandem edge cloud tests bench proto
-	$(BIN)/ruff format --check tandem edge cloud tests bench proto
+	$(BIN)/ruff check tandem edge cloud sim tests bench proto
+	$(BIN)/ruff format --check tandem edge cloud sim tests bench proto
 
 typecheck: $(STAMP)
-	$(BIN)/mypy tandem edge cloud
+	$(BIN)/mypy tandem edge cloud sim
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q

@@ -1,0 +1,1 @@
+"""The network simulator and the trace-driven link emulator."""

@@ -1,0 +1,119 @@
+"""The link model: when N bytes sent at time t arrive, over a trace.
+
+One :class:`Link` is one direction. Transfers queue first in, first out: a transfer starts
+serialising when the link has finished the ones before it, and consumes the trace's capacity
+from there (capacity that passes while the link is idle is lost, as on a real link). Then:
+
+* one-way propagation ``delay_s``;
+* optional jitter: each transfer's delay grows by ``|N(0, jitter_s)|``, never reordering;
+* optional loss: each 1,500-byte packet is lost with probability ``loss``, on every try; each
+  loss resends the packet (consuming capacity again) and costs one retransmission wait, a
+  round trip by default, as a fast retransmit does.
+
+Random draws come from generators seeded by ``seed``, so a link is deterministic, and
+:meth:`Link.send_many` makes exactly the draws that successive :meth:`Link.send` calls would.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from sim.traces import PACKET_BYTES, Trace
+
+
+class Link:
+    """One direction of a link over ``trace``, starting idle at time 0."""
+
+    def __init__(
+        self,
+        trace: Trace,
+        delay_s: float = 0.0,
+        *,
+        jitter_s: float = 0.0,
+        loss: float = 0.0,
+        retransmit_s: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        """Raises ValueError for a negative delay or jitter, or a loss outside [0, 1)."""
+        if not (delay_s >= 0 and jitter_s >= 0 and 0 <= loss < 1):
+            raise ValueError("delay and jitter must be >= 0 and loss in [0, 1)")
+        self.trace, self.delay_s, self.jitter_s, self.loss = trace, delay_s, jitter_s, loss
+        self.retransmit_s = 2 * delay_s if retransmit_s is None else retransmit_s
+        loss_seed, jitter_seed = np.random.SeedSequence(seed).spawn(2)
+        self._loss_rng = np.random.default_rng(loss_seed)
+        self._jitter_rng = np.random.default_rng(jitter_seed)
+        self._cursor = 0.0  # capacity consumed so far, in bytes of the trace's curve
+        self._last_arrival = 0.0
+
+    def send(self, t: float, nbytes: int) -> float:
+        """Queue ``nbytes`` at time ``t`` (seconds); the time its last byte arrives."""
+        return float(self.send_many(np.array([t]), np.array([nbytes]))[0])
+
+    def send_many(self, times: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """:meth:`send` for transfers at non-decreasing ``times``, in one vectorised pass."""
+        times = np.asarray(times, np.float64)
+        sizes = np.asarray(sizes, np.float64)
+        if len(times) and (np.any(np.diff(times) < 0) or np.any(sizes < 0)):
+            raise ValueError("times must not decrease and sizes must be >= 0")
+        lost = self._lost_packets(sizes)
+        on_wire = sizes + lost * PACKET_BYTES
+        # The queue in closed form: cursor_i = max(cursor_{i-1}, capacity(t_i)) + bytes_i,
+        # which unrolls to a running maximum.
+        before = np.concatenate([[0.0], np.cumsum(on_wire)[:-1]])
+        reach = np.maximum.accumulate(capacity_many(self.trace, times) - before)
+        cursor = before + on_wire + np.maximum(reach, self._cursor)
+        done = np.where(on_wire > 0, time_for_many(self.trace, cursor), times)
+        arrival = done + self.delay_s + self._jitter(len(times)) + lost * self.retransmit_s
+        arrival = np.maximum.accumulate(np.maximum(arrival, self._last_arrival))
+        if len(times):
+            self._cursor, self._last_arrival = float(cursor[-1]), float(arrival[-1])
+        return arrival
+
+    def _lost_packets(self, sizes: np.ndarray) -> np.ndarray:
+        if self.loss == 0:
+            return np.zeros_like(sizes)
+        packets = np.ceil(sizes / PACKET_BYTES).astype(np.int64)
+        # A resent packet may be lost again: the resends until every packet got through are
+        # the failures before ``packets`` successes, a negative binomial count.
+        resent = self._loss_rng.negative_binomial(np.maximum(packets, 1), 1 - self.loss)
+        return np.where(packets > 0, resent, 0).astype(np.float64)
+
+    def _jitter(self, n: int) -> np.ndarray:
+        if self.jitter_s == 0:
+            return np.zeros(n)
+        return np.abs(self._jitter_rng.normal(0.0, self.jitter_s, n))
+
+
+def capacity_many(trace: Trace, times: np.ndarray) -> np.ndarray:
+    """:meth:`Trace.capacity` at each of ``times``."""
+    laps, offset = np.divmod(np.asarray(times, np.float64), trace.period_s)
+    t, c = trace.times_s, trace.cum_bytes
+    i = np.searchsorted(t, offset, side="right") - 1
+    within = c[i]
+    if trace.shape == "linear":
+        j = np.minimum(i + 1, len(t) - 1)
+        span = t[j] - t[i]
+        frac = np.divide(offset - t[i], span, out=np.zeros_like(span), where=span > 0)
+        within = c[i] + (c[j] - c[i]) * frac
+    return laps * trace.period_bytes + within
+
+
+def time_for_many(trace: Trace, nbytes: np.ndarray) -> np.ndarray:
+    """:meth:`Trace.time_for` for each of ``nbytes`` (all > 0)."""
+    nbytes = np.asarray(nbytes, np.float64)
+    laps = np.ceil(nbytes / trace.period_bytes) - 1
+    rest = nbytes - laps * trace.period_bytes  # in (0, period_bytes]
+    t, c = trace.times_s, trace.cum_bytes
+    i = np.searchsorted(c, rest, side="left")
+    within = t[i]
+    if trace.shape == "linear":
+        grow = c[i] - c[i - 1]
+        within = t[i - 1] + (t[i] - t[i - 1]) * (rest - c[i - 1]) / grow
+    return laps * trace.period_s + within
+
+
+def transfer_s(trace: Trace, t: float, nbytes: int, delay_s: float = 0.0) -> float:
+    """Seconds from sending ``nbytes`` at ``t`` on an idle link to their arrival."""
+    if nbytes <= 0:
+        return delay_s
+    return trace.time_for(trace.capacity(t) + nbytes) - t + delay_s
