@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.traces import PACKET_BYTES, Trace
+from sim.traces import PACKET_BYTES, STEP_SLACK_S, Trace
 
 
 class Link:
@@ -88,7 +88,8 @@ def capacity_many(trace: Trace, times: np.ndarray) -> np.ndarray:
     """:meth:`Trace.capacity` at each of ``times``."""
     laps, offset = np.divmod(np.asarray(times, np.float64), trace.period_s)
     t, c = trace.times_s, trace.cum_bytes
-    i = np.searchsorted(t, offset, side="right") - 1
+    slack = STEP_SLACK_S if trace.shape == "steps" else 0.0
+    i = np.searchsorted(t, offset + slack, side="right") - 1
     within = c[i]
     if trace.shape == "linear":
         j = np.minimum(i + 1, len(t) - 1)
@@ -100,9 +101,9 @@ def capacity_many(trace: Trace, times: np.ndarray) -> np.ndarray:
 
 def time_for_many(trace: Trace, nbytes: np.ndarray) -> np.ndarray:
     """:meth:`Trace.time_for` for each of ``nbytes`` (all > 0)."""
-    nbytes = np.asarray(nbytes, np.float64)
-    laps = np.ceil(nbytes / trace.period_bytes) - 1
-    rest = nbytes - laps * trace.period_bytes  # in (0, period_bytes]
+    laps, rest = np.divmod(np.asarray(nbytes, np.float64), trace.period_bytes)
+    whole = rest == 0  # exactly whole periods: the end of the last one, not the next start
+    laps, rest = laps - whole, np.where(whole, trace.period_bytes, rest)
     t, c = trace.times_s, trace.cum_bytes
     i = np.searchsorted(c, rest, side="left")
     within = t[i]

@@ -23,6 +23,9 @@ from typing import Literal
 import numpy as np
 
 PACKET_BYTES = 1500  # one Mahimahi delivery opportunity
+# k * period + 0.001 may come back from divmod a hair below 0.001: a step that the float
+# missed by less than this still counts (Mahimahi's resolution is a millisecond).
+STEP_SLACK_S = 1e-9
 Shape = Literal["steps", "linear"]
 
 
@@ -83,7 +86,7 @@ class Trace:
 
     def _within(self, offset: float) -> float:
         t, c = self.times_s, self.cum_bytes
-        i = int(np.searchsorted(t, offset, side="right")) - 1
+        i = int(np.searchsorted(t, offset + STEP_SLACK_S, side="right")) - 1
         if self.shape == "steps" or i >= len(t) - 1:
             return float(c[i])
         span = t[i + 1] - t[i]
@@ -214,10 +217,12 @@ def random_walk(
 ) -> Trace:
     """A rate that moves by N(0, sigma) every ``step_s``, pulled back towards the mean and kept
     at or above ``floor_mbps``: the slow fading of a moving device, deterministic per seed."""
+    if not (step_s > 0 and duration_s > 0 and sigma_mbps >= 0):
+        raise ValueError("step and duration must be > 0 and sigma >= 0")
     rng = np.random.default_rng(seed)
     n = max(1, round(duration_s / step_s))
     rates = np.empty(n)
-    rate = mean_mbps
+    rate = max(floor_mbps, mean_mbps)
     for i in range(n):
         rates[i] = rate
         rate = max(floor_mbps, rate + 0.2 * (mean_mbps - rate) + rng.normal(0, sigma_mbps))
