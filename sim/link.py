@@ -46,8 +46,25 @@ class Link:
         self._last_arrival = 0.0
 
     def send(self, t: float, nbytes: int) -> float:
-        """Queue ``nbytes`` at time ``t`` (seconds); the time its last byte arrives."""
-        return float(self.send_many(np.array([t]), np.array([nbytes]))[0])
+        """Queue ``nbytes`` at time ``t`` (seconds); the time its last byte arrives.
+
+        The scalar twin of :meth:`send_many`, kept free of array overhead because the
+        simulator's adaptive devices send one request at a time.
+        """
+        if nbytes < 0:
+            raise ValueError("sizes must be >= 0")
+        lost = 0
+        if self.loss:
+            packets = -(-nbytes // PACKET_BYTES)
+            lost = int(self._loss_rng.negative_binomial(max(packets, 1), 1 - self.loss))
+            lost = lost if packets else 0
+        on_wire = nbytes + lost * PACKET_BYTES
+        self._cursor = max(self._cursor, self.trace.capacity(t)) + on_wire
+        done = self.trace.time_for(self._cursor) if on_wire else t
+        jitter = abs(float(self._jitter_rng.normal(0.0, self.jitter_s))) if self.jitter_s else 0.0
+        arrival = done + self.delay_s + jitter + lost * self.retransmit_s
+        self._last_arrival = max(self._last_arrival, arrival)
+        return self._last_arrival
 
     def send_many(self, times: np.ndarray, sizes: np.ndarray) -> np.ndarray:
         """:meth:`send` for transfers at non-decreasing ``times``, in one vectorised pass."""
