@@ -1,0 +1,198 @@
+"""Compute profiles: what a bundle costs on this machine, and on named classes of device.
+
+:func:`measure_bundle` times a bundle's parts here: head + encoder + codec per input at each
+width, the whole model per input (the local fallback), and the cloud's work per batch (decode
++ decoder + tail at each width, the whole model for offloading) fitted as ``fixed + per_input
+x n`` over batch sizes. ``tandem profile --bundle DIR --out FILE`` writes it as JSON.
+
+A device class scales the measured device-side times by a factor and adds the power figures
+the energy model needs. The factors and powers of the shipped classes are assumptions, stated
+in :data:`DEVICE_CLASSES`, not measurements of those devices.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sim.des import BatchCost, CloudModel, DeviceProfile
+
+BATCHES = (1, 4, 16, 32, 64)
+REQUEST_OVERHEAD_BYTES = 38  # protobuf around the codec payload (README: "Serving MNIST")
+
+
+class Strict(BaseModel):
+    """No unknown keys: a typo in a profile file is an error, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Cost(Strict):
+    """A batch of ``n`` takes ``fixed_ms + per_input_ms * n``."""
+
+    fixed_ms: float = Field(ge=0)
+    per_input_ms: float = Field(ge=0)
+
+    def batch(self) -> BatchCost:
+        """The simulator's form."""
+        return BatchCost(self.fixed_ms, self.per_input_ms)
+
+
+class BundleProfile(Strict):
+    """A bundle's measured costs on one machine (see the module docstring)."""
+
+    bundle: str
+    version: str
+    machine: str
+    head_ms: dict[float, float]
+    full_ms: float = Field(gt=0)
+    tail: dict[float, Cost]
+    full_batch: Cost
+    input_bytes: float = Field(gt=0)
+    png_bytes: float = Field(gt=0)
+    full_accuracy: float = Field(ge=0, le=1)
+    table: list[dict[str, float]]
+
+    def save(self, path: Path) -> None:
+        """Write the profile as JSON."""
+        path.write_text(self.model_dump_json(indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> BundleProfile:
+        """Read a profile written by :meth:`save` (or by ``tandem profile --bundle``)."""
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def cloud(self, workers: int = 1, max_batch: int = 32, max_delay_ms: float = 2.0) -> CloudModel:
+        """The cloud side for the simulator, batching as ``tandem cloud serve`` is told to."""
+        tail = {w: c.batch() for w, c in self.tail.items()}
+        return CloudModel(tail, self.full_batch.batch(), workers, max_batch, max_delay_ms)
+
+
+class DeviceClass(Strict):
+    """A class of device: its compute time relative to this machine, and its power draw."""
+
+    name: str
+    factor: float = Field(gt=0, description="device compute time / this machine's")
+    compute_w: float = Field(ge=0)
+    tx_w: float = Field(ge=0)
+    rx_w: float = Field(ge=0)
+    basis: str = Field(description="where the numbers come from")
+
+    def device(self, profile: BundleProfile) -> DeviceProfile:
+        """The simulator's device profile: the bundle's device-side times, scaled."""
+        return DeviceProfile(
+            self.name,
+            {w: ms * self.factor for w, ms in profile.head_ms.items()},
+            profile.full_ms * self.factor,
+            self.compute_w,
+            self.tx_w,
+            self.rx_w,
+        )
+
+
+# Radio powers are an LTE modem's, active, from the ballpark of published measurements of
+# phones (about 1-2.5 W sending, about 1 W receiving); they are the same for every class.
+DEVICE_CLASSES = {
+    c.name: c
+    for c in (
+        DeviceClass(
+            name="host", factor=1.0, compute_w=15.0, tx_w=2.0, rx_w=1.2,
+            basis="this machine, measured; 15 W is an assumed share of a server CPU",
+        ),
+        DeviceClass(
+            name="rpi4", factor=6.0, compute_w=4.0, tx_w=2.0, rx_w=1.2,
+            basis="assumed: a Raspberry-Pi-4-class CPU (4x Cortex-A72, 1.5 GHz) runs small "
+            "CNNs about 6x slower per thread than a server x86 core; about 4 W under load",
+        ),
+        DeviceClass(
+            name="jetson-nano", factor=0.7, compute_w=7.5, tx_w=2.0, rx_w=1.2,
+            basis="assumed: a Jetson-Nano-class GPU (128 Maxwell cores) is about 1.4x faster "
+            "than one server core on small CNNs, which launch overhead dominates; 5-10 W modes",
+        ),
+    )
+}  # fmt: skip
+
+
+def device_class(name: str) -> DeviceClass:
+    """A shipped class by name; ValueError naming the choices otherwise."""
+    try:
+        return DEVICE_CLASSES[name]
+    except KeyError:
+        choices = list(DEVICE_CLASSES)
+        raise ValueError(f"unknown device class {name!r}; choose from {choices}") from None
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 5) -> BundleProfile:
+    """Time ``bundle``'s parts on this machine with inputs ``x`` (uint8, N >= 64), one torch
+    thread, as ``tandem cloud serve --torch-threads 1`` and a single-core device run them."""
+    from tandem.bundle import HeadRunner, TailRunner, load_full
+    from tandem.data import normalize
+    from tandem.evaluate import input_baselines
+
+    torch.set_num_threads(1)
+    head, tail, full = (
+        HeadRunner.from_bundle(bundle),
+        TailRunner.from_bundle(bundle),
+        load_full(bundle),
+    )
+    if full is None:
+        raise ValueError(f"{bundle} has no full model to profile")
+    m = head.manifest
+    spec = m.input
+
+    @torch.inference_mode()
+    def run_full(batch: np.ndarray) -> object:
+        return full(normalize(batch, spec.mean, spec.std))
+
+    head_ms, tail_cost = {}, {}
+    for w in m.bottleneck.widths:
+        head_ms[w] = _median_ms(partial(head.encode, x[:1], w, m.codec.bits), repeats)
+        payloads = head.encode(x[: max(BATCHES)], w, m.codec.bits)
+        tail_cost[w] = _fit(partial(_first, tail.infer, payloads), repeats)
+    baselines = input_baselines(x[:256])
+    return BundleProfile(
+        bundle=m.name,
+        version=m.version,
+        machine=f"{platform.machine()} {platform.processor() or platform.system()}".strip(),
+        head_ms=head_ms,
+        full_ms=_median_ms(lambda: run_full(x[:1]), repeats),
+        tail=tail_cost,
+        full_batch=_fit(lambda n: run_full(x[:n]), repeats),
+        input_bytes=baselines["raw"],
+        png_bytes=baselines["png"],
+        full_accuracy=m.teacher_accuracy or 0.0,
+        table=[p.model_dump() for p in m.table],
+    )  # fmt: skip
+
+
+def _first(run: Callable[[list[bytes]], object], payloads: list[bytes], n: int) -> object:
+    return run(payloads[:n])
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _fit(run: Callable[[int], object], repeats: int) -> Cost:
+    """Least squares of batch time on batch size over :data:`BATCHES`."""
+    ms = [_median_ms(partial(run, n), repeats) for n in BATCHES]
+    slope, intercept = np.polyfit(BATCHES, ms, 1)
+    return Cost(fixed_ms=max(0.0, float(intercept)), per_input_ms=max(0.0, float(slope)))
