@@ -40,7 +40,9 @@ SETTLED = 0.001  # the adaptive strategy has converged when fewer decisions than
 @dataclass(frozen=True)
 class DeviceProfile:
     """A device's compute and radio: per-input head times per width, the whole model's time,
-    and the power drawn while computing, sending and receiving."""
+    the power drawn while computing, sending and receiving, and ``send_overhead_ms``: what the
+    edge software adds to each request it sends besides the head (durable spooling, gRPC,
+    thread hand-offs), measured with the real daemon (``sim.validate``)."""
 
     name: str
     head_ms: dict[float, float]
@@ -48,6 +50,7 @@ class DeviceProfile:
     compute_w: float
     tx_w: float
     rx_w: float
+    send_overhead_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,11 @@ class CloudModel:
 
 @dataclass(frozen=True)
 class Device:
-    """One device: its profile, its inputs' arrival process and its link."""
+    """One device: its profile, its inputs' arrival process and its link.
+
+    Inputs arrive periodically at ``fps`` or, with ``poisson``, as a Poisson process of that
+    rate; ``times``, when given, are the arrival times instead (a recorded workload).
+    """
 
     profile: DeviceProfile
     up: Trace
@@ -84,6 +91,7 @@ class Device:
     fps: float = 10.0
     poisson: bool = False
     seed: int = 0
+    times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,7 +133,11 @@ class Outcome:
 
 
 def arrivals(device: Device, duration_s: float) -> np.ndarray:
-    """Input arrival times in [0, duration): periodic at ``fps`` (a random phase), or Poisson."""
+    """Input arrival times in [0, duration): periodic at ``fps`` (a random phase), Poisson, or
+    the device's recorded ``times``."""
+    if device.times:
+        times = np.asarray(device.times, np.float64)
+        return np.sort(times[times < duration_s])
     rng = np.random.default_rng(device.seed)
     gap = 1.0 / device.fps
     if not device.poisson:
@@ -192,7 +204,7 @@ def _fixed_device(index: int, device: Device, strategy: Strategy, duration_s: fl
     at_cloud = np.full(n, np.nan)
     if not local.all():
         up = Link(device.up, device.delay_ms / 1000, seed=device.seed)
-        at_cloud = up.send_many(ready, up_bytes)
+        at_cloud = up.send_many(ready + p.send_overhead_ms / 1000, up_bytes)
     lane = -1.0 if strategy.kind == "offload" else (strategy.width or 0.0)
     accuracy = np.full(n, strategy.accuracy)
     return _Sent(index, t, compute, ready, local, up_bytes, at_cloud, np.full(n, lane), accuracy)
@@ -417,9 +429,10 @@ def _adaptive_device(
         sent.compute_s[i], sent.lane[i] = p.head_ms[width] / 1000, width
         sent.up_bytes[i], sent.accuracy[i] = row["bytes_per_sample"], row["accuracy"]
         sent.ready[i] = free = max(now, free) + sent.compute_s[i]
-        sent.at_cloud[i] = up.send(sent.ready[i], round(sent.up_bytes[i]))
+        sending = sent.ready[i] + p.send_overhead_ms / 1000
+        sent.at_cloud[i] = up.send(sending, round(sent.up_bytes[i]))
         server = cloud.tail[width].seconds(1)
         back = server if cloud_s is None or np.isnan(cloud_s[i]) else float(cloud_s[i])
-        network = sent.at_cloud[i] - sent.ready[i] + back - server
+        network = sent.at_cloud[i] - sending + back - server
         answers.expect(sent.at_cloud[i] + back, sent.up_bytes[i], network, server)
     return sent

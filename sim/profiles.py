@@ -61,6 +61,7 @@ class BundleProfile(Strict):
     png_bytes: float = Field(gt=0)
     full_accuracy: float = Field(ge=0, le=1)
     table: list[dict[str, float]]
+    send_overhead_ms: float = Field(0.0, ge=0, description="edge software per request sent")
 
     def save(self, path: Path) -> None:
         """Write the profile as JSON."""
@@ -96,6 +97,7 @@ class DeviceClass(Strict):
             self.compute_w,
             self.tx_w,
             self.rx_w,
+            profile.send_overhead_ms * self.factor,
         )
 
 

@@ -1,0 +1,196 @@
+"""Prediction against reality: the real daemon and service over the emulator, and the simulator.
+
+:func:`run_real` starts ``tandem cloud serve`` and ``tandem edge run`` as processes, puts the
+emulator between them, and feeds the daemon inputs on its stdin at a fixed rate, recording
+when each was fed on the links' clock and the latency the daemon reports for it.
+:func:`predict` simulates the same inputs, fed at the same moments, over the same traces.
+
+The daemon spends time on each request that no model of the network or the tail explains:
+durable spooling, gRPC, hand-offs between its threads. :func:`calibrate` measures it once over
+an unconstrained link (the median real latency minus the simulated one), and the profile
+carries it as ``send_overhead_ms``: a property of the edge software on this machine, like the
+head's compute time, measured, not fitted to the trace being predicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sim.des import Device, Strategy, simulate
+from sim.emulator import LinkEmulator
+from sim.link import Link
+from sim.profiles import REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
+from sim.traces import TracePair, constant
+
+TANDEM = [sys.executable, "-m", "tandem.cli"]
+RESPONSE_BYTES = 80.0  # an InferResponse with one class, ids and timings, give or take
+SERVE_FLAGS = ["--workers", "1", "--max-batch", "32", "--max-delay-ms", "2"]
+UNCONSTRAINED = TracePair(constant(10_000.0), constant(10_000.0))
+
+
+@dataclass
+class Measured:
+    """One real run: when each input was fed (links' clock) and what the daemon reported."""
+
+    fed_s: np.ndarray
+    latency_ms: np.ndarray
+    bytes_sent: float
+
+
+async def run_real(
+    bundle: Path,
+    pair: TracePair,
+    delay_ms: float,
+    x: np.ndarray,
+    fps: float,
+    point: tuple[float, int],
+    workdir: Path,
+) -> Measured:
+    """Serve ``x`` (uint8 inputs, fed at ``fps``) through the emulated link; see the module."""
+    repo = workdir / "repo"
+    repo.mkdir(parents=True, exist_ok=True)
+    link = repo / bundle.name
+    if not link.exists():
+        link.symlink_to(bundle.resolve())
+    async with _process(
+        *TANDEM, "cloud", "serve", "--json", "--models", str(repo), "--listen", "127.0.0.1:0",
+        "--metrics-listen", "off", *SERVE_FLAGS,
+    ) as (_, ready):  # fmt: skip
+        host, port = json.loads(ready)["address"].rsplit(":", 1)
+        up, down = Link(pair.up, delay_ms / 1000), Link(pair.down, delay_ms / 1000)
+        emulator = LinkEmulator(up, down, (host, int(port)))
+        await emulator.start()
+        try:
+            return await _feed(bundle, emulator, x, fps, point, workdir)
+        finally:
+            await emulator.close()
+
+
+async def _feed(
+    bundle: Path,
+    emulator: LinkEmulator,
+    x: np.ndarray,
+    fps: float,
+    point: tuple[float, int],
+    workdir: Path,
+) -> Measured:
+    sink = workdir / "sink.jsonl"
+    for path in (sink, Path(f"{sink}.spool")):
+        path.unlink(missing_ok=True)
+    width, bits = point
+    async with _process(
+        *TANDEM, "edge", "run", "--bundle", str(bundle), "--cloud", f"127.0.0.1:{emulator.port}",
+        "--source", "-", "--sink", str(sink), "--width", str(width), "--bits", str(bits),
+        "--no-fallback", "--json", stdin=True,
+    ) as (proc, _):  # fmt: skip
+        assert proc.stdin is not None
+        # One unmeasured input first: the daemon starts up and connects before the clock runs.
+        await _write(proc, x[0])
+        while _lines(sink) < 1:
+            await asyncio.sleep(0.02)
+        start, fed = emulator.now() + 0.1, []
+        for i, item in enumerate(x[1:]):
+            await asyncio.sleep(max(0.0, start + i / fps - emulator.now()))
+            fed.append(emulator.now())
+            await _write(proc, item)
+        proc.stdin.close()
+        await proc.wait()
+    rows = sorted((json.loads(line) for line in sink.read_text().splitlines()[1:]),
+                  key=lambda r: r["input_index"])  # fmt: skip
+    if len(rows) != len(fed) or any("error" in r for r in rows):
+        raise RuntimeError(f"the daemon answered {len(rows)} of {len(fed)} inputs cleanly")
+    return Measured(
+        np.asarray(fed),
+        np.asarray([r["latency_ms"] for r in rows]),
+        float(np.mean([r["bytes_sent"] for r in rows])),
+    )
+
+
+def predict(
+    profile: BundleProfile,
+    measured: Measured,
+    pair: TracePair,
+    delay_ms: float,
+    point: tuple[float, int],
+    device: str = "host",
+) -> np.ndarray:
+    """Simulated latencies (ms) of the inputs of ``measured``, fed at the same moments."""
+    width, bits = point
+    row = next(r for r in profile.table if r["width"] == width and r["bits"] == bits)
+    strategy = Strategy(
+        "split", up_bytes=row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES, width=width,
+        accuracy=row["accuracy"],
+    )  # fmt: skip
+    dev = Device(
+        device_class(device).device(profile), pair.up, pair.down, delay_ms=delay_ms,
+        times=tuple(measured.fed_s.tolist()),
+    )  # fmt: skip
+    horizon = float(measured.fed_s[-1]) + 600.0  # long enough for every answer to come back
+    out = simulate([dev], profile.cloud(1, 32, 2.0), strategy, horizon, RESPONSE_BYTES)
+    return out.latency_s * 1000
+
+
+async def calibrate(
+    profile: BundleProfile,
+    bundle: Path,
+    x: np.ndarray,
+    fps: float,
+    point: tuple[float, int],
+    workdir: Path,
+) -> BundleProfile:
+    """``profile`` with ``send_overhead_ms`` measured over an unconstrained link."""
+    measured = await run_real(bundle, UNCONSTRAINED, 0.0, x, fps, point, workdir)
+    base = profile.model_copy(update={"send_overhead_ms": 0.0})
+    simulated = predict(base, measured, UNCONSTRAINED, 0.0, point)
+    overhead = max(0.0, float(np.median(measured.latency_ms) - np.median(simulated)))
+    return profile.model_copy(update={"send_overhead_ms": overhead})
+
+
+class _process:
+    """An async context: a child process, its first stdout line, terminated on exit."""
+
+    def __init__(self, *cmd: str, stdin: bool = False) -> None:
+        self.cmd, self.stdin = cmd, stdin
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def __aenter__(self) -> tuple[asyncio.subprocess.Process, str]:
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.cmd,
+            stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        if self.stdin:
+            return self.proc, ""
+        assert self.proc.stdout is not None
+        line = (await self.proc.stdout.readline()).decode()
+        if not line:
+            raise RuntimeError(f"{' '.join(self.cmd[:5])} did not start")
+        return self.proc, line
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.terminate()
+        await self.proc.wait()
+
+
+async def _write(proc: asyncio.subprocess.Process, item: np.ndarray) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write((json.dumps({"input": item.tolist()}) + "\n").encode())
+    await proc.stdin.drain()
+
+
+def _lines(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0

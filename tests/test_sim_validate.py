@@ -1,0 +1,37 @@
+"""The simulator predicts the real daemon and service over the emulated LTE link."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from serving import ROOT
+
+from sim.profiles import measure_bundle
+from sim.traces import read_pair
+from sim.validate import calibrate, predict, run_real
+from tandem.data import load_data
+
+LTE = ROOT.parent / "shared" / "traces" / "mahimahi" / "Verizon-LTE-short"
+POINT = (0.5, 4)
+
+
+def test_simulated_p50_is_within_15_percent_of_the_real_one(
+    tmp_path: Path, digits_bundle: Path
+) -> None:
+    if not LTE.with_suffix(".up").exists():
+        pytest.skip("../shared/traces is not here")
+    x = load_data("digits").test.x
+    profile = measure_bundle(digits_bundle, x[:256])
+    calibrated = asyncio.run(calibrate(profile, digits_bundle, x[:31], 20.0, POINT, tmp_path))
+    assert calibrated.send_overhead_ms > 0, "the daemon costs something beyond head and tail"
+    pair = read_pair(LTE)
+    measured = asyncio.run(run_real(digits_bundle, pair, 20.0, x[:81], 10.0, POINT, tmp_path))
+    simulated = predict(calibrated, measured, pair, 20.0, POINT)
+    real_p50, sim_p50 = np.median(measured.latency_ms), np.median(simulated)
+    print(f"p50 real {real_p50:.1f} ms, simulated {sim_p50:.1f} ms")
+    assert len(simulated) == len(measured.latency_ms) == 80
+    assert real_p50 > 40, "two 20 ms one-way delays at least"
+    assert abs(sim_p50 - real_p50) <= 0.15 * real_p50
