@@ -165,7 +165,10 @@ class LinkEstimator:
         if len(xs) < self._min_fit:
             return None
         mean = math.fsum(xs) / len(xs)
-        if mean <= 0 or statistics.pstdev(xs) < _MIN_SPREAD * mean:
+        # Float arithmetic, not statistics.pstdev: its exact fractions cost more than the
+        # whole fit, and the simulator runs this once per simulated request.
+        spread = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / len(xs))
+        if mean <= 0 or spread < _MIN_SPREAD * mean:
             return None
         fit = _slope(xs, ys)
         if fit is None:
