@@ -1,4 +1,8 @@
-"""``tandem sim``: the link emulator (and, later, the simulator) from the command line."""
+"""``tandem sim``: the simulator's scenarios, reports and sweeps, and the link emulator.
+
+Heavy imports (numpy, matplotlib, torch via the profiles) happen inside the commands, so
+``tandem --help`` stays quick.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +10,47 @@ import argparse
 import asyncio
 import json
 import signal
+import sys
+from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``sim emulate`` to the ``tandem`` parser."""
+    """Add ``sim run``, ``sim sweep``, ``sim profile`` and ``sim emulate`` to the parser."""
     sim = sub.add_parser("sim", help="network simulator and trace-driven link emulator")
     commands = sim.add_subparsers(dest="sim_command", required=True)
+    p = commands.add_parser("run", help="simulate a scenario's strategies and write a report")
+    p.add_argument("scenario", type=Path, help="scenario YAML file (see sim/scenarios)")
+    p.add_argument("--out", required=True, type=Path, help="directory for report.md and charts")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON document")
+    p.set_defaults(func=cmd_run)
+    p = commands.add_parser("sweep", help="run a scenario once per value of one parameter")
+    p.add_argument("scenario", type=Path, help="scenario YAML file (see sim/scenarios)")
+    p.add_argument(
+        "--param",
+        required=True,
+        choices=("bandwidth", "devices", "bits", "width"),
+        help="bandwidth: every uplink constant, Mbit/s; devices: every group's count; "
+        "bits, width: the split point",
+    )
+    p.add_argument("--values", required=True, help="comma-separated values, e.g. 0.5,1,2,5")
+    p.add_argument("--out", required=True, type=Path, help="directory for sweep.md and charts")
+    p.add_argument("--json", action="store_true", help="print the sweep as one JSON document")
+    p.set_defaults(func=cmd_sweep)
+    p = commands.add_parser("profile", help="measure a bundle's costs here, as a sim profile")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--data", required=True, help="inputs for the bundle, e.g. digits, npz:PATH")
+    p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="also measure the edge daemon's per-request overhead (runs the real daemon and "
+        "service over loopback for a few seconds)",
+    )
+    p.add_argument("--json", action="store_true", help="print the profile as one JSON document")
+    p.set_defaults(func=cmd_profile)
     p = commands.add_parser("emulate", help="a TCP proxy shaped by uplink/downlink traces")
     trace_help = "trace file (Mahimahi or 'time_s mbps'), or const:MBPS, steps:A,B@S, ..."
     p.add_argument("--uplink", required=True, help=trace_help)
@@ -25,6 +63,77 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--upstream", required=True, help="HOST:PORT of the server behind the link")
     p.add_argument("--json", action="store_true", help="print one JSON line once listening")
     p.set_defaults(func=cmd_emulate)
+
+
+def _bar(args: argparse.Namespace, total: int, desc: str) -> tqdm[Any]:
+    return tqdm(total=total, desc=desc, leave=False, disable=args.json or not sys.stderr.isatty())
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    """Measure head, tail and full-model costs of a bundle on this machine; write the JSON."""
+    import tempfile
+
+    from sim.profiles import measure_bundle
+    from sim.validate import calibrate
+    from tandem.data import load_data
+
+    x = load_data(args.data).test.x
+    if len(x) < 64:
+        raise ValueError(f"{args.data} has {len(x)} test inputs; profiling needs at least 64")
+    profile = measure_bundle(args.bundle, x[:256])
+    if args.calibrate:
+        point = (profile.table[0]["width"], int(profile.table[0]["bits"]))
+        with tempfile.TemporaryDirectory(prefix="tandem-profile-") as tmp:
+            profile = asyncio.run(calibrate(profile, args.bundle, x[:41], 20.0, point, Path(tmp)))
+    profile.save(args.out)
+    if args.json:
+        print(profile.model_dump_json())
+    else:
+        heads = ", ".join(f"{w:g}: {ms:.2f}" for w, ms in profile.head_ms.items())
+        print(
+            f"{profile.bundle} on {profile.machine}: head ms per input by width {{{heads}}}, "
+            f"full model {profile.full_ms:.2f} ms, edge overhead "
+            f"{profile.send_overhead_ms:.2f} ms per request; wrote {args.out}"
+        )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Simulate every strategy of a scenario; write the report; print its summary."""
+    from sim.report import report_steps, speed_line, text_table, write_report
+    from sim.scenario import open_scenario
+
+    setup = open_scenario(args.scenario)
+    with _bar(args, report_steps(setup), "simulating") as bar:
+        doc = write_report(setup, args.out, progress=bar.update)
+    if args.json:
+        print(json.dumps(doc, allow_nan=False))
+        return 0
+    s = setup.scenario
+    print(
+        f"scenario {s.name}: {doc['devices']} devices, {s.duration_s:g} s simulated, "
+        f"SLO {s.slo_ms:g} ms, profile {setup.profile.bundle} ({setup.profile.machine})\n"
+        + text_table(doc["strategies"])
+        + f"\n{speed_line(doc)}; wrote {args.out / 'report.md'}"
+    )
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run a scenario once per value of ``--param``; write the sweep; print its table."""
+    from sim.scenario import load_scenario
+    from sim.sweep import parse_values, run_sweep, sweep_text, write_sweep
+
+    values = parse_values(args.param, args.values)
+    scenario = load_scenario(args.scenario)
+    with _bar(args, len(values) * len(scenario.strategies), "sweeping") as bar:
+        doc = run_sweep(scenario, args.scenario.parent, args.param, values, bar.update)
+    write_sweep(doc, args.out)
+    if args.json:
+        print(json.dumps(doc, allow_nan=False))
+    else:
+        print(sweep_text(doc) + f"\nwrote {args.out / 'sweep.md'}")
+    return 0
 
 
 def cmd_emulate(args: argparse.Namespace) -> int:

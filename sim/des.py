@@ -99,9 +99,9 @@ class Strategy:
     """What devices do with an input.
 
     ``up_bytes`` is the request size for ``offload`` and ``split``, ``width`` the split's
-    bottleneck width and ``accuracy`` the fixed strategy's measured accuracy. ``adaptive``
-    takes the bundle's measured ``table`` (rows of width, bits, accuracy, bytes_per_sample)
-    and the latency target ``slo_ms`` its policy aims for.
+    bottleneck width and ``accuracy`` the fixed strategy's measured accuracy (for ``adaptive``,
+    the local model's). ``adaptive`` takes the bundle's measured ``table`` (rows of width,
+    bits, accuracy, bytes_per_sample) and the latency target ``slo_ms`` its policy aims for.
     """
 
     kind: StrategyKind
@@ -203,7 +203,7 @@ def _fixed_device(index: int, device: Device, strategy: Strategy, duration_s: fl
     up_bytes = np.where(local, 0.0, strategy.up_bytes)
     at_cloud = np.full(n, np.nan)
     if not local.all():
-        up = Link(device.up, device.delay_ms / 1000, seed=device.seed)
+        up = Link(device.up, device.delay_ms / 1000, seed=2 * device.seed)
         at_cloud = up.send_many(ready + p.send_overhead_ms / 1000, up_bytes)
     lane = -1.0 if strategy.kind == "offload" else (strategy.width or 0.0)
     accuracy = np.full(n, strategy.accuracy)
@@ -260,7 +260,7 @@ def _down(
     if remote.any():
         idx = np.flatnonzero(remote)
         order = idx[np.argsort(done[idx], kind="stable")]
-        down = Link(device.down, device.delay_ms / 1000, seed=device.seed + 1)
+        down = Link(device.down, device.delay_ms / 1000, seed=2 * device.seed + 1)
         end[order] = down.send_many(done[order], down_bytes[order])
         # Radio energy: airtime at the trace's mean rate, a standard first-order model.
         up_air = part.up_bytes * 8 / (device.up.mean_mbps * 1e6)
@@ -409,8 +409,8 @@ def _adaptive_device(
     )  # fmt: skip
     answers = _Answers(policy, response_bytes)
     rows = {(row["width"], int(row["bits"])): row for row in strategy.table}
-    best = max(row["accuracy"] for row in strategy.table)
-    up = Link(device.up, device.delay_ms / 1000, seed=device.seed)
+    local_accuracy = strategy.accuracy
+    up = Link(device.up, device.delay_ms / 1000, seed=2 * device.seed)
     t = arrivals(device, duration_s)
     n = len(t)
     sent = _Sent(
@@ -422,7 +422,8 @@ def _adaptive_device(
     for i, now in enumerate(t.tolist()):
         point = answers.decide(now)
         if point is None:
-            sent.local[i], sent.compute_s[i], sent.accuracy[i] = True, p.full_ms / 1000, best
+            sent.local[i], sent.compute_s[i] = True, p.full_ms / 1000
+            sent.accuracy[i] = local_accuracy
             sent.ready[i] = free = max(now, free) + sent.compute_s[i]
             continue
         width, row = point[0], rows[point]

@@ -21,7 +21,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from sim.des import BatchCost, CloudModel, DeviceProfile
@@ -136,9 +135,11 @@ def device_class(name: str) -> DeviceClass:
 # ------------------------------------------------------------------------------- measuring
 
 
-def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 5) -> BundleProfile:
+def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProfile:
     """Time ``bundle``'s parts on this machine with inputs ``x`` (uint8, N >= 64), one torch
     thread, as ``tandem cloud serve --torch-threads 1`` and a single-core device run them."""
+    import torch
+
     from tandem.bundle import HeadRunner, TailRunner, load_full
     from tandem.data import normalize
     from tandem.evaluate import input_baselines

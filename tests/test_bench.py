@@ -48,3 +48,22 @@ def test_serve_bench_prints_one_json_line(
             assert figures["rps"] > 0 and figures["p99_ms"] >= figures["p50_ms"] > 0
             assert doc["ratios"][f"service_{compute}_{mode}_vs_raw"] > 0
     assert 0 < doc["ratios"]["edge_vs_head"] < 1
+
+
+@pytest.mark.slow
+def test_sim_bench_prints_one_json_line(
+    capsys: pytest.CaptureFixture[str], digits_bundle: Path
+) -> None:
+    args = ["--bundle", str(digits_bundle), "--runs", "1", "--inputs", "30", "--devices", "4"]
+    assert _load("sim").main([*args, "--traces", "Verizon-LTE-short"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    doc = json.loads(out)
+    for strategy in ("local", "offload", "split", "adaptive"):
+        assert doc["speed"][strategy]["requests"] > 0
+        assert doc["speed"][strategy]["requests_per_s"] > 0
+    assert doc["prediction"]["send_overhead_ms"] >= 0
+    if (Path(__file__).resolve().parents[2] / "shared" / "traces").is_dir():
+        figures = doc["prediction"]["Verizon-LTE-short"]
+        assert figures["real_p95_ms"] >= figures["real_p50_ms"] > 0
+        assert figures["sim_p50_ms"] > 0

@@ -148,8 +148,9 @@ def test_adaptive_sends_fewer_bytes_on_a_slow_link() -> None:
 
 
 def test_adaptive_runs_locally_when_no_point_fits_and_local_is_faster() -> None:
-    strategy = Strategy("adaptive", table=TABLE, slo_ms=20.0)
+    strategy = Strategy("adaptive", table=TABLE, slo_ms=20.0, accuracy=0.995)
     device = Device(PROFILE, on_off(0.01, 1.0, 1.0), constant(10.0), delay_ms=200.0, fps=10)
     out = simulate([device], CLOUD, strategy, 30.0)
     assert out.local.mean() > 0.5
     np.testing.assert_allclose(out.latency_s[out.local][-10:], 0.008)
+    np.testing.assert_array_equal(out.accuracy[out.local], 0.995)

@@ -1,0 +1,247 @@
+"""Scenario files: a fleet of devices, their links, the cloud and the strategies to compare.
+
+A scenario is a YAML mapping (read with ``yaml.safe_load``, so a file can never construct
+objects or run code) validated by :class:`Scenario`; :func:`build` turns it into what
+:func:`sim.des.simulate` takes. Trace files and profile paths are relative to the scenario
+file's directory, so a scenario and its traces can move together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sim.des import CloudModel, Device, Strategy
+from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
+from sim.traces import Trace, parse_spec
+from tandem.config import settings_error
+
+PROFILES_DIR = Path(__file__).parent / "profiles_data"
+SCENARIOS_DIR = Path(__file__).parent / "scenarios"
+StrategyName = Literal["local", "offload-raw", "offload-png", "split", "adaptive"]
+STRATEGY_NAMES: tuple[StrategyName, ...] = (
+    "local",
+    "offload-raw",
+    "offload-png",
+    "split",
+    "adaptive",
+)
+
+
+class _Strict(BaseModel):
+    """Unknown keys and non-finite numbers are errors: a typo must not become a default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class DeviceGroup(_Strict):
+    """``count`` identical devices: one class, one pair of traces, one arrival process."""
+
+    count: int = Field(ge=1)
+    device_class: str = Field(alias="class")
+    uplink: str = Field(min_length=1, description="trace spec or file")
+    downlink: str = Field(min_length=1, description="trace spec or file")
+    delay_ms: float = Field(default=20.0, ge=0, description="one-way propagation delay")
+    fps: float = Field(default=10.0, gt=0)
+    arrivals: Literal["periodic", "poisson"] = "periodic"
+
+    @field_validator("device_class")
+    @classmethod
+    def _known_class(cls, name: str) -> str:
+        device_class(name)  # raises, naming the choices
+        return name
+
+
+class CloudSettings(_Strict):
+    """The service's batching, as ``tandem cloud serve`` would be told."""
+
+    workers: int = Field(default=1, ge=1)
+    max_batch: int = Field(default=32, ge=1)
+    max_delay_ms: float = Field(default=2.0, ge=0)
+
+
+class SplitPoint(_Strict):
+    """The fixed strategy's operating point: a (width, bits) row of the profile's table."""
+
+    width: float = Field(gt=0, le=1)
+    bits: int = Field(ge=1)
+
+
+class Scenario(_Strict):
+    """One scenario file (see the README's simulator section for an example)."""
+
+    name: str = Field(min_length=1)
+    profile: str = Field(min_length=1, description="shipped profile name or JSON file")
+    devices: list[DeviceGroup] = Field(min_length=1)
+    cloud: CloudSettings = CloudSettings()
+    strategies: list[StrategyName] = Field(default=list(STRATEGY_NAMES), min_length=1)
+    split: SplitPoint | None = None
+    slo_ms: float = Field(default=100.0, gt=0)
+    duration_s: float = Field(default=60.0, gt=0)
+    seed: int = Field(default=0, ge=0, description="device i gets seed + i")
+
+    @field_validator("strategies")
+    @classmethod
+    def _unique(cls, names: list[StrategyName]) -> list[StrategyName]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"each strategy at most once, got {names}")
+        return names
+
+    @model_validator(mode="after")
+    def _split_given(self) -> Scenario:
+        if "split" in self.strategies and self.split is None:
+            listed = "strategies" in self.model_fields_set
+            raise ValueError(
+                "split: {width, bits} is required when strategies include 'split'"
+                + ("" if listed else " (the default strategies do)")
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A scenario made runnable: its devices, the cloud and a ``des.Strategy`` per name."""
+
+    scenario: Scenario
+    profile: BundleProfile
+    devices: list[Device]
+    cloud: CloudModel
+    strategies: dict[str, Strategy]
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate a scenario file; ValueError with one line per problem otherwise."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a scenario is a YAML mapping of name, profile, devices, ...")
+    return parse_scenario(data, str(path))
+
+
+def parse_scenario(data: object, what: str = "scenario") -> Scenario:
+    """Validate already-parsed scenario data; ``what`` names it in errors."""
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise settings_error(f"scenario {what}", exc) from None
+
+
+def open_scenario(path: Path) -> Setup:
+    """Load a scenario file and build it, relative to the file's directory."""
+    path = Path(path)
+    return build(load_scenario(path), path.parent)
+
+
+def build(scenario: Scenario, base: Path) -> Setup:
+    """Devices, cloud and strategies for ``scenario``; relative paths are relative to ``base``."""
+    profile = load_profile(scenario.profile, base)
+    return Setup(
+        scenario=scenario,
+        profile=profile,
+        devices=build_devices(scenario, profile, base),
+        cloud=profile.cloud(
+            scenario.cloud.workers, scenario.cloud.max_batch, scenario.cloud.max_delay_ms
+        ),
+        strategies={
+            name: build_strategy(name, profile, scenario.split, scenario.slo_ms)
+            for name in scenario.strategies
+        },
+    )
+
+
+def load_profile(name: str, base: Path) -> BundleProfile:
+    """A shipped profile by name (``sim/profiles_data/NAME.json``) or a profile JSON file."""
+    shipped = PROFILES_DIR / f"{name}.json"
+    path = shipped if shipped.is_file() else base / name
+    if not path.is_file():
+        names = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+        raise ValueError(
+            f"profile: {name!r} is neither a shipped profile {names} nor a file ({path})"
+        )
+    try:
+        return BundleProfile.load(path)
+    except ValidationError as exc:
+        raise settings_error(f"profile {path}", exc) from None
+    except ValueError as exc:  # JSON syntax
+        raise ValueError(f"profile: cannot read {path}: {exc}") from None
+
+
+def build_devices(scenario: Scenario, profile: BundleProfile, base: Path) -> list[Device]:
+    """Every group's devices in order; device ``i`` of the scenario gets seed ``seed + i``."""
+    devices: list[Device] = []
+    for g, group in enumerate(scenario.devices):
+        compute = DEVICE_CLASSES[group.device_class].device(profile)
+        # One trace object per group: traces are immutable, and the devices share the spec.
+        up = _trace(group.uplink, base, f"devices.{g}.uplink")
+        down = _trace(group.downlink, base, f"devices.{g}.downlink")
+        devices += [
+            Device(
+                compute, up, down, group.delay_ms, group.fps,
+                poisson=group.arrivals == "poisson", seed=scenario.seed + len(devices) + k,
+            )
+            for k in range(group.count)
+        ]  # fmt: skip
+    return devices
+
+
+def _trace(spec: str, base: Path, where: str) -> Trace:
+    """A trace spec, or a file relative to ``base``; errors name the scenario field."""
+    relative = base / spec
+    try:
+        return parse_spec(str(relative) if relative.is_file() else spec)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def build_strategy(
+    name: str, profile: BundleProfile, split: SplitPoint | None, slo_ms: float
+) -> Strategy:
+    """The simulator's strategy for a scenario's strategy name.
+
+    Request sizes include the protobuf envelope around the payload, as on the wire.
+    """
+    if name == "local":
+        return Strategy("local", accuracy=profile.full_accuracy)
+    if name in ("offload-raw", "offload-png"):
+        payload = profile.input_bytes if name == "offload-raw" else profile.png_bytes
+        up = payload + REQUEST_OVERHEAD_BYTES
+        return Strategy("offload", up_bytes=up, accuracy=profile.full_accuracy)
+    if name == "split":
+        if split is None:
+            raise ValueError("split: {width, bits} is required for the 'split' strategy")
+        row = split_row(profile, split)
+        up = row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES
+        return Strategy("split", up_bytes=up, width=row["width"], accuracy=row["accuracy"])
+    if name == "adaptive":
+        table = tuple(
+            {**row, "bytes_per_sample": row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES}
+            for row in profile.table
+        )
+        return Strategy("adaptive", table=table, slo_ms=slo_ms, accuracy=profile.full_accuracy)
+    raise ValueError(f"strategies: unknown strategy {name!r}; choose from {list(STRATEGY_NAMES)}")
+
+
+def split_row(profile: BundleProfile, split: SplitPoint) -> dict[str, float]:
+    """The profile's table row for the split point, with a width the profile has times for."""
+    for row in profile.table:
+        if math.isclose(row["width"], split.width) and int(row["bits"]) == split.bits:
+            if row["width"] not in profile.head_ms or row["width"] not in profile.tail:
+                raise ValueError(f"split: profile {profile.bundle} has no times at {row['width']}")
+            return row
+    points = ", ".join(f"{r['width']:g}/{int(r['bits'])}" for r in profile.table)
+    raise ValueError(
+        f"split: width {split.width:g}, bits {split.bits} is not a row of profile "
+        f"{profile.bundle}'s table (width/bits: {points})"
+    )
+
+
+def shipped_scenarios() -> list[Path]:
+    """The example scenarios in ``sim/scenarios``."""
+    return sorted(SCENARIOS_DIR.glob("*.yaml"))

@@ -1,0 +1,234 @@
+"""Scenario files: validation, building devices and strategies, paths, the shipped examples."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from sim.des import simulate
+from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile
+from sim.scenario import (
+    PROFILES_DIR,
+    build,
+    load_scenario,
+    open_scenario,
+    parse_scenario,
+    shipped_scenarios,
+)
+
+PROFILE = BundleProfile.load(PROFILES_DIR / "mnist-host.json")
+BASE: dict[str, Any] = {
+    "name": "test",
+    "profile": "mnist-host",
+    "devices": [
+        {"count": 2, "class": "host", "uplink": "const:5", "downlink": "const:10"},
+        {
+            "count": 3, "class": "rpi4", "uplink": "walk:2,0.5@1", "downlink": "const:4",
+            "delay_ms": 40, "fps": 5, "arrivals": "poisson",
+        },
+    ],
+    "cloud": {"workers": 2, "max_batch": 8, "max_delay_ms": 5},
+    "split": {"width": 0.5, "bits": 4},
+    "slo_ms": 80,
+    "duration_s": 3,
+    "seed": 7,
+}  # fmt: skip
+
+
+def _write(directory: Path, data: object, name: str = "scenario.yaml") -> Path:
+    path = directory / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _changed(path: str, value: object) -> dict[str, Any]:
+    """BASE with the dotted ``path`` set to ``value`` (or removed when value is ...)."""
+    data = copy.deepcopy(BASE)
+    *parents, last = path.split(".")
+    node: Any = data
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+def test_defaults_fill_what_a_scenario_leaves_out() -> None:
+    minimal = {
+        "name": "m",
+        "profile": "mnist-host",
+        "devices": [{"count": 1, "class": "host", "uplink": "const:1", "downlink": "const:1"}],
+        "strategies": ["local"],
+    }
+    s = parse_scenario(minimal)
+    group = s.devices[0]
+    assert (group.delay_ms, group.fps, group.arrivals) == (20.0, 10.0, "periodic")
+    assert (s.cloud.workers, s.cloud.max_batch, s.cloud.max_delay_ms) == (1, 32, 2.0)
+    assert (s.slo_ms, s.duration_s, s.seed, s.split) == (100.0, 60.0, 0, None)
+
+
+def test_build_gives_each_group_its_devices_and_the_cloud_its_settings(tmp_path: Path) -> None:
+    setup = open_scenario(_write(tmp_path, BASE))
+    devices = setup.devices
+    assert len(devices) == 5
+    assert [d.seed for d in devices] == [7, 8, 9, 10, 11]
+    host, rpi = devices[0], devices[2]
+    assert host.profile.full_ms == pytest.approx(PROFILE.full_ms)
+    factor = DEVICE_CLASSES["rpi4"].factor
+    assert rpi.profile.full_ms == pytest.approx(PROFILE.full_ms * factor)
+    assert rpi.profile.head_ms[0.5] == pytest.approx(PROFILE.head_ms[0.5] * factor)
+    assert (host.delay_ms, host.fps, host.poisson) == (20.0, 10.0, False)
+    assert (rpi.delay_ms, rpi.fps, rpi.poisson) == (40.0, 5.0, True)
+    assert host.up.mean_mbps == pytest.approx(5.0)
+    assert rpi.down.mean_mbps == pytest.approx(4.0)
+    assert rpi.up.name.startswith("walk-2")
+    cloud = setup.cloud
+    assert (cloud.workers, cloud.max_batch, cloud.max_delay_ms) == (2, 8, 5.0)
+    assert cloud.full.per_input_ms == pytest.approx(PROFILE.full_batch.per_input_ms)
+
+
+def test_strategies_carry_the_profiles_sizes_and_accuracies(tmp_path: Path) -> None:
+    strategies = open_scenario(_write(tmp_path, BASE)).strategies
+    assert list(strategies) == ["local", "offload-raw", "offload-png", "split", "adaptive"]
+    local, raw, png = strategies["local"], strategies["offload-raw"], strategies["offload-png"]
+    assert (local.kind, local.accuracy) == ("local", PROFILE.full_accuracy)
+    assert (raw.kind, raw.up_bytes) == ("offload", PROFILE.input_bytes + REQUEST_OVERHEAD_BYTES)
+    assert png.up_bytes == pytest.approx(PROFILE.png_bytes + REQUEST_OVERHEAD_BYTES)
+    row = next(r for r in PROFILE.table if r["width"] == 0.5 and r["bits"] == 4)
+    split = strategies["split"]
+    assert (split.kind, split.width, split.accuracy) == ("split", 0.5, row["accuracy"])
+    assert split.up_bytes == pytest.approx(row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES)
+    adaptive = strategies["adaptive"]
+    assert (adaptive.kind, adaptive.slo_ms, len(adaptive.table)) == ("adaptive", 80.0, 16)
+    sizes = [r["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES for r in PROFILE.table]
+    assert [r["bytes_per_sample"] for r in adaptive.table] == pytest.approx(sizes)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("colour", "blue", "colour: Extra inputs are not permitted"),
+        ("devices.0.speed", 3, "devices.0.speed: Extra inputs are not permitted"),
+        ("devices.0.class", "pi5", "devices.0.class: unknown device class 'pi5'; choose from"),
+        ("devices.1.arrivals", "bursty", "devices.1.arrivals: Input should be 'periodic'"),
+        ("devices.0.count", 0, "devices.0.count: Input should be greater than or equal to 1"),
+        ("devices", [], "devices: List should have at least 1 item"),
+        ("strategies", ["local", "teleport"], "strategies.1: Input should be 'local'"),
+        ("strategies", ["local", "local"], "strategies: Value error, each strategy at most"),
+        ("split", ..., "split: {width, bits} is required when strategies include 'split'"),
+        ("split.bits", 4.5, "split.bits: Input should be a valid integer"),
+        ("duration_s", math.inf, "duration_s: Input should be a finite number"),
+        ("slo_ms", 0, "slo_ms: Input should be greater than 0"),
+        ("name", ..., "name: Field required"),
+    ],
+)
+def test_invalid_scenarios_name_the_field(
+    tmp_path: Path, path: str, value: object, expected: str
+) -> None:
+    scenario = _write(tmp_path, _changed(path, value))
+    with pytest.raises(ValueError) as info:
+        load_scenario(scenario)
+    message = str(info.value).replace("Value error, ", "")
+    assert message.startswith(f"invalid scenario {scenario}: ")
+    assert expected.replace("Value error, ", "") in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        ("profile", "no-such-profile", "profile: 'no-such-profile' is neither a shipped"),
+        ("split.width", 0.3, "split: width 0.3, bits 4 is not a row of profile mnist's table"),
+        ("split.bits", 3, "split: width 0.5, bits 3 is not a row"),
+        ("devices.1.uplink", "walk:2", "devices.1.uplink: bad trace spec 'walk:2'"),
+        ("devices.0.uplink", "const:0", "devices.0.uplink: bad trace spec 'const:0'"),
+        ("devices.0.downlink", "missing.txt", "devices.0.downlink: no trace file 'missing.txt'"),
+    ],
+)
+def test_scenarios_that_cannot_be_built_name_the_field(
+    tmp_path: Path, path: str, value: object, expected: str
+) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape(expected)):
+        open_scenario(_write(tmp_path, _changed(path, value)))
+
+
+def test_a_missing_split_point_says_when_the_default_strategies_need_it() -> None:
+    data = _changed("split", ...)  # BASE lists no strategies: all five, split included
+    with pytest.raises(ValueError, match=r"include 'split' \(the default strategies do\)$"):
+        parse_scenario(data)
+    with pytest.raises(ValueError, match=r"include 'split'$"):
+        parse_scenario({**data, "strategies": ["local", "split"]})
+    assert parse_scenario({**data, "strategies": ["local", "adaptive"]}).split is None
+
+
+def test_yaml_tags_cannot_construct_objects_or_run_code(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'!!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(ValueError, match="not valid YAML: could not determine a constructor"):
+        load_scenario(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- just\n- a list\n", "a scenario is a YAML mapping"),
+        ("", "a scenario is a YAML mapping"),
+        ("name: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_files_that_are_not_scenarios(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=expected) as info:
+        load_scenario(path)
+    assert "\n" not in str(info.value)
+
+
+def test_trace_and_profile_paths_are_relative_to_the_scenario(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "scenarios"
+    (home / "traces").mkdir(parents=True)
+    # A rate trace: 2 Mbit/s for a second, then 6 Mbit/s for a second: 4 Mbit/s on average.
+    (home / "traces" / "up.txt").write_text("0 2\n1 6\n")
+    shutil.copy(PROFILES_DIR / "mnist-host.json", home / "my-profile.json")
+    data = _changed("devices.0.uplink", "traces/up.txt")
+    data["profile"] = "my-profile.json"
+    scenario = _write(home, data)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    setup = open_scenario(Path("..") / "scenarios" / scenario.name)
+    assert setup.devices[0].up.name == "up.txt"
+    assert setup.devices[0].up.mean_mbps == pytest.approx(4.0)
+    assert setup.profile == PROFILE
+    with pytest.raises(ValueError, match=r"profile: 'my-profile\.json' is neither"):
+        build(setup.scenario, elsewhere)
+    shipped = setup.scenario.model_copy(update={"profile": "mnist-host"})
+    with pytest.raises(ValueError, match=r"devices\.0\.uplink: no trace file"):
+        build(shipped, elsewhere)
+
+
+def test_every_shipped_scenario_loads_and_runs() -> None:
+    paths = shipped_scenarios()
+    assert {"lte-camera", "fleet-rpi4", "outages"} <= {p.stem for p in paths}
+    for path in paths:
+        assert "shared" not in path.read_text(), f"{path.name} must not use ../shared"
+        setup = open_scenario(path)
+        assert setup.scenario.name == path.stem
+        for name, strategy in setup.strategies.items():
+            outcome = simulate(setup.devices, setup.cloud, strategy, 2.0)
+            assert len(outcome.latency_s) > 0, (path.name, name)
+            assert np.all(np.isfinite(outcome.latency_s)) and np.all(outcome.latency_s > 0)
