@@ -184,7 +184,8 @@ def _profile_text(cuts: list[dict[str, Any]]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``tandem demo``: train the digits recipe, evaluate it, then serve it edge -> cloud."""
+    """``tandem demo``: train the digits recipe, evaluate it, serve it edge -> cloud, then
+    over an emulated LTE link, and simulate every strategy on that link."""
     args.set, args.fresh, args.bits = [], True, None
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
@@ -198,9 +199,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"trained in {train_s:.0f} s\n" + _eval_text(report) + "\n")
             print("serving the digits test split: edge daemon -> gRPC on loopback -> cloud ...")
         served = asyncio.run(_serve_demo(out, Path(tmp)))
-    doc = {"train_seconds": round(train_s, 1), "eval": report, "served": served}
-    _emit(args, doc, lambda: _served_text(served))
+        if not args.json:
+            print(_served_text(served) + "\n")
+            print("the same over an emulated LTE link, then simulating every strategy ...")
+        simulated = _sim_demo(out, Path(args.report), Path(tmp))
+    doc = {
+        "train_seconds": round(train_s, 1), "eval": report, "served": served,
+        "simulated": simulated,
+    }  # fmt: skip
+    _emit(args, doc, lambda: _sim_text(simulated))
     return 0
+
+
+def _sim_demo(bundle: Path, report: Path, tmp: Path) -> dict[str, Any]:
+    from sim import demo
+    from tandem.data import load_data
+
+    return demo.run(bundle, load_data("digits").test.x, report, tmp / "sim")
+
+
+def _sim_text(doc: dict[str, Any]) -> str:
+    from sim.report import text_table
+
+    return (
+        f"link: {doc['link']}\n"
+        f"edge daemon through the emulator: p50 {doc['emulated_p50_ms']:.1f} ms, "
+        f"p95 {doc['emulated_p95_ms']:.1f} ms; the simulator predicted "
+        f"{doc['simulated_p50_ms']:.1f} / {doc['simulated_p95_ms']:.1f} ms\n"
+        f"{text_table(doc['strategies'])}\n"
+        f"report with charts: {doc['report']}"
+    )
 
 
 async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
@@ -290,8 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("demo", help="train and evaluate on the bundled digits data")
+    p = sub.add_parser("demo", help="train, serve and simulate on the bundled digits data")
     p.add_argument("--out", help="keep the bundle here (default: a temporary directory)")
+    p.add_argument(
+        "--report", default="tandem-demo-report", help="directory for the simulation report"
+    )
     p.set_defaults(func=cmd_demo)
 
     for action in sub.choices.values():

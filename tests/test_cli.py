@@ -89,9 +89,15 @@ def test_bad_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "3x224x224" in capsys.readouterr().err
 
 
-def test_demo_json_is_one_document(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--json"]) == 0
+def test_demo_json_is_one_document(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["demo", "--json", "--report", str(tmp_path / "report")]) == 0
     doc = _json(capsys)
+    sim = doc["simulated"]
+    assert set(sim["strategies"]) == {"local", "offload-png", "split", "adaptive"}
+    assert sim["emulated_p50_ms"] > 40  # two 20 ms one-way delays
+    assert abs(sim["simulated_p50_ms"] - sim["emulated_p50_ms"]) <= 0.15 * sim["emulated_p50_ms"]
+    for name in ("report.md", "summary.json", "latency_vs_uplink.png", "latency_cdf.png"):
+        assert (tmp_path / "report" / name).is_file()
     assert doc["train_seconds"] > 0
     report = doc["eval"]
     assert report["samples"] == 359 and len(report["points"]) == 16
