@@ -37,6 +37,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/serve.py
+	$(BIN)/python bench/sim.py
 
 # Regenerate tandem/wire/v1 from proto/tandem/v1; tests/test_wire.py fails while they differ.
 proto: $(STAMP)
