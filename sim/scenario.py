@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sim.des import CloudModel, Device, Strategy
 from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
-from sim.traces import Trace, parse_spec
+from sim.traces import Trace, parse_spec, varies_by_seed
 from tandem.config import settings_error
 
 PROFILES_DIR = Path(__file__).parent / "profiles_data"
@@ -176,28 +176,40 @@ def load_profile(name: str, base: Path) -> BundleProfile:
 def build_devices(scenario: Scenario, profile: BundleProfile, base: Path) -> list[Device]:
     """Every group's devices in order; device ``i`` of the scenario gets seed ``seed + i``."""
     devices: list[Device] = []
+    traces = _Traces(base)
     for g, group in enumerate(scenario.devices):
         compute = DEVICE_CLASSES[group.device_class].device(profile)
-        # One trace object per group: traces are immutable, and the devices share the spec.
-        up = _trace(group.uplink, base, f"devices.{g}.uplink")
-        down = _trace(group.downlink, base, f"devices.{g}.downlink")
-        devices += [
-            Device(
-                compute, up, down, group.delay_ms, group.fps,
-                poisson=group.arrivals == "poisson", seed=scenario.seed + len(devices) + k,
-            )
-            for k in range(group.count)
-        ]  # fmt: skip
+        for _ in range(group.count):
+            seed = scenario.seed + len(devices)
+            # A random-walk link fades on its own per device; up and down independently.
+            up = traces.get(group.uplink, 2 * seed, f"devices.{g}.uplink")
+            down = traces.get(group.downlink, 2 * seed + 1, f"devices.{g}.downlink")
+            devices.append(
+                Device(
+                    compute, up, down, group.delay_ms, group.fps,
+                    poisson=group.arrivals == "poisson", seed=seed,
+                )
+            )  # fmt: skip
     return devices
 
 
-def _trace(spec: str, base: Path, where: str) -> Trace:
-    """A trace spec, or a file relative to ``base``; errors name the scenario field."""
-    relative = base / spec
-    try:
-        return parse_spec(str(relative) if relative.is_file() else spec)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
+class _Traces:
+    """Parsed traces, shared between devices wherever the seed makes no difference."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self._parsed: dict[tuple[str, int | None], Trace] = {}
+
+    def get(self, spec: str, seed: int, where: str) -> Trace:
+        """A trace spec, or a file relative to ``base``; errors name the scenario field."""
+        key = (spec, seed if varies_by_seed(spec) else None)
+        if key not in self._parsed:
+            relative = self.base / spec
+            try:
+                self._parsed[key] = parse_spec(str(relative) if relative.is_file() else spec, seed)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return self._parsed[key]
 
 
 def build_strategy(

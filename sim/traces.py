@@ -235,9 +235,9 @@ def on_off(mbps: float, on_s: float, off_s: float) -> Trace:
     return rate_trace(f"onoff-{mbps:g}", edges, np.array([mbps, 0.0]))
 
 
-def parse_spec(spec: str) -> Trace:
+def parse_spec(spec: str, seed: int = 0) -> Trace:
     """A trace from a spec: a file path, or ``const:MBPS``, ``steps:MBPS,MBPS,...@HOLD_S``,
-    ``walk:MEAN,SIGMA@STEP_S`` (seed 0, 600 s) or ``onoff:MBPS@ON_S,OFF_S``."""
+    ``walk:MEAN,SIGMA@STEP_S`` (600 s, drawn with ``seed``) or ``onoff:MBPS@ON_S,OFF_S``."""
     kind, sep, rest = spec.partition(":")
     if not sep or kind not in _SPECS:
         path = Path(spec)
@@ -245,9 +245,14 @@ def parse_spec(spec: str) -> Trace:
             raise TraceError(f"no trace file {spec!r} (or a spec: {', '.join(_SPECS)})")
         return read_trace(path)
     try:
-        return _SPECS[kind](rest)
+        return random_walk_spec(rest, seed) if kind == "walk" else _SPECS[kind](rest)
     except (ValueError, TypeError) as exc:
         raise TraceError(f"bad trace spec {spec!r}: {exc}") from exc
+
+
+def varies_by_seed(spec: str) -> bool:
+    """Whether ``parse_spec(spec, seed)`` gives a different trace for each seed."""
+    return spec.partition(":")[0] == "walk"
 
 
 def _floats(text: str) -> list[float]:
@@ -274,9 +279,10 @@ def _steps(text: str) -> Trace:
     return steps(rates, hold)
 
 
-def _walk(text: str) -> Trace:
+def random_walk_spec(text: str, seed: int) -> Trace:
+    """``MEAN,SIGMA@STEP_S`` as a 600 s random walk drawn with ``seed``."""
     (mean, sigma), (step,) = _at(text)
-    return random_walk(mean, sigma, step, 600.0, seed=0)
+    return random_walk(mean, sigma, step, 600.0, seed=seed)
 
 
 def _onoff(text: str) -> Trace:
@@ -284,4 +290,9 @@ def _onoff(text: str) -> Trace:
     return on_off(mbps, on, off)
 
 
-_SPECS = {"const": _const, "steps": _steps, "walk": _walk, "onoff": _onoff}
+_SPECS = {
+    "const": _const,
+    "steps": _steps,
+    "walk": lambda text: random_walk_spec(text, 0),
+    "onoff": _onoff,
+}

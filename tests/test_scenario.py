@@ -232,3 +232,14 @@ def test_every_shipped_scenario_loads_and_runs() -> None:
             outcome = simulate(setup.devices, setup.cloud, strategy, 2.0)
             assert len(outcome.latency_s) > 0, (path.name, name)
             assert np.all(np.isfinite(outcome.latency_s)) and np.all(outcome.latency_s > 0)
+
+
+def test_random_walk_links_fade_independently_per_device(tmp_path: Path) -> None:
+    setup = open_scenario(_write(tmp_path, BASE))
+    walkers = setup.devices[2:]  # the rpi4 group's uplink is a random walk
+    ups = [d.up.cum_bytes for d in walkers]
+    assert not np.array_equal(ups[0], ups[1]) and not np.array_equal(ups[1], ups[2])
+    again = open_scenario(_write(tmp_path, BASE, "again.yaml"))
+    np.testing.assert_array_equal(again.devices[3].up.cum_bytes, ups[1])  # seeded
+    # Fixed-rate links do not depend on the seed: the group's devices share one trace.
+    assert setup.devices[0].up is setup.devices[1].up

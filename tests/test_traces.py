@@ -462,3 +462,12 @@ def test_read_pair_needs_both_directions(tmp_path: Path) -> None:
     pair = read_pair(tmp_path / "x")
     assert (pair.up.period_bytes, pair.down.period_bytes) == (3000, 6000)
     assert math.isclose(pair.down.mean_mbps, 2 * pair.up.mean_mbps)
+
+
+def test_walk_specs_are_drawn_with_the_seed_given() -> None:
+    from sim.traces import varies_by_seed
+
+    one, other = parse_spec("walk:3,1@0.5", seed=1), parse_spec("walk:3,1@0.5", seed=2)
+    np.testing.assert_array_equal(one.cum_bytes, random_walk(3, 1, 0.5, 600.0, 1).cum_bytes)
+    assert not np.array_equal(one.cum_bytes, other.cum_bytes)
+    assert varies_by_seed("walk:3,1@0.5") and not varies_by_seed("const:3")
