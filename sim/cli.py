@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``sim run``, ``sim sweep``, ``sim profile`` and ``sim emulate`` to the parser."""
+    """Add ``sim run``, ``sim sweep`` and ``sim emulate`` to the ``tandem`` parser."""
     sim = sub.add_parser("sim", help="network simulator and trace-driven link emulator")
     commands = sim.add_subparsers(dest="sim_command", required=True)
     p = commands.add_parser("run", help="simulate a scenario's strategies and write a report")
@@ -39,18 +39,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", required=True, type=Path, help="directory for sweep.md and charts")
     p.add_argument("--json", action="store_true", help="print the sweep as one JSON document")
     p.set_defaults(func=cmd_sweep)
-    p = commands.add_parser("profile", help="measure a bundle's costs here, as a sim profile")
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--data", required=True, help="inputs for the bundle, e.g. digits, npz:PATH")
-    p.add_argument("--out", required=True, type=Path, help="profile JSON to write")
-    p.add_argument(
-        "--calibrate",
-        action="store_true",
-        help="also measure the edge daemon's per-request overhead (runs the real daemon and "
-        "service over loopback for a few seconds)",
-    )
-    p.add_argument("--json", action="store_true", help="print the profile as one JSON document")
-    p.set_defaults(func=cmd_profile)
     p = commands.add_parser("emulate", help="a TCP proxy shaped by uplink/downlink traces")
     trace_help = "trace file (Mahimahi or 'time_s mbps'), or const:MBPS, steps:A,B@S, ..."
     p.add_argument("--uplink", required=True, help=trace_help)
@@ -69,14 +57,17 @@ def _bar(args: argparse.Namespace, total: int, desc: str) -> tqdm[Any]:
     return tqdm(total=total, desc=desc, leave=False, disable=args.json or not sys.stderr.isatty())
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
-    """Measure head, tail and full-model costs of a bundle on this machine; write the JSON."""
+def profile_bundle(args: argparse.Namespace) -> int:
+    """``tandem profile --bundle``: measure head, tail and full-model costs of a bundle on this
+    machine (and, with ``--calibrate``, the daemon's overhead); write the simulator's JSON."""
     import tempfile
 
     from sim.profiles import measure_bundle
     from sim.validate import calibrate
     from tandem.data import load_data
 
+    if args.data is None or args.out is None:
+        raise ValueError("profiling a bundle needs --data and --out")
     x = load_data(args.data).test.x
     if len(x) < 64:
         raise ValueError(f"{args.data} has {len(x)} test inputs; profiling needs at least 64")

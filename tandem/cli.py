@@ -146,7 +146,14 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    """``tandem profile --arch NAME --input CxHxW``: cost of every valid cut point."""
+    """``tandem profile --arch NAME --input CxHxW``: cost of every valid cut point; with
+    ``--bundle``, a trained bundle's costs on this machine for the simulator."""
+    if args.bundle is not None:
+        from sim.cli import profile_bundle
+
+        return profile_bundle(args)
+    if args.arch is None or args.input is None:
+        raise ValueError("profile needs --arch and --input (or --bundle)")
     from tandem.config import parse_value
     from tandem.models import build_model
     from tandem.profile import profile_cuts
@@ -302,9 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, nargs="+", help="bit depths to measure (default: recipe's)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("profile", help="FLOPs, params, bytes and latency at every cut point")
-    p.add_argument("--arch", required=True, help="zoo model name")
-    p.add_argument("--input", required=True, type=_parse_shape, help="CxHxW, e.g. 3x224x224")
+    p = sub.add_parser(
+        "profile",
+        help="FLOPs, params, bytes and latency at every cut point; or, with --bundle, a "
+        "bundle's measured costs for the simulator",
+    )
+    p.add_argument("--arch", help="zoo model name")
+    p.add_argument("--input", type=_parse_shape, help="CxHxW, e.g. 3x224x224")
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument(
         "--arg",
@@ -315,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeats", type=int, default=5, help="timed runs per cut, median reported (0: no timing)"
+    )
+    p.add_argument("--bundle", type=Path, help="profile this bundle for the simulator instead")
+    p.add_argument("--data", help="with --bundle: inputs for it, e.g. digits, npz:PATH")
+    p.add_argument("--out", type=Path, help="with --bundle: the profile JSON to write")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="with --bundle: also measure the edge daemon's per-request overhead (runs the real "
+        "daemon and service over loopback for a few seconds)",
     )
     p.set_defaults(func=cmd_profile)
 

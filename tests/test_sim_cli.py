@@ -102,7 +102,7 @@ def test_profile_measures_a_bundle_and_the_daemon_overhead(
 ) -> None:
     out = tmp_path / "digits-host.json"
     args = ["--bundle", str(digits_bundle), "--data", "digits", "--out", str(out)]
-    done = _tandem("sim", "profile", *args, "--calibrate", "--json")
+    done = _tandem("profile", *args, "--calibrate", "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
     assert doc == json.loads(out.read_text())
@@ -114,6 +114,12 @@ def test_profile_measures_a_bundle_and_the_daemon_overhead(
 
 def test_profile_rejects_a_directory_that_is_no_bundle(tmp_path: Path) -> None:
     args = ["--bundle", str(tmp_path), "--data", "digits", "--out", str(tmp_path / "p.json")]
-    done = _tandem("sim", "profile", *args)
+    done = _tandem("profile", *args)
     assert done.returncode == 2
     assert done.stderr.startswith("tandem: error:") and done.stderr.count("\n") == 1
+
+
+def test_profile_needs_a_model_or_a_bundle() -> None:
+    done = _tandem("profile")
+    assert done.returncode == 2
+    assert done.stderr == "tandem: error: profile needs --arch and --input (or --bundle)\n"
