@@ -36,7 +36,8 @@ if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 from sim.des import Device, Strategy, simulate
-from sim.profiles import REQUEST_OVERHEAD_BYTES, BundleProfile, device_class, measure_bundle
+from sim.profiles import BundleProfile, device_class, measure_bundle
+from sim.scenario import SplitPoint, build_strategy
 from sim.traces import TracePair, random_walk, read_pair
 from sim.validate import calibrate, predict, run_real
 from tandem.data import load_data
@@ -46,6 +47,7 @@ MAHIMAHI = ROOT.parent / "shared" / "traces" / "mahimahi"
 LTE = ("Verizon-LTE-short", "ATT-LTE-driving-2016")
 DEVICES, FPS, SECONDS = 100, 30.0, 60.0
 POINT = (0.5, 4)
+SLO_MS = 100.0
 
 
 def quick_bundle(out: Path) -> Path:
@@ -59,18 +61,11 @@ def quick_bundle(out: Path) -> Path:
 
 
 def strategies(profile: BundleProfile) -> dict[str, Strategy]:
-    """The four strategies on this profile, the split at :data:`POINT`."""
-    table = tuple(
-        {**r, "bytes_per_sample": r["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES}
-        for r in profile.table
-    )
-    row = next(r for r in table if (r["width"], r["bits"]) == POINT)
-    return {
-        "local": Strategy("local", accuracy=profile.full_accuracy),
-        "offload": Strategy("offload", profile.png_bytes + REQUEST_OVERHEAD_BYTES),
-        "split": Strategy("split", row["bytes_per_sample"], POINT[0], row["accuracy"]),
-        "adaptive": Strategy("adaptive", table=table, slo_ms=100.0, accuracy=profile.full_accuracy),
-    }
+    """The four strategies on this profile, as a scenario builds them; the split at
+    :data:`POINT`."""
+    split = SplitPoint(width=POINT[0], bits=POINT[1])
+    names = ("local", "offload-png", "split", "adaptive")
+    return {name: build_strategy(name, profile, split, SLO_MS) for name in names}
 
 
 def fleet_traces() -> TracePair:

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--param",
         required=True,
-        choices=("bandwidth", "devices", "bits", "width"),
+        choices=("bandwidth", "devices", "bits", "width"),  # sim.sweep.PARAMS, kept light
         help="bandwidth: every uplink constant, Mbit/s; devices: every group's count; "
         "bits, width: the split point",
     )
@@ -137,11 +137,11 @@ def cmd_emulate(args: argparse.Namespace) -> int:
     upstream, listen = parse_address(args.upstream), parse_address(args.listen)
     links = [
         Link(
-            parse_spec(spec),
+            parse_spec(spec, (args.seed, i)),
             args.delay_ms / 1000,
             jitter_s=args.jitter_ms / 1000,
             loss=args.loss,
-            seed=args.seed + i,
+            seed=(args.seed, i),
         )
         for i, spec in enumerate((args.uplink, args.downlink))
     ]

@@ -29,10 +29,12 @@ import numpy as np
 
 from edge.link import LinkEstimator
 from edge.policy import SplitPolicy
-from sim.link import Link
+from sim.link import Link, transfer_s
 from sim.traces import Trace
 
 StrategyKind = Literal["local", "offload", "split", "adaptive"]
+UPLINK, DOWNLINK = 1, 2  # seed streams of a device's links, apart from its arrivals
+RESPONSE_BYTES = 80.0  # an InferResponse with one class, ids and timings, give or take
 MAX_ROUNDS = 8  # decision/cloud passes before the adaptive strategy reports no convergence
 SETTLED = 0.001  # the adaptive strategy has converged when fewer decisions than this change
 
@@ -127,6 +129,7 @@ class Outcome:
     cloud_busy_s: float
     duration_s: float
     workers: int
+    cloud_done_s: np.ndarray  # when each answer left the cloud; NaN for local inputs
     rounds: int = 1
     converged: bool = True
     extra: dict[str, float] = field(default_factory=dict)
@@ -160,7 +163,7 @@ def simulate(
     cloud: CloudModel,
     strategy: Strategy,
     duration_s: float,
-    response_bytes: float = 64.0,
+    response_bytes: float = RESPONSE_BYTES,
 ) -> Outcome:
     """Run ``strategy`` on every device for ``duration_s`` seconds of simulated time."""
     if strategy.kind == "adaptive":
@@ -203,7 +206,7 @@ def _fixed_device(index: int, device: Device, strategy: Strategy, duration_s: fl
     up_bytes = np.where(local, 0.0, strategy.up_bytes)
     at_cloud = np.full(n, np.nan)
     if not local.all():
-        up = Link(device.up, device.delay_ms / 1000, seed=2 * device.seed)
+        up = Link(device.up, device.delay_ms / 1000, seed=(device.seed, UPLINK))
         at_cloud = up.send_many(ready + p.send_overhead_ms / 1000, up_bytes)
     lane = -1.0 if strategy.kind == "offload" else (strategy.width or 0.0)
     accuracy = np.full(n, strategy.accuracy)
@@ -246,6 +249,7 @@ def _finish(
         cloud_busy_s=busy,
         duration_s=duration_s,
         workers=cloud.workers,
+        cloud_done_s=done,
     )
 
 
@@ -260,7 +264,7 @@ def _down(
     if remote.any():
         idx = np.flatnonzero(remote)
         order = idx[np.argsort(done[idx], kind="stable")]
-        down = Link(device.down, device.delay_ms / 1000, seed=2 * device.seed + 1)
+        down = Link(device.down, device.delay_ms / 1000, seed=(device.seed, DOWNLINK))
         end[order] = down.send_many(done[order], down_bytes[order])
         # Radio energy: airtime at the trace's mean rate, a standard first-order model.
         up_air = part.up_bytes * 8 / (device.up.mean_mbps * 1e6)
@@ -304,7 +308,9 @@ def run_batches(
         done[lanes[k][1][h:stop]] = start + service
         heads[k] = stop
         if stop < len(a):
-            heapq.heappush(pending, (_close_time(a, stop, delay, cap), k))
+            # As in cloud.batcher, a lane starts on its next batch only once this one has a
+            # worker: it queues for a worker from then, behind lanes that closed earlier.
+            heapq.heappush(pending, (max(start, _close_time(a, stop, delay, cap)), k))
     return done, busy
 
 
@@ -324,7 +330,7 @@ def _adaptive(
     response_bytes: float,
 ) -> Outcome:
     """Decisions and the cloud's load depend on each other: alternate until they agree."""
-    cloud_s: list[np.ndarray | None] = [None] * len(devices)
+    cloud_s: list[_Back | None] = [None] * len(devices)
     previous: list[_Sent] | None = None
     for rounds in range(1, MAX_ROUNDS + 1):
         parts = [
@@ -350,16 +356,25 @@ def _changed(parts: list[_Sent], previous: list[_Sent]) -> float:
     return changed / max(1, sum(len(a.local) for a in parts))
 
 
-def _cloud_times(parts: list[_Sent], outcome: Outcome) -> list[np.ndarray | None]:
-    """Per device, each input's time from reaching the cloud to its answer arriving back."""
-    out: list[np.ndarray | None] = []
+def _cloud_times(parts: list[_Sent], outcome: Outcome) -> list[_Back | None]:
+    """Per device and input: seconds in the cloud (what the server reports: queue, decode,
+    compute) and from reaching the cloud to the answer arriving back."""
+    out: list[_Back | None] = []
     offset = 0
     for part in parts:
-        n = len(part.arrival)
-        end = outcome.arrival_s[offset : offset + n] + outcome.latency_s[offset : offset + n]
-        out.append(np.where(part.local, np.nan, end - part.at_cloud))
-        offset += n
+        rows = slice(offset, offset + len(part.arrival))
+        end = outcome.arrival_s[rows] + outcome.latency_s[rows]
+        out.append(_Back(outcome.cloud_done_s[rows] - part.at_cloud, end - part.at_cloud))
+        offset += len(part.arrival)
     return out
+
+
+@dataclass(frozen=True)
+class _Back:
+    """What the previous round found for one device's inputs (NaN where it ran locally)."""
+
+    server_s: np.ndarray
+    back_s: np.ndarray
 
 
 class _Answers:
@@ -396,12 +411,12 @@ def _adaptive_device(
     strategy: Strategy,
     duration_s: float,
     response_bytes: float,
-    cloud_s: np.ndarray | None,
+    cloud_s: _Back | None,
 ) -> _Sent:
     """One device's inputs in order, each decided by the policy from what it has seen so far.
 
-    ``cloud_s`` holds, per input, the time from reaching the cloud to the answer arriving back
-    in the previous round (None in the first round, which assumes an idle cloud)."""
+    ``cloud_s`` holds, per input, the previous round's cloud time and time back (None in the
+    first round, which assumes an idle cloud: a batch of one after the batching delay)."""
     p = device.profile
     policy = SplitPolicy.from_table(
         strategy.table, strategy.slo_ms, p.head_ms, response_bytes=response_bytes,
@@ -410,7 +425,7 @@ def _adaptive_device(
     answers = _Answers(policy, response_bytes)
     rows = {(row["width"], int(row["bits"])): row for row in strategy.table}
     local_accuracy = strategy.accuracy
-    up = Link(device.up, device.delay_ms / 1000, seed=2 * device.seed)
+    up = Link(device.up, device.delay_ms / 1000, seed=(device.seed, UPLINK))
     t = arrivals(device, duration_s)
     n = len(t)
     sent = _Sent(
@@ -432,8 +447,24 @@ def _adaptive_device(
         sent.ready[i] = free = max(now, free) + sent.compute_s[i]
         sending = sent.ready[i] + p.send_overhead_ms / 1000
         sent.at_cloud[i] = up.send(sending, round(sent.up_bytes[i]))
-        server = cloud.tail[width].seconds(1)
-        back = server if cloud_s is None or np.isnan(cloud_s[i]) else float(cloud_s[i])
+        server, back = _server_and_back(device, cloud, width, response_bytes, cloud_s, i)
         network = sent.at_cloud[i] - sending + back - server
         answers.expect(sent.at_cloud[i] + back, sent.up_bytes[i], network, server)
     return sent
+
+
+def _server_and_back(
+    device: Device,
+    cloud: CloudModel,
+    width: float,
+    response_bytes: float,
+    previous: _Back | None,
+    i: int,
+) -> tuple[float, float]:
+    """Input ``i``'s cloud time and time back: the previous round's, or an idle cloud's."""
+    if previous is not None and not np.isnan(previous.server_s[i]):
+        return float(previous.server_s[i]), float(previous.back_s[i])
+    server = cloud.max_delay_ms / 1000 + cloud.tail[width].seconds(1)
+    return server, server + transfer_s(
+        device.down, 0.0, round(response_bytes), device.delay_ms / 1000
+    )

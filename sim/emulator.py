@@ -81,10 +81,12 @@ class LinkEmulator:
         """Stop listening and cut every open connection."""
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+        # Connections first: from Python 3.12.1 wait_closed() waits for every client to leave.
         for task in list(self._connections):
             task.cancel()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -32,7 +32,7 @@ class Link:
         jitter_s: float = 0.0,
         loss: float = 0.0,
         retransmit_s: float | None = None,
-        seed: int = 0,
+        seed: int | tuple[int, ...] = 0,
     ) -> None:
         """Raises ValueError for a negative delay or jitter, or a loss outside [0, 1)."""
         if not (delay_s >= 0 and jitter_s >= 0 and 0 <= loss < 1):

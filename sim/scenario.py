@@ -16,9 +16,9 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sim.des import CloudModel, Device, Strategy
+from sim.des import DOWNLINK, UPLINK, CloudModel, Device, Strategy
 from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
-from sim.traces import Trace, parse_spec, varies_by_seed
+from sim.traces import Seed, Trace, parse_spec, varies_by_seed
 from tandem.config import settings_error
 
 PROFILES_DIR = Path(__file__).parent / "profiles_data"
@@ -91,6 +91,15 @@ class Scenario(_Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"each strategy at most once, got {names}")
         return names
+
+    @model_validator(mode="after")
+    def _inputs_arrive(self) -> Scenario:
+        slow = [g for g, group in enumerate(self.devices) if group.fps * self.duration_s < 1]
+        if slow:
+            raise ValueError(
+                f"devices.{slow[0]}: fps x duration_s is below 1, so no input would arrive"
+            )
+        return self
 
     @model_validator(mode="after")
     def _split_given(self) -> Scenario:
@@ -182,8 +191,8 @@ def build_devices(scenario: Scenario, profile: BundleProfile, base: Path) -> lis
         for _ in range(group.count):
             seed = scenario.seed + len(devices)
             # A random-walk link fades on its own per device; up and down independently.
-            up = traces.get(group.uplink, 2 * seed, f"devices.{g}.uplink")
-            down = traces.get(group.downlink, 2 * seed + 1, f"devices.{g}.downlink")
+            up = traces.get(group.uplink, (seed, UPLINK), f"devices.{g}.uplink")
+            down = traces.get(group.downlink, (seed, DOWNLINK), f"devices.{g}.downlink")
             devices.append(
                 Device(
                     compute, up, down, group.delay_ms, group.fps,
@@ -198,9 +207,9 @@ class _Traces:
 
     def __init__(self, base: Path) -> None:
         self.base = base
-        self._parsed: dict[tuple[str, int | None], Trace] = {}
+        self._parsed: dict[tuple[str, Seed | None], Trace] = {}
 
-    def get(self, spec: str, seed: int, where: str) -> Trace:
+    def get(self, spec: str, seed: Seed, where: str) -> Trace:
         """A trace spec, or a file relative to ``base``; errors name the scenario field."""
         key = (spec, seed if varies_by_seed(spec) else None)
         if key not in self._parsed:

@@ -16,6 +16,7 @@ binary search into two arrays, however long the trace.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,6 +28,7 @@ PACKET_BYTES = 1500  # one Mahimahi delivery opportunity
 # missed by less than this still counts (Mahimahi's resolution is a millisecond).
 STEP_SLACK_S = 1e-9
 Shape = Literal["steps", "linear"]
+Seed = int | tuple[int, ...]  # numpy seeds: a tuple keeps streams of different purposes apart
 
 
 class TraceError(ValueError):
@@ -86,7 +88,8 @@ class Trace:
 
     def _within(self, offset: float) -> float:
         t, c = self.times_s, self.cum_bytes
-        i = int(np.searchsorted(t, offset + STEP_SLACK_S, side="right")) - 1
+        slack = STEP_SLACK_S if self.shape == "steps" else 0.0
+        i = int(np.searchsorted(t, offset + slack, side="right")) - 1
         if self.shape == "steps" or i >= len(t) - 1:
             return float(c[i])
         span = t[i + 1] - t[i]
@@ -212,7 +215,7 @@ def random_walk(
     sigma_mbps: float,
     step_s: float,
     duration_s: float,
-    seed: int,
+    seed: Seed,
     floor_mbps: float = 0.05,
 ) -> Trace:
     """A rate that moves by N(0, sigma) every ``step_s``, pulled back towards the mean and kept
@@ -235,7 +238,7 @@ def on_off(mbps: float, on_s: float, off_s: float) -> Trace:
     return rate_trace(f"onoff-{mbps:g}", edges, np.array([mbps, 0.0]))
 
 
-def parse_spec(spec: str, seed: int = 0) -> Trace:
+def parse_spec(spec: str, seed: Seed = 0) -> Trace:
     """A trace from a spec: a file path, or ``const:MBPS``, ``steps:MBPS,MBPS,...@HOLD_S``,
     ``walk:MEAN,SIGMA@STEP_S`` (600 s, drawn with ``seed``) or ``onoff:MBPS@ON_S,OFF_S``."""
     kind, sep, rest = spec.partition(":")
@@ -245,7 +248,7 @@ def parse_spec(spec: str, seed: int = 0) -> Trace:
             raise TraceError(f"no trace file {spec!r} (or a spec: {', '.join(_SPECS)})")
         return read_trace(path)
     try:
-        return random_walk_spec(rest, seed) if kind == "walk" else _SPECS[kind](rest)
+        return _SPECS[kind](rest, seed)
     except (ValueError, TypeError) as exc:
         raise TraceError(f"bad trace spec {spec!r}: {exc}") from exc
 
@@ -269,30 +272,30 @@ def _at(text: str) -> tuple[list[float], list[float]]:
     return _floats(left), _floats(right)
 
 
-def _const(text: str) -> Trace:
+def _const(text: str, seed: Seed) -> Trace:
     (mbps,) = _floats(text)
     return constant(mbps)
 
 
-def _steps(text: str) -> Trace:
+def _steps(text: str, seed: Seed) -> Trace:
     rates, (hold,) = _at(text)
     return steps(rates, hold)
 
 
-def random_walk_spec(text: str, seed: int) -> Trace:
-    """``MEAN,SIGMA@STEP_S`` as a 600 s random walk drawn with ``seed``."""
+def _walk(text: str, seed: Seed) -> Trace:
     (mean, sigma), (step,) = _at(text)
     return random_walk(mean, sigma, step, 600.0, seed=seed)
 
 
-def _onoff(text: str) -> Trace:
+def _onoff(text: str, seed: Seed) -> Trace:
     (mbps,), (on, off) = _at(text)
     return on_off(mbps, on, off)
 
 
-_SPECS = {
+# Every maker takes the seed; only the random walk draws with it.
+_SPECS: dict[str, Callable[[str, Seed], Trace]] = {
     "const": _const,
     "steps": _steps,
-    "walk": lambda text: random_walk_spec(text, 0),
+    "walk": _walk,
     "onoff": _onoff,
 }

@@ -27,13 +27,17 @@ import numpy as np
 from sim.des import Device, Strategy, simulate
 from sim.emulator import LinkEmulator
 from sim.link import Link
-from sim.profiles import REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
+from sim.profiles import BundleProfile, device_class
 from sim.traces import TracePair, constant
 
 TANDEM = [sys.executable, "-m", "tandem.cli"]
-RESPONSE_BYTES = 80.0  # an InferResponse with one class, ids and timings, give or take
-SERVE_FLAGS = ["--workers", "1", "--max-batch", "32", "--max-delay-ms", "2"]
+WORKERS, MAX_BATCH, MAX_DELAY_MS = 1, 32, 2.0  # the service's batching, real and simulated
+SERVE_FLAGS = [
+    "--workers", str(WORKERS), "--max-batch", str(MAX_BATCH), "--max-delay-ms", str(MAX_DELAY_MS)
+]  # fmt: skip
 UNCONSTRAINED = TracePair(constant(10_000.0), constant(10_000.0))
+START_S = 120.0  # for a process to start and answer its first input
+TAIL_S = 600.0  # for the last answers to come back after the last input was fed
 
 
 @dataclass
@@ -94,15 +98,14 @@ async def _feed(
         assert proc.stdin is not None
         # One unmeasured input first: the daemon starts up and connects before the clock runs.
         await _write(proc, x[0])
-        while _lines(sink) < 1:
-            await asyncio.sleep(0.02)
+        await asyncio.wait_for(_first_answer(proc, sink), START_S)
         start, fed = emulator.now() + 0.1, []
         for i, item in enumerate(x[1:]):
             await asyncio.sleep(max(0.0, start + i / fps - emulator.now()))
             fed.append(emulator.now())
             await _write(proc, item)
         proc.stdin.close()
-        await proc.wait()
+        await asyncio.wait_for(proc.wait(), TAIL_S)
     rows = sorted((json.loads(line) for line in sink.read_text().splitlines()[1:]),
                   key=lambda r: r["input_index"])  # fmt: skip
     if len(rows) != len(fed) or any("error" in r for r in rows):
@@ -122,19 +125,15 @@ def predict(
     point: tuple[float, int],
     device: str = "host",
 ) -> np.ndarray:
-    """Simulated latencies (ms) of the inputs of ``measured``, fed at the same moments."""
-    width, bits = point
-    row = next(r for r in profile.table if r["width"] == width and r["bits"] == bits)
-    strategy = Strategy(
-        "split", up_bytes=row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES, width=width,
-        accuracy=row["accuracy"],
-    )  # fmt: skip
+    """Simulated latencies (ms) of the inputs of ``measured``: fed at the same moments, with
+    the request size the daemon reported sending."""
+    strategy = Strategy("split", up_bytes=measured.bytes_sent, width=point[0])
     dev = Device(
         device_class(device).device(profile), pair.up, pair.down, delay_ms=delay_ms,
         times=tuple(measured.fed_s.tolist()),
     )  # fmt: skip
-    horizon = float(measured.fed_s[-1]) + 600.0  # long enough for every answer to come back
-    out = simulate([dev], profile.cloud(1, 32, 2.0), strategy, horizon, RESPONSE_BYTES)
+    horizon = float(measured.fed_s[-1]) + TAIL_S  # long enough for every answer to come back
+    out = simulate([dev], profile.cloud(WORKERS, MAX_BATCH, MAX_DELAY_MS), strategy, horizon)
     return out.latency_s * 1000
 
 
@@ -189,8 +188,8 @@ async def _write(proc: asyncio.subprocess.Process, item: np.ndarray) -> None:
     await proc.stdin.drain()
 
 
-def _lines(path: Path) -> int:
-    try:
-        return path.read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
+async def _first_answer(proc: asyncio.subprocess.Process, sink: Path) -> None:
+    while not sink.is_file() or b"\n" not in sink.read_bytes():
+        if proc.returncode is not None:
+            raise RuntimeError(f"the edge daemon exited with {proc.returncode} before answering")
+        await asyncio.sleep(0.02)

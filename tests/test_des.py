@@ -154,3 +154,28 @@ def test_adaptive_runs_locally_when_no_point_fits_and_local_is_faster() -> None:
     assert out.local.mean() > 0.5
     np.testing.assert_allclose(out.latency_s[out.local][-10:], 0.008)
     np.testing.assert_array_equal(out.accuracy[out.local], 0.995)
+
+
+def test_a_busy_lane_does_not_starve_another() -> None:
+    cloud = CloudModel(
+        {0.25: BatchCost(10.0, 0.0), 0.5: BatchCost(10.0, 0.0)},
+        BatchCost(1, 0),
+        max_batch=16,
+        max_delay_ms=2,
+    )
+    at = np.concatenate([np.zeros(48), [0.001]])
+    lanes = np.concatenate([np.full(48, 0.25), [0.5]])
+    done, _ = run_batches(at, lanes, cloud)
+    # As in cloud.batcher: the busy lane's second batch queued for the worker at once, the
+    # other lane's at 3 ms, the busy lane's third only when its second started (10 ms).
+    assert done[-1] == pytest.approx(0.030)
+    assert sorted(set(np.round(done[:48], 6))) == [0.01, 0.02, 0.04]
+
+
+def test_an_idle_cloud_guess_includes_the_batching_delay_and_the_way_back() -> None:
+    from sim.des import _server_and_back
+
+    device = _device(mbps=8.0, delay_ms=10.0)
+    server, back = _server_and_back(device, CLOUD, 0.25, 500, None, 0)
+    assert server == pytest.approx(CLOUD.max_delay_ms / 1000 + CLOUD.tail[0.25].seconds(1))
+    assert back == pytest.approx(server + transfer_s(constant(8.0), 0.0, 500, 0.01))

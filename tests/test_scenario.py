@@ -243,3 +243,9 @@ def test_random_walk_links_fade_independently_per_device(tmp_path: Path) -> None
     np.testing.assert_array_equal(again.devices[3].up.cum_bytes, ups[1])  # seeded
     # Fixed-rate links do not depend on the seed: the group's devices share one trace.
     assert setup.devices[0].up is setup.devices[1].up
+
+
+def test_a_scenario_where_no_input_arrives_is_rejected(tmp_path: Path) -> None:
+    data = _changed("devices.0.fps", 0.1)  # one input per 10 s, over a 3 s scenario
+    with pytest.raises(ValueError, match=r"devices\.0: fps x duration_s is below 1"):
+        open_scenario(_write(tmp_path, data))

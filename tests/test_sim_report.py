@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sim.des import Outcome
+from sim.des import RESPONSE_BYTES, Outcome
 from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES
 from sim.report import CHARTS, run_strategies, summarise, text_table, write_report
 from sim.scenario import Setup, build, parse_scenario
@@ -44,6 +44,7 @@ def _outcome(latency_ms: list[float], busy_s: float, workers: int) -> Outcome:
         cloud_busy_s=busy_s,
         duration_s=10.0,
         workers=workers,
+        cloud_done_s=np.full(n, np.nan),
         rounds=3,
         converged=False,
     )
@@ -94,6 +95,7 @@ def test_no_requests_gives_no_figures_rather_than_nan() -> None:
     empty = Outcome(
         device=none, arrival_s=none, latency_s=none, up_bytes=none, down_bytes=none,
         local=none, energy_j=none, accuracy=none, cloud_busy_s=0.0, duration_s=1.0, workers=1,
+        cloud_done_s=none,
     )  # fmt: skip
     s = summarise(empty, 100.0, 0.1)
     assert s["requests"] == 0
@@ -115,7 +117,7 @@ def test_remote_strategies_send_the_profiles_bytes_and_get_answers_back() -> Non
     for name, payload in expected.items():
         s = figures[name]
         assert s["up_bytes_per_inference"] == pytest.approx(payload + REQUEST_OVERHEAD_BYTES)
-        assert s["down_bytes_per_inference"] == 64.0
+        assert s["down_bytes_per_inference"] == RESPONSE_BYTES
         assert s["local_fraction"] == 0.0
         assert 0 < s["cloud_utilisation"] < 0.1
         # 20 ms each way plus serialising and the cloud: above 40 ms, far below the SLO
