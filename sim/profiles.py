@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sim.des import BatchCost, CloudModel, DeviceProfile
+from sim.batching import BatchCost, CloudModel
+from sim.des import DeviceProfile
 
 BATCHES = (1, 4, 16, 32, 64)
 REQUEST_OVERHEAD_BYTES = 38  # protobuf around the codec payload (README: "Serving MNIST")

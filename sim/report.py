@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from sim.charts import plot_bytes, plot_cdf, plot_uplink
 from sim.des import Outcome, simulate
 from sim.profiles import DEVICE_CLASSES
 from sim.scenario import Setup
@@ -294,66 +295,3 @@ def _class_notes(names: list[str]) -> list[str]:
             f"{c.basis[:1].upper()}{c.basis[1:].rstrip('.')}."
         )
     return notes
-
-
-# ------------------------------------------------------------------------------- charts
-
-
-def pyplot() -> Any:
-    """matplotlib's pyplot on the file-only Agg backend (no display needed), imported late:
-    it is slow to import and only reports need it."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_uplink(curve: dict[str, Any], slo_ms: float, path: Path) -> None:
-    """p50 latency against constant uplink bandwidth, one line per strategy."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, p50 in curve["p50_ms"].items():
-        ys = [np.nan if v is None else v for v in p50]
-        ax.plot(curve["mbps"], ys, marker="o", label=name)
-    ax.axhline(slo_ms, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo_ms:g} ms")
-    ax.set(xscale="log", yscale="log", xlabel="uplink (Mbit/s)", ylabel="p50 latency (ms)")
-    ax.set_title("p50 latency vs uplink bandwidth")
-    _save(plt, fig, ax, path)
-
-
-def plot_cdf(runs: Sequence[Run], slo_ms: float, path: Path) -> None:
-    """The empirical latency distribution of each strategy."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for run in runs:
-        ms = np.sort(run.outcome.latency_s) * 1000
-        if len(ms):
-            ax.step(ms, np.arange(1, len(ms) + 1) / len(ms), where="post", label=run.name)
-    ax.axvline(slo_ms, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo_ms:g} ms")
-    ax.set(xscale="log", xlabel="latency (ms)", ylabel="fraction of requests", ylim=(0, 1.01))
-    ax.set_title("Latency CDF")
-    _save(plt, fig, ax, path)
-
-
-def plot_bytes(strategies: dict[str, dict[str, Any]], path: Path) -> None:
-    """Mean bytes sent up per inference, a bar per strategy."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = list(strategies)
-    values = [strategies[n]["up_bytes_per_inference"] or 0.0 for n in names]
-    bars = ax.bar(names, values, color="tab:blue")
-    ax.bar_label(bars, fmt="%.0f")
-    ax.set(ylabel="bytes up per inference")
-    ax.set_title("Uplink bytes per inference")
-    _save(plt, fig, None, path)
-
-
-def _save(plt: Any, fig: Any, legend_ax: Any, path: Path) -> None:
-    if legend_ax is not None:
-        legend_ax.legend(fontsize="small")
-        legend_ax.grid(True, which="major", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

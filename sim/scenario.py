@@ -16,7 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sim.des import DOWNLINK, UPLINK, CloudModel, Device, Strategy
+from sim.batching import CloudModel
+from sim.des import DOWNLINK, UPLINK, Device, Strategy
 from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
 from sim.traces import Seed, Trace, parse_spec, varies_by_seed
 from tandem.config import settings_error

@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sim.charts import plot_sweep
 from sim.report import (
     Progress,
     aligned_text,
     markdown_table,
-    pyplot,
     run_strategies,
     summarise_runs,
     table_rows,
@@ -120,27 +120,3 @@ def write_sweep(doc: dict[str, Any], out: Path) -> None:
         + markdown_table(sweep_rows(doc), text_columns=2)
         + "\n"
     )
-
-
-def plot_sweep(doc: dict[str, Any], path: Path) -> None:
-    """p50 latency and deadline-miss rate against the parameter, a line per strategy."""
-    plt = pyplot()
-    fig, (lat, miss) = plt.subplots(1, 2, figsize=(11, 4.5))
-    values = doc["values"]
-    for name in doc["points"][0]["strategies"]:
-        series = [p["strategies"][name] for p in doc["points"]]
-        p50 = [s["latency_ms"]["p50"] for s in series]
-        rate = [s["deadline_miss_rate"] for s in series]
-        lat.plot(values, [float("nan") if v is None else v for v in p50], marker="o", label=name)
-        miss.plot(values, [float("nan") if v is None else v for v in rate], marker="o")
-    slo = doc["scenario"]["slo_ms"]
-    lat.axhline(slo, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo:g} ms")
-    lat.set(yscale="log", ylabel="p50 latency (ms)", title="p50 latency")
-    miss.set(ylabel=f"fraction over {slo:g} ms", ylim=(-0.02, 1.02), title="Deadline misses")
-    for ax in (lat, miss):
-        ax.set(xlabel=doc["label"], xscale="log" if doc["param"] == "bandwidth" else "linear")
-        ax.grid(True, alpha=0.3)
-    lat.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -5,15 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sim.batching import BatchCost, CloudModel, run_batches
 from sim.des import (
-    BatchCost,
-    CloudModel,
     Device,
     DeviceProfile,
     Strategy,
     arrivals,
     fifo_finish,
-    run_batches,
     simulate,
 )
 from sim.link import transfer_s
