@@ -59,7 +59,7 @@ def test_sim_bench_prints_one_json_line(
     out = capsys.readouterr().out
     assert out.count("\n") == 1
     doc = json.loads(out)
-    for strategy in ("local", "offload", "split", "adaptive"):
+    for strategy in ("local", "offload-png", "split", "adaptive"):
         assert doc["speed"][strategy]["requests"] > 0
         assert doc["speed"][strategy]["requests_per_s"] > 0
     assert doc["prediction"]["send_overhead_ms"] >= 0
