@@ -102,7 +102,7 @@ def prediction(
     tmp: Path,
 ) -> dict[str, Any]:
     """Real against simulated latency on each shared LTE trace (empty without the traces)."""
-    calibrated = asyncio.run(calibrate(profile, bundle, x[:41], 20.0, POINT, tmp))
+    calibrated = asyncio.run(calibrate(profile, bundle, x, POINT, tmp))
     out: dict[str, Any] = {"send_overhead_ms": round(calibrated.send_overhead_ms, 2)}
     for name in traces:
         if not (MAHIMAHI / f"{name}.up").exists():

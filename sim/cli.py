@@ -75,7 +75,7 @@ def profile_bundle(args: argparse.Namespace) -> int:
     if args.calibrate:
         point = (profile.table[0]["width"], int(profile.table[0]["bits"]))
         with tempfile.TemporaryDirectory(prefix="tandem-profile-") as tmp:
-            profile = asyncio.run(calibrate(profile, args.bundle, x[:41], 20.0, point, Path(tmp)))
+            profile = asyncio.run(calibrate(profile, args.bundle, x, point, Path(tmp)))
     profile.save(args.out)
     if args.json:
         print(profile.model_dump_json())

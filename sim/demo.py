@@ -38,7 +38,7 @@ def link_specs() -> tuple[str, str, str]:
 def run(bundle: Path, x: np.ndarray, out: Path, tmp: Path) -> dict[str, Any]:
     """Measure, emulate, simulate and report; returns the figures the demo prints."""
     profile = measure_bundle(bundle, x[:256])
-    profile = asyncio.run(calibrate(profile, bundle, x[:31], 20.0, POINT, tmp))
+    profile = asyncio.run(calibrate(profile, bundle, x, POINT, tmp))
     out.mkdir(parents=True, exist_ok=True)
     profile.save(out / "profile.json")
     up, down, name = link_specs()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -110,7 +110,6 @@ class Outcome:
     cloud_done_s: np.ndarray  # when each answer left the cloud; NaN for local inputs
     rounds: int = 1
     converged: bool = True
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def arrivals(device: Device, duration_s: float) -> np.ndarray:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.traces import PACKET_BYTES, STEP_SLACK_S, Trace
+from sim.traces import PACKET_BYTES, Trace
 
 
 class Link:
@@ -77,9 +77,9 @@ class Link:
         # The queue in closed form: cursor_i = max(cursor_{i-1}, capacity(t_i)) + bytes_i,
         # which unrolls to a running maximum.
         before = np.concatenate([[0.0], np.cumsum(on_wire)[:-1]])
-        reach = np.maximum.accumulate(capacity_many(self.trace, times) - before)
+        reach = np.maximum.accumulate(self.trace.capacity_many(times) - before)
         cursor = before + on_wire + np.maximum(reach, self._cursor)
-        done = np.where(on_wire > 0, time_for_many(self.trace, cursor), times)
+        done = np.where(on_wire > 0, self.trace.time_for_many(cursor), times)
         arrival = done + self.delay_s + self._jitter(len(times)) + lost * self.retransmit_s
         arrival = np.maximum.accumulate(np.maximum(arrival, self._last_arrival))
         if len(times):
@@ -99,35 +99,6 @@ class Link:
         if self.jitter_s == 0:
             return np.zeros(n)
         return np.abs(self._jitter_rng.normal(0.0, self.jitter_s, n))
-
-
-def capacity_many(trace: Trace, times: np.ndarray) -> np.ndarray:
-    """:meth:`Trace.capacity` at each of ``times``."""
-    laps, offset = np.divmod(np.asarray(times, np.float64), trace.period_s)
-    t, c = trace.times_s, trace.cum_bytes
-    slack = STEP_SLACK_S if trace.shape == "steps" else 0.0
-    i = np.searchsorted(t, offset + slack, side="right") - 1
-    within = c[i]
-    if trace.shape == "linear":
-        j = np.minimum(i + 1, len(t) - 1)
-        span = t[j] - t[i]
-        frac = np.divide(offset - t[i], span, out=np.zeros_like(span), where=span > 0)
-        within = c[i] + (c[j] - c[i]) * frac
-    return laps * trace.period_bytes + within
-
-
-def time_for_many(trace: Trace, nbytes: np.ndarray) -> np.ndarray:
-    """:meth:`Trace.time_for` for each of ``nbytes`` (all > 0)."""
-    laps, rest = np.divmod(np.asarray(nbytes, np.float64), trace.period_bytes)
-    whole = rest == 0  # exactly whole periods: the end of the last one, not the next start
-    laps, rest = laps - whole, np.where(whole, trace.period_bytes, rest)
-    t, c = trace.times_s, trace.cum_bytes
-    i = np.searchsorted(c, rest, side="left")
-    within = t[i]
-    if trace.shape == "linear":
-        grow = c[i] - c[i - 1]
-        within = t[i - 1] + (t[i] - t[i - 1]) * (rest - c[i - 1]) / grow
-    return laps * trace.period_s + within
 
 
 def transfer_s(trace: Trace, t: float, nbytes: int, delay_s: float = 0.0) -> float:

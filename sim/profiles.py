@@ -27,7 +27,7 @@ from sim.batching import BatchCost, CloudModel
 from sim.des import DeviceProfile
 
 BATCHES = (1, 4, 16, 32, 64)
-REQUEST_OVERHEAD_BYTES = 38  # protobuf around the codec payload (README: "Serving MNIST")
+REQUEST_ID_CHARS = 16  # the daemon's ids: secrets.token_urlsafe(12) in edge.spool
 
 
 class Strict(BaseModel):
@@ -61,6 +61,7 @@ class BundleProfile(Strict):
     png_bytes: float = Field(gt=0)
     full_accuracy: float = Field(ge=0, le=1)
     table: list[dict[str, float]]
+    request_overhead_bytes: float = Field(gt=0, description="protobuf around the payload")
     send_overhead_ms: float = Field(0.0, ge=0, description="edge software per request sent")
 
     def save(self, path: Path) -> None:
@@ -160,11 +161,12 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
     def run_full(batch: np.ndarray) -> object:
         return full(normalize(batch, spec.mean, spec.std))
 
-    head_ms, tail_cost = {}, {}
+    head_ms, tail_cost, overheads = {}, {}, []
     for w in m.bottleneck.widths:
         head_ms[w] = _median_ms(partial(head.encode, x[:1], w, m.codec.bits), repeats)
         payloads = head.encode(x[: max(BATCHES)], w, m.codec.bits)
         tail_cost[w] = _fit(partial(_first, tail.infer, payloads), repeats)
+        overheads += [request_overhead(m.name, w, p) for p in payloads]
     baselines = input_baselines(x[:256])
     return BundleProfile(
         bundle=m.name,
@@ -178,7 +180,19 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
         png_bytes=baselines["png"],
         full_accuracy=m.teacher_accuracy or 0.0,
         table=[p.model_dump() for p in m.table],
+        request_overhead_bytes=float(np.mean(overheads)),
     )  # fmt: skip
+
+
+def request_overhead(model: str, width: float, payload: bytes) -> int:
+    """Bytes an ``InferRequest`` adds around ``payload``, built as the daemon builds it."""
+    from tandem.protocol import to_message
+    from tandem.wire.v1 import split_inference_pb2 as pb
+
+    request = pb.InferRequest(
+        request_id="x" * REQUEST_ID_CHARS, model=model, width=width, features=to_message(payload)
+    )
+    return request.ByteSize() - len(payload)
 
 
 def _first(run: Callable[[list[bytes]], object], payloads: list[bytes], n: int) -> object:

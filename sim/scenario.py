@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sim.batching import CloudModel
 from sim.des import DOWNLINK, UPLINK, Device, Strategy
-from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile, device_class
+from sim.profiles import DEVICE_CLASSES, BundleProfile, device_class
 from sim.traces import Seed, Trace, parse_spec, varies_by_seed
 from tandem.config import settings_error
 
@@ -233,17 +233,17 @@ def build_strategy(
         return Strategy("local", accuracy=profile.full_accuracy)
     if name in ("offload-raw", "offload-png"):
         payload = profile.input_bytes if name == "offload-raw" else profile.png_bytes
-        up = payload + REQUEST_OVERHEAD_BYTES
+        up = payload + profile.request_overhead_bytes
         return Strategy("offload", up_bytes=up, accuracy=profile.full_accuracy)
     if name == "split":
         if split is None:
             raise ValueError("split: {width, bits} is required for the 'split' strategy")
         row = split_row(profile, split)
-        up = row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES
+        up = row["bytes_per_sample"] + profile.request_overhead_bytes
         return Strategy("split", up_bytes=up, width=row["width"], accuracy=row["accuracy"])
     if name == "adaptive":
         table = tuple(
-            {**row, "bytes_per_sample": row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES}
+            {**row, "bytes_per_sample": row["bytes_per_sample"] + profile.request_overhead_bytes}
             for row in profile.table
         )
         return Strategy("adaptive", table=table, slo_ms=slo_ms, accuracy=profile.full_accuracy)

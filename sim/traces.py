@@ -86,6 +86,37 @@ class Trace:
             laps, rest = laps - 1, self.period_bytes
         return laps * self.period_s + self._time_within(rest)
 
+    # The scalar methods above and their array twins below compute the same curve: the link
+    # model needs both, one request at a time (adaptive devices) and whole runs at once, and
+    # wrapping the scalar case in arrays would cost it several times over.
+
+    def capacity_many(self, times: np.ndarray) -> np.ndarray:
+        """:meth:`capacity` at each of ``times``, in one vectorised pass."""
+        laps, offset = np.divmod(np.asarray(times, np.float64), self.period_s)
+        t, c = self.times_s, self.cum_bytes
+        slack = STEP_SLACK_S if self.shape == "steps" else 0.0
+        i = np.searchsorted(t, offset + slack, side="right") - 1
+        within = c[i]
+        if self.shape == "linear":
+            j = np.minimum(i + 1, len(t) - 1)
+            span = t[j] - t[i]
+            frac = np.divide(offset - t[i], span, out=np.zeros_like(span), where=span > 0)
+            within = c[i] + (c[j] - c[i]) * frac
+        return laps * self.period_bytes + within
+
+    def time_for_many(self, nbytes: np.ndarray) -> np.ndarray:
+        """:meth:`time_for` for each of ``nbytes`` (all > 0), in one vectorised pass."""
+        laps, rest = np.divmod(np.asarray(nbytes, np.float64), self.period_bytes)
+        whole = rest == 0  # exactly whole periods: the end of the last one, not the next start
+        laps, rest = laps - whole, np.where(whole, self.period_bytes, rest)
+        t, c = self.times_s, self.cum_bytes
+        i = np.searchsorted(c, rest, side="left")
+        within = t[i]
+        if self.shape == "linear":
+            grow = c[i] - c[i - 1]
+            within = t[i - 1] + (t[i] - t[i - 1]) * (rest - c[i - 1]) / grow
+        return laps * self.period_s + within
+
     def _within(self, offset: float) -> float:
         t, c = self.times_s, self.cum_bytes
         slack = STEP_SLACK_S if self.shape == "steps" else 0.0

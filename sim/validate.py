@@ -19,6 +19,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ SERVE_FLAGS = [
     "--workers", str(WORKERS), "--max-batch", str(MAX_BATCH), "--max-delay-ms", str(MAX_DELAY_MS)
 ]  # fmt: skip
 UNCONSTRAINED = TracePair(constant(10_000.0), constant(10_000.0))
+CALIBRATION_INPUTS, CALIBRATION_FPS = 30, 20.0  # enough for a stable median, 1.5 s of feed
 START_S = 120.0  # for a process to start and answer its first input
 TAIL_S = 600.0  # for the last answers to come back after the last input was fed
 
@@ -138,48 +141,42 @@ def predict(
 
 
 async def calibrate(
-    profile: BundleProfile,
-    bundle: Path,
-    x: np.ndarray,
-    fps: float,
-    point: tuple[float, int],
-    workdir: Path,
+    profile: BundleProfile, bundle: Path, x: np.ndarray, point: tuple[float, int], workdir: Path
 ) -> BundleProfile:
-    """``profile`` with ``send_overhead_ms`` measured over an unconstrained link."""
-    measured = await run_real(bundle, UNCONSTRAINED, 0.0, x, fps, point, workdir)
+    """``profile`` with ``send_overhead_ms`` measured over an unconstrained link, on the first
+    :data:`CALIBRATION_INPUTS` of ``x`` (plus the unmeasured first one)."""
+    inputs = x[: CALIBRATION_INPUTS + 1]
+    measured = await run_real(bundle, UNCONSTRAINED, 0.0, inputs, CALIBRATION_FPS, point, workdir)
     base = profile.model_copy(update={"send_overhead_ms": 0.0})
     simulated = predict(base, measured, UNCONSTRAINED, 0.0, point)
     overhead = max(0.0, float(np.median(measured.latency_ms) - np.median(simulated)))
     return profile.model_copy(update={"send_overhead_ms": overhead})
 
 
-class _process:
-    """An async context: a child process, its first stdout line, terminated on exit."""
-
-    def __init__(self, *cmd: str, stdin: bool = False) -> None:
-        self.cmd, self.stdin = cmd, stdin
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> tuple[asyncio.subprocess.Process, str]:
-        self.proc = await asyncio.create_subprocess_exec(
-            *self.cmd,
-            stdin=subprocess.PIPE if self.stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
-        if self.stdin:
-            return self.proc, ""
-        assert self.proc.stdout is not None
-        line = (await self.proc.stdout.readline()).decode()
-        if not line:
-            raise RuntimeError(f"{' '.join(self.cmd[:5])} did not start")
-        return self.proc, line
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self.proc is not None
-        if self.proc.returncode is None:
-            self.proc.terminate()
-        await self.proc.wait()
+@asynccontextmanager
+async def _process(
+    *cmd: str, stdin: bool = False
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """A child process and its first stdout line (none when it reads stdin); terminated on
+    exit, also when it fails to start."""
+    proc = await asyncio.create_subprocess_exec(
+        *cmd,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        line = ""
+        if not stdin:
+            assert proc.stdout is not None
+            line = (await asyncio.wait_for(proc.stdout.readline(), START_S)).decode()
+            if not line:
+                raise RuntimeError(f"{' '.join(cmd[:5])} did not start")
+        yield proc, line
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+        await proc.wait()
 
 
 async def _write(proc: asyncio.subprocess.Process, item: np.ndarray) -> None:

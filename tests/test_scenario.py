@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sim.des import simulate
-from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES, BundleProfile
+from sim.profiles import DEVICE_CLASSES, BundleProfile
 from sim.scenario import (
     PROFILES_DIR,
     build,
@@ -102,15 +102,18 @@ def test_strategies_carry_the_profiles_sizes_and_accuracies(tmp_path: Path) -> N
     assert list(strategies) == ["local", "offload-raw", "offload-png", "split", "adaptive"]
     local, raw, png = strategies["local"], strategies["offload-raw"], strategies["offload-png"]
     assert (local.kind, local.accuracy) == ("local", PROFILE.full_accuracy)
-    assert (raw.kind, raw.up_bytes) == ("offload", PROFILE.input_bytes + REQUEST_OVERHEAD_BYTES)
-    assert png.up_bytes == pytest.approx(PROFILE.png_bytes + REQUEST_OVERHEAD_BYTES)
+    assert (raw.kind, raw.up_bytes) == (
+        "offload",
+        PROFILE.input_bytes + PROFILE.request_overhead_bytes,
+    )
+    assert png.up_bytes == pytest.approx(PROFILE.png_bytes + PROFILE.request_overhead_bytes)
     row = next(r for r in PROFILE.table if r["width"] == 0.5 and r["bits"] == 4)
     split = strategies["split"]
     assert (split.kind, split.width, split.accuracy) == ("split", 0.5, row["accuracy"])
-    assert split.up_bytes == pytest.approx(row["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES)
+    assert split.up_bytes == pytest.approx(row["bytes_per_sample"] + PROFILE.request_overhead_bytes)
     adaptive = strategies["adaptive"]
     assert (adaptive.kind, adaptive.slo_ms, len(adaptive.table)) == ("adaptive", 80.0, 16)
-    sizes = [r["bytes_per_sample"] + REQUEST_OVERHEAD_BYTES for r in PROFILE.table]
+    sizes = [r["bytes_per_sample"] + PROFILE.request_overhead_bytes for r in PROFILE.table]
     assert [r["bytes_per_sample"] for r in adaptive.table] == pytest.approx(sizes)
 
 

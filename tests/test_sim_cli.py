@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -123,3 +124,13 @@ def test_profile_needs_a_model_or_a_bundle() -> None:
     done = _tandem("profile")
     assert done.returncode == 2
     assert done.stderr == "tandem: error: profile needs --arch and --input (or --bundle)\n"
+
+
+def test_request_overhead_matches_what_the_daemon_reported_sending() -> None:
+    from sim.profiles import request_overhead
+    from tandem import codec
+
+    payload = codec.encode(np.random.default_rng(0).normal(size=(2, 7, 7)).astype("float32"), 4)
+    # The daemon reported 102 bytes sent for the MNIST bundle's 64-byte payloads (README).
+    assert request_overhead("mnist", 0.25, payload) == 38
+    assert request_overhead("mnist-v2", 0.25, payload) == 41  # the name travels in each request

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.link import Link, capacity_many, time_for_many, transfer_s
+from sim.link import Link, transfer_s
 from sim.traces import (
     PACKET_BYTES,
     Trace,
@@ -293,7 +293,7 @@ def test_vectorised_lookups_match_scalar_on_steps(tmp_path: Path) -> None:
     for trace in traces:
         times = np.concatenate([rng.uniform(0, 5 * trace.period_s, 2000), trace.times_s])
         expected = [trace.capacity(float(t)) for t in times]
-        np.testing.assert_array_equal(capacity_many(trace, times), expected)
+        np.testing.assert_array_equal(trace.capacity_many(times), expected)
         sizes = np.concatenate(
             [
                 rng.integers(1, int(5 * trace.period_bytes), 2000),
@@ -302,7 +302,7 @@ def test_vectorised_lookups_match_scalar_on_steps(tmp_path: Path) -> None:
             ]
         )
         expected = [trace.time_for(float(n)) for n in sizes]
-        np.testing.assert_array_equal(time_for_many(trace, sizes), expected)
+        np.testing.assert_array_equal(trace.time_for_many(sizes), expected)
 
 
 def test_vectorised_lookups_match_scalar_on_linear() -> None:
@@ -310,10 +310,10 @@ def test_vectorised_lookups_match_scalar_on_linear() -> None:
     for trace in _linear_traces():
         times = np.concatenate([rng.uniform(0, 5 * trace.period_s, 2000), trace.times_s])
         expected = [trace.capacity(float(t)) for t in times]
-        np.testing.assert_allclose(capacity_many(trace, times), expected, rtol=1e-12)
+        np.testing.assert_allclose(trace.capacity_many(times), expected, rtol=1e-12)
         sizes = rng.uniform(1, 5 * trace.period_bytes, 2000)
         expected = [trace.time_for(float(n)) for n in sizes]
-        np.testing.assert_allclose(time_for_many(trace, sizes), expected, rtol=1e-12)
+        np.testing.assert_allclose(trace.time_for_many(sizes), expected, rtol=1e-12)
 
 
 def test_time_for_many_at_whole_periods_of_a_fractional_trace() -> None:
@@ -321,6 +321,6 @@ def test_time_for_many_at_whole_periods_of_a_fractional_trace() -> None:
     the vector version indexes past the trace (and so does a Link sending that much)."""
     trace = random_walk(3.0, 1.0, 0.5, 30.0, seed=2)
     nbytes = 14 * trace.period_bytes
-    assert time_for_many(trace, np.array([nbytes]))[0] == trace.time_for(nbytes)
+    assert trace.time_for_many(np.array([nbytes]))[0] == trace.time_for(nbytes)
     arrival = Link(trace).send_many(np.array([0.0]), np.array([nbytes]))[0]
     assert arrival == pytest.approx(14 * trace.period_s)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sim.des import RESPONSE_BYTES, Outcome
-from sim.profiles import DEVICE_CLASSES, REQUEST_OVERHEAD_BYTES
+from sim.profiles import DEVICE_CLASSES
 from sim.report import CHARTS, run_strategies, summarise, text_table, write_report
 from sim.scenario import Setup, build, parse_scenario
 
@@ -116,7 +116,7 @@ def test_remote_strategies_send_the_profiles_bytes_and_get_answers_back() -> Non
     }
     for name, payload in expected.items():
         s = figures[name]
-        assert s["up_bytes_per_inference"] == pytest.approx(payload + REQUEST_OVERHEAD_BYTES)
+        assert s["up_bytes_per_inference"] == pytest.approx(payload + p.request_overhead_bytes)
         assert s["down_bytes_per_inference"] == RESPONSE_BYTES
         assert s["local_fraction"] == 0.0
         assert 0 < s["cloud_utilisation"] < 0.1

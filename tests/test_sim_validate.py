@@ -25,7 +25,7 @@ def test_simulated_p50_is_within_15_percent_of_the_real_one(
         pytest.skip("../shared/traces is not here")
     x = load_data("digits").test.x
     profile = measure_bundle(digits_bundle, x[:256])
-    calibrated = asyncio.run(calibrate(profile, digits_bundle, x[:31], 20.0, POINT, tmp_path))
+    calibrated = asyncio.run(calibrate(profile, digits_bundle, x, POINT, tmp_path))
     assert calibrated.send_overhead_ms > 0, "the daemon costs something beyond head and tail"
     pair = read_pair(LTE)
     measured = asyncio.run(run_real(digits_bundle, pair, 20.0, x[:81], 10.0, POINT, tmp_path))
