@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check tandem edge cloud sim tests bench proto
-	$(BIN)/ruff format --check tandem edge cloud sim tests bench proto
+	$(BIN)/ruff check tandem edge cloud sim federated tests bench proto
+	$(BIN)/ruff format --check tandem edge cloud sim federated tests bench proto
 
 typecheck: $(STAMP)
-	$(BIN)/mypy tandem edge cloud sim
+	$(BIN)/mypy tandem edge cloud sim federated
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q

@@ -1,0 +1,168 @@
+"""The Flower ClientApp: a device fine-tunes the bundle's LoRA adapter on its own data.
+
+Every setting arrives in the message's config (the server validated it); the node itself
+contributes only its ``partition-id`` and ``num-partitions`` (node config), which pick its rows
+and its domain. Replies leave through :func:`federated.updates.compress_updates`.
+
+Message contents, by key: ``arrays`` the adapter weights to start from and train (their keys
+are what comes back), ``frozen`` weights to load but keep fixed (FFA-LoRA's A), ``base`` an
+adapter to merge into the base weights first (FLoRA's accumulated one), ``config`` settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast, get_args
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
+from peft import PeftModel
+
+from federated.lora import Arrays, attach, load_arrays, lora_arrays, merge_into, rank_of
+from federated.partition import Scheme
+from federated.rank import truncate_rank
+from federated.strategies import BASE_KEY, FROZEN_KEY
+from federated.task import (
+    ClientSpec,
+    Features,
+    TrainSettings,
+    Wire,
+    accuracy,
+    client_features,
+    tail_model,
+    train,
+)
+from federated.updates import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    compress_updates,
+    from_record,
+    number,
+    to_record,
+)
+
+CLIPPING_KEY = "clipping_norm"  # what Flower's client-side DP strategy puts in the config
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    node = context.node_config
+    try:
+        return int(node["partition-id"]), int(node["num-partitions"])
+    except (KeyError, ValueError):
+        raise ValueError(
+            "this SuperNode has no partition: start it with "
+            "--node-config 'partition-id=N num-partitions=M'"
+        ) from None
+
+
+def _get(config: ConfigRecord, key: str) -> str:
+    if key not in config:
+        raise ValueError(f"the server's config lacks {key!r}")
+    return str(config[key])
+
+
+def client_data(config: ConfigRecord, context: Context) -> tuple[Features, Features]:
+    """This node's (train, test) features, as ``config`` and its partition say."""
+    partition, count = _partition(context)
+    domains = [d.strip() for d in _get(config, "domains").split(",") if d.strip()]
+    scheme = _get(config, "partitioner")
+    if scheme not in get_args(Scheme):
+        raise ValueError(f"unknown partitioner {scheme!r}")
+    spec = ClientSpec(
+        data=_get(config, "data"), partition=partition, num_partitions=count,
+        domain=domains[partition % len(domains)], scheme=cast(Scheme, scheme),
+        dirichlet_alpha=float(_get(config, "dirichlet-alpha")),
+        max_samples=int(_get(config, "max-samples")),
+        eval_samples=int(_get(config, "eval-samples")), seed=int(_get(config, "seed")),
+    )  # fmt: skip
+    return client_features(_wire(config), spec)
+
+
+def _wire(config: ConfigRecord) -> Wire:
+    return Wire(_get(config, "bundle"), float(_get(config, "width")), int(_get(config, "bits")))
+
+
+def client_rank(config: ConfigRecord, context: Context, offered: int) -> int:
+    """This client's rank: its entry of ``ranks`` when set (capped at ``offered``)."""
+    ranks = [int(r) for r in str(config.get("ranks", "")).split(",") if r.strip()]
+    if not ranks:
+        return offered
+    return min(offered, ranks[_partition(context)[0] % len(ranks)])
+
+
+def build_model(msg: Message, context: Context) -> tuple[PeftModel, set[str]]:
+    """The tail with this message's adapter attached, and the keys it trains."""
+    config = msg.content.config_records[CONFIG_KEY]
+    model = tail_model(_get(config, "bundle"))
+    if BASE_KEY in msg.content.array_records and len(msg.content.array_records[BASE_KEY]):
+        merge_into(model, from_record(msg.content.array_records[BASE_KEY]), 1.0)
+    trained = from_record(msg.content.array_records[ARRAYS_KEY])
+    frozen: Arrays = (
+        from_record(msg.content.array_records[FROZEN_KEY])
+        if FROZEN_KEY in msg.content.array_records
+        else {}
+    )
+    start = {**frozen, **trained}
+    rank = client_rank(config, context, rank_of(start))
+    start = truncate_rank(start, rank)
+    targets = sorted({k.rsplit(".", 1)[0] for k in start})
+    scale = float(_get(config, "lora-scale"))
+    peft = attach(model, targets, rank, scale * rank, seed=int(_get(config, "seed")))
+    load_arrays(peft, start)
+    trainable = {f"base_model.model.{k}.default.weight" for k in trained}
+    for name, param in peft.named_parameters():
+        param.requires_grad_(name in trainable)
+    return peft, set(trained)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    config = msg.content.config_records[CONFIG_KEY]
+    train_data, test_data = client_data(config, context)
+    model, keys = build_model(msg, context)
+    before = accuracy(model, test_data)
+    settings = TrainSettings(
+        epochs=int(_get(config, "local-epochs")), lr=float(_get(config, "lr")),
+        batch_size=int(_get(config, "batch-size")),
+        proximal_mu=float(_get(config, "proximal-mu")),
+        seed=int(_get(config, "seed")) + int(number(config, "server-round")),
+    )  # fmt: skip
+    loss = train(model, train_data, settings)
+    arrays = {k: v for k, v in lora_arrays(model).items() if k in keys}
+    metrics = MetricRecord({
+        "num-examples": len(train_data), "train-loss": loss, "partition": _partition(context)[0],
+        "rank": rank_of(lora_arrays(model)), "acc-before": before,
+        "acc-after": accuracy(model, test_data),
+    })  # fmt: skip
+    return Message(RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: metrics}), reply_to=msg)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    _, test_data = client_data(msg.content.config_records[CONFIG_KEY], context)
+    model, _ = build_model(msg, context)
+    metrics = MetricRecord({
+        "num-examples": len(test_data), "accuracy": accuracy(model, test_data),
+        "partition": _partition(context)[0],
+    })  # fmt: skip
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+def clip_if_asked(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod: Flower's fixed clipping, for runs whose server asks for client-side DP."""
+    config = msg.content.config_records.get(CONFIG_KEY)
+    if config is not None and CLIPPING_KEY in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def make_client_app(extra_mods: Sequence[Mod] = ()) -> ClientApp:
+    """The ClientApp, with ``extra_mods`` innermost (tests inject faults there)."""
+    client = ClientApp(mods=[compress_updates, clip_if_asked, *extra_mods])
+    client.train()(_train)
+    client.evaluate()(_evaluate)
+    return client
+
+
+app = make_client_app()

@@ -1,0 +1,156 @@
+"""LoRA on a bundle's cloud side (decoder + tail), attached with PEFT.
+
+Adapter weights travel and aggregate as plain arrays keyed ``<module>.lora_A`` and
+``<module>.lora_B``, shaped as PEFT shapes them: for ``nn.Linear(in, out)`` A is (r, in) and
+B (out, r); for ``nn.Conv2d(in, out, k)`` A is (r, in, kh, kw) and B (out, r, 1, 1). The base
+weights never leave the model and never get a gradient.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from cloud.adapters import save_adapter
+
+Arrays = dict[str, np.ndarray]
+_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])$")
+_PEFT_PARAM = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.default\.weight$"
+)
+
+
+class LoraError(ValueError):
+    """Targets that do not name adaptable modules, or arrays that do not fit the model."""
+
+
+def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)}
+
+
+def resolve_targets(model: nn.Module, spec: str) -> list[str]:
+    """Full module paths of the LoRA targets named by ``spec``.
+
+    ``auto`` is the classifier (every Linear) plus every conv of the tail's last stage: the
+    layers nearest the output, where a domain shift is cheapest to correct. Otherwise
+    ``spec`` is a comma-separated list of module paths or path suffixes (``fc`` matches
+    ``tail.fc``), each of which must name at least one Linear or Conv2d.
+    """
+    modules = _adaptable(model)
+    if spec.strip() == "auto":
+        stages = sorted({n.split(".")[1] for n in modules if n.startswith("tail.layer")})
+        last = f"tail.{stages[-1]}." if stages else "\0"
+        chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) or n.startswith(last)]
+        return sorted(chosen)
+    named: set[str] = set()
+    for name in (s.strip() for s in spec.split(",") if s.strip()):
+        hits = [n for n in modules if n == name or n.endswith("." + name)]
+        if not hits:
+            raise LoraError(f"target {name!r} names no Linear or Conv2d of the tail")
+        named.update(hits)
+    if not named:
+        raise LoraError("no LoRA targets given")
+    return sorted(named)
+
+
+def attach(
+    model: nn.Module, targets: list[str], rank: int, alpha: float, seed: int = 0
+) -> PeftModel:
+    """``model`` with fresh LoRA adapters on ``targets`` (PEFT's init: A random, B zero).
+
+    Base parameters are frozen; the adapter's initial A depends only on ``seed``.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    # PEFT annotates lora_alpha as int but computes alpha / r in floats; a client of a
+    # lower rank needs a fractional alpha to keep the global scale (federated.strategies).
+    config = LoraConfig(r=rank, target_modules=targets, lora_dropout=0.0)
+    config.lora_alpha = alpha  # type: ignore[assignment]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def lora_arrays(model: PeftModel) -> Arrays:
+    """The adapter's A and B weights as float32 arrays, keyed ``<module>.lora_{A,B}``."""
+    out: Arrays = {}
+    for name, param in model.named_parameters():
+        m = _PEFT_PARAM.match(name)
+        if m:
+            out[f"{m['module']}.lora_{m['part']}"] = param.detach().cpu().numpy().copy()
+    return out
+
+
+def load_arrays(model: PeftModel, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy ``arrays`` into the adapter; LoraError for a key or shape it does not have."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in arrays.items():
+            m = _KEY.match(key)
+            name = m and f"base_model.model.{m['module']}.lora_{m['part']}.default.weight"
+            if not name or name not in params:
+                raise LoraError(f"the model has no LoRA weight {key!r}")
+            if tuple(params[name].shape) != tuple(value.shape):
+                raise LoraError(
+                    f"{key}: shape {tuple(value.shape)} does not fit {tuple(params[name].shape)}"
+                )
+            params[name].copy_(torch.from_numpy(np.asarray(value, np.float32)))
+
+
+def pairs(arrays: Mapping[str, np.ndarray]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{module: (A, B)}`` from flat arrays; LoraError when a half is missing."""
+    halves: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        m = _KEY.match(key)
+        if not m:
+            raise LoraError(f"{key!r} is not a LoRA weight")
+        halves.setdefault(m["module"], {})[m["part"]] = value
+    for module, h in halves.items():
+        if set(h) != {"A", "B"}:
+            raise LoraError(f"{module}: lora_A and lora_B must come together")
+    return {module: (h["A"], h["B"]) for module, h in sorted(halves.items())}
+
+
+def rank_of(arrays: Mapping[str, np.ndarray]) -> int:
+    """The rank shared by every pair in ``arrays``; LoraError when they differ."""
+    ranks = {a.shape[0] for a, _ in pairs(arrays).values()}
+    if len(ranks) != 1:
+        raise LoraError(f"pairs of different ranks {sorted(ranks)}")
+    return ranks.pop()
+
+
+def merge_into(model: nn.Module, arrays: Mapping[str, np.ndarray], scale: float) -> None:
+    """Add ``scale * B @ A`` of every pair to its module's weight, in place.
+
+    The arithmetic is the cloud's (``cloud.adapters``): float32 product, then the add, so a
+    model merged here computes what the service computes with the same adapter.
+    """
+    modules = _adaptable(model)
+    with torch.no_grad():
+        for module, (a, b) in pairs(arrays).items():
+            if module not in modules:
+                raise LoraError(f"the model has no Linear or Conv2d {module!r}")
+            weight = modules[module].weight
+            assert isinstance(weight, torch.Tensor)
+            a32, b32 = torch.from_numpy(a).float(), torch.from_numpy(b).float()
+            delta = (b32.flatten(1) @ a32.flatten(1)).reshape(weight.shape) * scale
+            weight.copy_(weight.float() + delta)
+
+
+def publish(path: Path, arrays: Mapping[str, np.ndarray], alpha: float, tenant: str = "") -> None:
+    """Write ``arrays`` as a PEFT-format adapter directory ``path`` (which must not exist)."""
+    lora = {m: (torch.from_numpy(a), torch.from_numpy(b)) for m, (a, b) in pairs(arrays).items()}
+    save_adapter(
+        path,
+        lora=lora,
+        rank=rank_of(arrays),
+        alpha=alpha,
+        target_modules=sorted(lora),
+        tenant=tenant,
+    )

@@ -1,0 +1,175 @@
+"""What a client computes: its features, local LoRA training, and accuracy.
+
+A client holds raw images. Its frozen head and bottleneck encoder run once over them, and the
+features go through ``tandem.codec`` at the bundle's width and bits and back, so training sees
+exactly the tensors the cloud decodes from the wire. Only decoder + tail (with LoRA) train.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import nn
+
+from federated.domains import apply_domain
+from federated.partition import Scheme, partition_rows
+from tandem import codec
+from tandem.bundle import HeadRunner, TailRunner
+from tandem.data import DataSet, load_data
+
+EVAL_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Features:
+    """Decoded wire features ``z`` (float32, N x C x H x W) and their labels ``y``."""
+
+    z: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How features cross the wire: the bundle, its width and bits."""
+
+    bundle: str
+    width: float = 0.0  # 0: the widest trained width
+    bits: int = 0  # 0: the bundle's default
+
+
+@functools.lru_cache(maxsize=4)
+def _head(bundle: str) -> HeadRunner:
+    return HeadRunner.from_bundle(Path(bundle))
+
+
+@functools.lru_cache(maxsize=2)
+def _data(spec: str) -> DataSet:
+    return load_data(spec)
+
+
+def resolved(wire: Wire) -> tuple[float, int]:
+    """The (width, bits) that ``wire`` means for its bundle."""
+    m = _head(wire.bundle).manifest
+    return (wire.width or max(m.bottleneck.widths)), (wire.bits or m.codec.bits)
+
+
+def features(wire: Wire, x: np.ndarray, y: np.ndarray) -> Features:
+    """Images ``x`` through the head and the codec, as the cloud receives them."""
+    head = _head(wire.bundle)
+    width, bits = resolved(wire)
+    payloads = head.encode(x, width, bits) if len(x) else []
+    z = np.stack([codec.decode(p) for p in payloads]) if payloads else np.zeros((0, 1, 1, 1))
+    return Features(torch.from_numpy(z.astype(np.float32)), torch.from_numpy(y.astype(np.int64)))
+
+
+@dataclass(frozen=True)
+class ClientSpec:
+    """Which data a client holds: its partition, domain and sample caps."""
+
+    data: str
+    partition: int
+    num_partitions: int
+    domain: str
+    scheme: Scheme = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    max_samples: int = 1000
+    eval_samples: int = 300
+    seed: int = 0
+
+
+HOLDOUT = 0.2  # of a client's rows, kept back as its own test data
+
+
+@functools.lru_cache(maxsize=16)
+def client_features(wire: Wire, spec: ClientSpec) -> tuple[Features, Features]:
+    """A client's (train, test) features: its partition of the training split, seen through
+    its own domain, with a seeded fifth (at most ``eval_samples``) held out for testing, so
+    its test data has its own label mix as well as its own domain."""
+    data = _data(spec.data)
+    rows = partition_rows(
+        data.train.y, spec.num_partitions, spec.partition,
+        scheme=spec.scheme, alpha=spec.dirichlet_alpha, seed=spec.seed,
+    )  # fmt: skip
+    seed = spec.seed * 1000 + spec.partition
+    rows = np.random.default_rng(seed).permutation(rows)
+    held = min(spec.eval_samples, max(1, int(len(rows) * HOLDOUT)))
+    x = apply_domain(spec.domain, data.train.x[rows[: held + spec.max_samples]], seed)
+    y = data.train.y[rows[: held + spec.max_samples]]
+    return features(wire, x[held:], y[held:]), features(wire, x[:held], y[:held])
+
+
+@functools.lru_cache(maxsize=32)
+def domain_test(wire: Wire, data_spec: str, domain: str, samples: int, seed: int) -> Features:
+    """The first ``samples`` test images seen through ``domain``, as features."""
+    test = _data(data_spec).test
+    x = apply_domain(domain, test.x[:samples], seed + 7919)
+    return features(wire, x, test.y[:samples])
+
+
+def tail_model(bundle: str) -> nn.Module:
+    """A fresh decoder + tail of ``bundle`` (its own copy: callers attach LoRA to it)."""
+    return TailRunner.from_bundle(Path(bundle)).model
+
+
+@torch.inference_mode()
+def predictions(model: nn.Module, data: Features) -> torch.Tensor:
+    """The predicted class of every sample."""
+    model.eval()
+    out = [model(data.z[i : i + EVAL_BATCH]).argmax(1) for i in range(0, len(data), EVAL_BATCH)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def accuracy(model: nn.Module, data: Features) -> float:
+    """Top-1 accuracy of ``model`` on ``data`` (0 for no data)."""
+    if not len(data):
+        return 0.0
+    return float((predictions(model, data) == data.y).float().mean())
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Local training: epochs, learning rate, batch size, FedProx's mu, and the seed."""
+
+    epochs: int
+    lr: float
+    batch_size: int
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+
+def train(model: PeftModel, data: Features, settings: TrainSettings) -> float:
+    """Train the adapter's trainable weights on ``data``; returns the mean loss of the last
+    epoch. With ``proximal_mu`` > 0 the loss adds FedProx's (mu / 2) * ||w - w_start||^2,
+    which keeps a client on skewed data from drifting far from the global adapter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    gen = torch.Generator().manual_seed(settings.seed)
+    # Eval mode throughout: batch norm must keep using (and not update) the frozen running
+    # statistics the cloud serves with; LoRA has no dropout here, so nothing else changes.
+    model.eval()
+    last = 0.0
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(data), generator=gen)
+        total = 0.0
+        for i in range(0, len(data), settings.batch_size):
+            idx = order[i : i + settings.batch_size]
+            loss = F.cross_entropy(model(data.z[idx]), data.y[idx])
+            if settings.proximal_mu:
+                drift = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
+                loss = loss + settings.proximal_mu / 2 * drift
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        last = total / max(1, len(data))
+    return last

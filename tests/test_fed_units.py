@@ -1,0 +1,227 @@
+"""Federated building blocks: config, domains, partitions, update codec, rank algebra, LoRA."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cloud.adapters import load_adapter, merged_state
+from federated.config import FedConfig, FedConfigError
+from federated.domains import DomainError, apply_domain
+from federated.lora import (
+    LoraError,
+    attach,
+    load_arrays,
+    lora_arrays,
+    merge_into,
+    resolve_targets,
+)
+from federated.partition import partition_rows
+from federated.publish import next_version, publish_adapter
+from federated.rank import compact, concat_ranks, pad_rank, scale_b, truncate_rank
+from federated.task import tail_model
+from federated.updates import UpdateError, decode_update, encode_update
+
+
+def _delta(arrays: dict[str, np.ndarray], module: str) -> np.ndarray:
+    a, b = arrays[f"{module}.lora_A"], arrays[f"{module}.lora_B"]
+    return b.reshape(b.shape[0], -1).astype(np.float64) @ a.reshape(a.shape[0], -1)
+
+
+def _random_adapter(rank: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "m.conv.lora_A": rng.normal(size=(rank, 6, 3, 3)).astype(np.float32),
+        "m.conv.lora_B": rng.normal(size=(5, rank, 1, 1)).astype(np.float32),
+        "fc.lora_A": rng.normal(size=(rank, 7)).astype(np.float32),
+        "fc.lora_B": rng.normal(size=(3, rank)).astype(np.float32),
+    }
+
+
+# ------------------------------------------------------------------------------- config
+
+
+def test_config_reads_flower_dashed_keys() -> None:
+    cfg = FedConfig.from_run_config({"bundle": "b", "num-rounds": 3, "update-bits": 4})
+    assert (cfg.num_rounds, cfg.update_bits) == (3, 4)
+    assert cfg.client_config()["update-bits"] == 4
+
+
+@pytest.mark.parametrize(
+    ("config", "words"),
+    [
+        ({}, "bundle"),
+        ({"bundle": ""}, "bundle"),
+        ({"bundle": "b", "update-bits": 3}, "update-bits"),
+        ({"bundle": "b", "strategy": "fedsgd"}, "strategy"),
+        ({"bundle": "b", "ranks": "2,x"}, "ranks"),
+        ({"bundle": "b", "ranks": "2,4"}, "hetlora"),
+        ({"bundle": "b", "dp": "server-fixed", "strategy": "ffa"}, "fedit"),
+        ({"bundle": "b", "min-replies": 5, "min-nodes": 2}, "min-replies"),
+        ({"bundle": "b", "surprise": 1}, "surprise"),
+    ],
+)
+def test_config_errors_name_the_key(config: dict[str, object], words: str) -> None:
+    with pytest.raises(FedConfigError, match=words):
+        FedConfig.from_run_config(config)
+
+
+def test_ranks_cycle_over_clients() -> None:
+    cfg = FedConfig.from_run_config({"bundle": "b", "strategy": "hetlora", "ranks": "2,8"})
+    assert [cfg.rank_for(p) for p in range(3)] == [2, 8, 2]
+    assert cfg.max_rank == 8
+
+
+# ------------------------------------------------------------------------------- domains
+
+
+def test_domains_keep_shape_and_differ() -> None:
+    x = np.random.default_rng(0).integers(0, 256, (5, 1, 12, 12)).astype(np.uint8)
+    seen = set()
+    for spec in ("identity", "rotate:35", "invert", "noise:0.3", "contrast:0.3", "shift:0.2",
+                 "blur:3"):  # fmt: skip
+        y = apply_domain(spec, x, seed=1)
+        assert y.shape == x.shape and y.dtype == np.uint8
+        np.testing.assert_array_equal(y, apply_domain(spec, x, seed=1))  # deterministic
+        seen.add(y.tobytes())
+    assert len(seen) == 7
+    np.testing.assert_array_equal(apply_domain("invert", x), 255 - x)
+
+
+@pytest.mark.parametrize("spec", ["sepia", "rotate:abc", "noise:2", "blur:1.5", "shift:1"])
+def test_bad_domains_raise(spec: str) -> None:
+    with pytest.raises(DomainError):
+        apply_domain(spec, np.zeros((1, 1, 4, 4), np.uint8))
+
+
+# ------------------------------------------------------------------------------- partitions
+
+
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet"])
+def test_partitions_are_disjoint_and_cover(scheme: str) -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 2000)
+    parts = [partition_rows(labels, 5, p, scheme=scheme, alpha=0.3) for p in range(5)]  # type: ignore[arg-type]
+    joined = np.concatenate(parts)
+    assert len(joined) == len(set(joined.tolist())) == 2000
+    again = partition_rows(labels, 5, 2, scheme=scheme, alpha=0.3)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(parts[2], again)
+
+
+def test_dirichlet_skews_labels_more_than_iid() -> None:
+    labels = np.random.default_rng(0).integers(0, 10, 4000)
+
+    def spread(scheme: str) -> float:
+        mixes = [np.bincount(labels[partition_rows(labels, 8, p, scheme=scheme, alpha=0.2)],  # type: ignore[arg-type]
+                             minlength=10) for p in range(8)]  # fmt: skip
+        return float(np.mean([np.std(m / m.sum()) for m in mixes]))
+
+    assert spread("dirichlet") > 3 * spread("iid")
+
+
+# ------------------------------------------------------------------------------- updates
+
+
+@pytest.mark.parametrize(("bits", "tolerance"), [(4, 0.08), (8, 0.005), (16, 1e-3)])
+def test_update_round_trip(bits: int, tolerance: float) -> None:
+    for key, value in _random_adapter(4).items():
+        back = decode_update(key, encode_update(key, value, bits), value)
+        assert back.shape == value.shape
+        scale = np.abs(value).max()
+        assert np.abs(back - value).max() <= tolerance * scale
+
+
+def test_lower_rank_update_decodes_against_the_first_components() -> None:
+    full = _random_adapter(8)
+    for key, value in truncate_rank(full, 3).items():
+        back = decode_update(key, encode_update(key, value, 16), full[key])
+        assert back.shape == value.shape
+
+
+def test_updates_that_do_not_fit_are_refused() -> None:
+    a = _random_adapter(4)["fc.lora_A"]
+    with pytest.raises(UpdateError):
+        decode_update("fc.lora_A", encode_update("fc.lora_A", np.zeros((4, 9), np.float32), 8), a)
+    with pytest.raises(UpdateError):
+        decode_update("fc.lora_A", b"\x00garbage", a)
+    bigger = np.zeros((6, 7), np.float32)
+    with pytest.raises(UpdateError):
+        decode_update("fc.lora_A", encode_update("fc.lora_A", bigger, 8), a)
+
+
+# ------------------------------------------------------------------------------- rank algebra
+
+
+def test_truncate_then_pad_keeps_the_first_components() -> None:
+    full = _random_adapter(6)
+    padded = pad_rank(truncate_rank(full, 2), 6)
+    assert padded["fc.lora_A"].shape == (6, 7) and padded["fc.lora_B"].shape == (3, 6)
+    np.testing.assert_array_equal(padded["fc.lora_A"][:2], full["fc.lora_A"][:2])
+    assert not padded["fc.lora_A"][2:].any() and not padded["fc.lora_B"][:, 2:].any()
+
+
+def test_stacking_sums_the_deltas_and_compact_keeps_them() -> None:
+    one, two = scale_b(_random_adapter(2, 1), 0.25), scale_b(_random_adapter(3, 2), 0.75)
+    stacked = concat_ranks([one, two])
+    for module in ("fc", "m.conv"):
+        want = _delta(one, module) + _delta(two, module)
+        np.testing.assert_allclose(_delta(stacked, module), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(_delta(compact(stacked), module), want, rtol=1e-4, atol=1e-4)
+    # fc's delta is 3 x 7: rank 3 at most, whatever was stacked
+    assert compact(stacked)["fc.lora_A"].shape[0] == 5  # padded to the conv's rank 5
+
+
+# ------------------------------------------------------------------------------- LoRA on a bundle
+
+
+def test_auto_targets_are_the_last_stage_and_classifier(digits_bundle: Path) -> None:
+    targets = resolve_targets(tail_model(str(digits_bundle)), "auto")
+    assert "tail.fc" in targets and all(
+        t == "tail.fc" or t.startswith("tail.layer4.") for t in targets
+    )
+    assert resolve_targets(tail_model(str(digits_bundle)), "fc") == ["tail.fc"]
+    with pytest.raises(LoraError, match="nothing"):
+        resolve_targets(tail_model(str(digits_bundle)), "nothing")
+
+
+def test_merged_adapter_computes_what_peft_and_the_cloud_compute(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+
+    bundle = str(digits_bundle)
+    targets = resolve_targets(tail_model(bundle), "auto")
+    peft = attach(tail_model(bundle), targets, 4, 8.0, seed=3)
+    arrays = {k: v + 0.05 for k, v in lora_arrays(peft).items()}  # B nonzero: a real delta
+    load_arrays(peft, arrays)
+    z = torch.randn(6, 8, 4, 4)
+    with torch.inference_mode():
+        want = peft(z)
+        merged = tail_model(bundle)
+        merge_into(merged, arrays, 2.0)
+        torch.testing.assert_close(merged(z), want, rtol=1e-4, atol=1e-4)
+
+    # Published, the adapter is PEFT's format: PEFT and the cloud both load it.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps({}))
+    path = publish_adapter(tmp_path / "b", "fed", arrays, 2.0)
+    assert path.name == "1" and next_version(tmp_path / "b", "fed") == "2"
+    with torch.inference_mode():
+        loaded = PeftModel.from_pretrained(tail_model(bundle), str(path))
+        torch.testing.assert_close(loaded(z), want, rtol=1e-4, atol=1e-4)
+        base = tail_model(bundle)
+        state = merged_state(base, load_adapter(path, "fed", "1"))
+        cloud = torch.func.functional_call(base, state, (z,), strict=False)
+        torch.testing.assert_close(cloud, want, rtol=1e-4, atol=1e-4)
+
+
+def test_load_arrays_refuses_what_does_not_fit(digits_bundle: Path) -> None:
+    bundle = str(digits_bundle)
+    peft = attach(tail_model(bundle), ["tail.fc"], 2, 4.0)
+    with pytest.raises(LoraError, match="no LoRA weight"):
+        load_arrays(peft, {"tail.nope.lora_A": np.zeros((2, 3), np.float32)})
+    with pytest.raises(LoraError, match="does not fit"):
+        load_arrays(peft, {"tail.fc.lora_A": np.zeros((3, 3), np.float32)})
