@@ -225,3 +225,15 @@ def test_load_arrays_refuses_what_does_not_fit(digits_bundle: Path) -> None:
         load_arrays(peft, {"tail.nope.lora_A": np.zeros((2, 3), np.float32)})
     with pytest.raises(LoraError, match="does not fit"):
         load_arrays(peft, {"tail.fc.lora_A": np.zeros((3, 3), np.float32)})
+
+
+def test_pyproject_declares_every_setting_with_its_default() -> None:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    declared = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    expected = FedConfig.model_fields
+    assert set(declared) == {name.replace("_", "-") for name in expected}
+    for name, field in expected.items():
+        if name != "bundle":
+            assert declared[name.replace("_", "-")] == field.default, name

@@ -1,0 +1,107 @@
+"""A real Flower deployment on loopback for tests: one SuperLink, N SuperNodes, `flwr run`.
+
+Each is its own process (and process group, so its SuperExec children go with it). Runtime
+dependency installation stays off: the processes use this environment's packages. Ports are
+chosen free on 127.0.0.1 just before use; Flower's binaries take no port 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT_S = 60
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def flower_env(home: Path) -> dict[str, str]:
+    """The environment for Flower's commands: its own FLWR_HOME, no telemetry, our venv."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
+@contextmanager
+def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+    try:
+        yield proc
+    finally:
+        stop(proc)
+
+
+def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(grace_s)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-2000:]}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {port} after {READY_TIMEOUT_S} s")
+
+
+@contextmanager
+def deployment(root: Path, nodes: int) -> Iterator[tuple[str, dict[str, str], list[int]]]:
+    """A SuperLink and ``nodes`` SuperNodes; yields (connection name, env, process ids)."""
+    home = root / "flwr-home"
+    home.mkdir(parents=True)
+    env = flower_env(home)
+    link_port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
+    )
+    with ExitStack() as stack:
+        log = root / "superlink.log"
+        link_args = [
+            str(BIN / "flower-superlink"), "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1", "--port", str(link_port), "--database", str(root / "link.db"),
+        ]  # fmt: skip
+        link = stack.enter_context(_process(link_args, env, log))
+        _wait_listening(link_port, link, log)
+        pids = [link.pid]
+        for i in range(nodes):
+            node_args = [
+                str(BIN / "flower-supernode"), "--insecure",
+                "--superlink", f"127.0.0.1:{link_port}", "--host", "127.0.0.1",
+                "--port", str(free_port()),
+                "--node-config", f"partition-id={i} num-partitions={nodes}",
+            ]  # fmt: skip
+            node = stack.enter_context(_process(node_args, env, root / f"supernode{i}.log"))
+            pids.append(node.pid)
+        yield "test", env, pids
