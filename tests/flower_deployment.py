@@ -1,4 +1,5 @@
-"""A real Flower deployment on loopback for tests: one SuperLink, N SuperNodes, `flwr run`.
+"""Real Flower processes on loopback for tests: a SuperLink with N SuperNodes, or a SuperLink
+running the simulation runtime; `flwr run` submits to either.
 
 Each is its own process (and process group, so its SuperExec children go with it). Runtime
 dependency installation stays off: the processes use this environment's packages. Ports are
@@ -74,6 +75,31 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None
     raise TimeoutError(f"nothing listens on {port} after {READY_TIMEOUT_S} s")
 
 
+def _connection(home: Path, port: int) -> None:
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+    )
+
+
+@contextmanager
+def simulation_link(root: Path) -> Iterator[tuple[str, dict[str, str], list[int]]]:
+    """A SuperLink running the simulation runtime (Ray); yields (connection, env, pids)."""
+    home = root / "flwr-home"
+    home.mkdir(parents=True)
+    env, port = flower_env(home), free_port()
+    _connection(home, port)
+    args = [
+        str(BIN / "flower-superlink"), "--insecure", "--simulation",
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
+        "--database", str(root / "link.db"),
+    ]  # fmt: skip
+    log = root / "superlink.log"
+    with _process(args, env, log) as link:
+        _wait_listening(port, link, log)
+        yield "test", env, [link.pid]
+
+
 @contextmanager
 def deployment(root: Path, nodes: int) -> Iterator[tuple[str, dict[str, str], list[int]]]:
     """A SuperLink and ``nodes`` SuperNodes; yields (connection name, env, process ids)."""
@@ -81,10 +107,7 @@ def deployment(root: Path, nodes: int) -> Iterator[tuple[str, dict[str, str], li
     home.mkdir(parents=True)
     env = flower_env(home)
     link_port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
-        f'address = "127.0.0.1:{link_port}"\ninsecure = true\n'
-    )
+    _connection(home, link_port)
     with ExitStack() as stack:
         log = root / "superlink.log"
         link_args = [
