@@ -107,12 +107,19 @@ def client_features(wire: Wire, spec: ClientSpec) -> tuple[Features, Features]:
     return features(wire, x[held:], y[held:]), features(wire, x[:held], y[:held])
 
 
+def domain_inputs(
+    data_spec: str, domain: str, samples: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``samples`` test images seen through ``domain``, and their labels: what a
+    device in that domain would send."""
+    test = _data(data_spec).test
+    return apply_domain(domain, test.x[:samples], seed + 7919), test.y[:samples]
+
+
 @functools.lru_cache(maxsize=32)
 def domain_test(wire: Wire, data_spec: str, domain: str, samples: int, seed: int) -> Features:
-    """The first ``samples`` test images seen through ``domain``, as features."""
-    test = _data(data_spec).test
-    x = apply_domain(domain, test.x[:samples], seed + 7919)
-    return features(wire, x, test.y[:samples])
+    """:func:`domain_inputs` as features."""
+    return features(wire, *domain_inputs(data_spec, domain, samples, seed))
 
 
 def tail_model(bundle: str) -> nn.Module:

@@ -1,0 +1,62 @@
+"""A federation's adapter, published into a running cloud service, answers edge requests."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from flwr.simulation import run_simulation
+from serving import config, make_repo, requests_for, running
+
+from federated.client_app import app as client_app
+from federated.config import FedConfig
+from federated.server_app import make_server_app
+from federated.task import Wire, domain_inputs, resolved
+from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.slow
+
+NODES = 3
+
+
+def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path, digits_bundle)
+    settings = {
+        "bundle": str(digits_bundle), "publish": str(repo / "digits"), "num-rounds": 2,
+        "min-nodes": NODES, "max-samples": 150, "eval-samples": 50, "local-epochs": 2,
+        "personal-epochs": 0, "out": str(tmp_path / "out"),
+    }  # fmt: skip
+    cfg = FedConfig.from_run_config(settings)
+    domains = cfg.domain_list()
+    inputs = [domain_inputs(cfg.data, domains[p], cfg.eval_samples, p) for p in range(NODES)]
+    x, y = np.concatenate([i[0] for i in inputs]), np.concatenate([i[1] for i in inputs])
+    width, bits = resolved(Wire(cfg.bundle))
+
+    async def scenario() -> tuple[dict, list]:  # type: ignore[type-arg]
+        async with running(config(repo)) as server:
+            # The service starts before the adapter exists, and is never restarted.
+            await asyncio.to_thread(
+                run_simulation, make_server_app(settings), client_app, NODES,
+                {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
+            )  # fmt: skip
+            result = json.loads((tmp_path / "out" / "result.json").read_text())
+            requests = requests_for(digits_bundle, x, width, bits)
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.SplitInferenceStub(channel)
+                for r in requests:
+                    r.adapter = cfg.adapter_name
+                answers = await asyncio.gather(*(stub.Infer(r) for r in requests))
+        return result, list(answers)
+
+    result, answers = asyncio.run(scenario())
+    assert result["published"] == [str(repo / "digits" / "adapters" / "federated" / "1")]
+    assert {(a.adapter, a.adapter_version) for a in answers} == {("federated", "1")}
+    served = float(np.mean([a.top[0].index for a in answers] == y))
+    assert served == pytest.approx(result["global_accuracy"], abs=1e-6)
+    assert result["global_accuracy"] != result["frozen_accuracy"]  # the adapter did change it
