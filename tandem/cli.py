@@ -350,11 +350,13 @@ def build_parser() -> argparse.ArgumentParser:
     # The roles register their own subcommands (each adds its own --json).
     from cloud.cli import register as register_cloud
     from edge.cli import register as register_edge
+    from federated.cli import register as register_fed
     from sim.cli import register as register_sim
 
     register_cloud(sub)
     register_edge(sub)
     register_sim(sub)
+    register_fed(sub)
     return parser
 
 
