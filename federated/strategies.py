@@ -71,8 +71,8 @@ class LoraStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Federated evaluation, as ``inner`` configures it."""
-        config["lora-scale"] = self.scale
+        """Federated evaluation, as ``inner`` configures it (the rounds here evaluate on the
+        server instead; Flower's Strategy interface requires the method)."""
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(
@@ -118,13 +118,6 @@ class FfaLora(LoraStrategy):
         return _with_record(super().configure_train(server_round, arrays, config, grid),
                             FROZEN_KEY, self.frozen_a)  # fmt: skip
 
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """Each message also carries the frozen A."""
-        return _with_record(super().configure_evaluate(server_round, arrays, config, grid),
-                            FROZEN_KEY, self.frozen_a)  # fmt: skip
-
     def global_adapter(self, arrays: ArrayRecord) -> Arrays:
         """A and B together."""
         return {**self.frozen_a, **from_record(arrays)}
@@ -137,6 +130,10 @@ class FfaLora(LoraStrategy):
 class HetLora(LoraStrategy):
     """HetLoRA: replies of any rank up to the global one, zero-padded before averaging."""
 
+    def __init__(self, inner: Strategy, scale: float, rank: int) -> None:
+        super().__init__(inner, scale)
+        self.rank = rank
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -148,10 +145,6 @@ class HetLora(LoraStrategy):
                 reply.content.array_records[ARRAYS_KEY] = to_record(arrays)
             padded.append(reply)
         return self.inner.aggregate_train(server_round, padded)
-
-    def __init__(self, inner: Strategy, scale: float, rank: int) -> None:
-        super().__init__(inner, scale)
-        self.rank = rank
 
 
 class FLoRA(LoraStrategy):
@@ -169,13 +162,6 @@ class FLoRA(LoraStrategy):
         config["lora-scale"] = self.client_scale
         messages = self.inner.configure_train(server_round, to_record(self.fresh), config, grid)
         return _with_record(messages, BASE_KEY, from_record(arrays))
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        """The accumulated adapter, at scale 1."""
-        config["lora-scale"] = 1.0
-        return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate(
         self, server_round: int, current: ArrayRecord, replies: list[Message]
