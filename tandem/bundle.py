@@ -13,10 +13,12 @@ device holding a bundle never reads tail weights, so the two directories may dif
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -276,11 +278,9 @@ class TailRunner:
         """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict)."""
         b = manifest.bottleneck
         decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
-        # Tracing needs the whole architecture, but on the meta device it costs no memory
-        # and no head weights are ever materialised.
-        with torch.device("meta"):
-            model = build_arch(manifest)
-        tail = split_model(model, manifest.cut).tail.to_empty(device="cpu")
+        key = json.dumps([manifest.arch.model_dump(), manifest.num_classes,
+                          list(manifest.input.shape), manifest.cut])  # fmt: skip
+        tail = copy.deepcopy(_traced_tail(key, manifest)).to_empty(device="cpu")
         cloud = CloudTail(decoder, tail)
         _load_into(cloud, state, "tail")
         return cls(cloud, manifest)
@@ -300,6 +300,28 @@ class TailRunner:
     def infer(self, payloads: Sequence[bytes]) -> np.ndarray:
         """Logits ``(N, classes)`` for payloads that all have the same width."""
         return self.model(self.unpack(payloads)).numpy()
+
+
+_TRACE_LOCK = threading.Lock()
+_TRACED: dict[str, nn.Module] = {}
+
+
+def _traced_tail(key: str, manifest: Manifest) -> nn.Module:
+    """The tail of ``manifest``'s architecture at its cut, on the meta device; traced once
+    per process and architecture, and copied by every caller.
+
+    Why once: torch.fx tracing patches ``nn.Module.__call__`` for the whole process while it
+    runs, so a forward pass on another thread at that moment fails. Serving loads adapted
+    copies and new bundle versions while worker threads compute; copying a traced template
+    never traces. (The first bundle of a new architecture still traces, once.) On the meta
+    device the whole architecture costs no memory.
+    """
+    with _TRACE_LOCK:
+        if key not in _TRACED:
+            with torch.device("meta"):
+                model = build_arch(manifest)
+            _TRACED[key] = split_model(model, manifest.cut).tail
+        return _TRACED[key]
 
 
 def load_full(bundle: Path) -> nn.Module | None:

@@ -186,3 +186,37 @@ def test_inconsistent_manifest_is_refused(bundle_copy: Path, path: tuple, value:
     (bundle_copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="invalid"):
         read_manifest(bundle_copy)
+
+
+def test_loading_a_tail_does_not_break_forward_passes_on_other_threads(
+    digits_bundle: Path,
+) -> None:
+    """torch.fx tracing patches nn.Module.__call__ process-wide; serving loads adapted copies
+    and new versions while worker threads compute, so a load must not trace again."""
+    import threading
+
+    import torch
+
+    runner = TailRunner.from_bundle(digits_bundle)
+    z = torch.randn(8, *runner.manifest.bottleneck.shapes[str(1.0)])
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def forward() -> None:
+        while not stop.is_set():
+            try:
+                with torch.inference_mode():
+                    runner.model(z)
+            except Exception as exc:  # the failure under test
+                errors.append(exc)
+                return
+
+    worker = threading.Thread(target=forward)
+    worker.start()
+    try:
+        for _ in range(20):
+            TailRunner.from_bundle(digits_bundle)
+    finally:
+        stop.set()
+        worker.join()
+    assert errors == []
