@@ -84,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategy", default="fedit", help="fedit, ffa, hetlora or flora")
     parser.add_argument("--ranks", default="", help="per-client ranks (hetlora, flora)")
     parser.add_argument("--samples", type=int, default=600, help="training rows per client")
-    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    parser.add_argument("--epochs", type=int, default=3, help="local epochs per round")
     parser.add_argument("--update-bits", type=int, default=8)
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="any other run-config setting, e.g. --set rank=8 --set lr=0.01",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    from federated.cli import simulate
+    from federated.cli import parse_settings, simulate
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="tandem-bench-fed-") as tmp:
@@ -97,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
             "strategy": args.strategy, "ranks": args.ranks, "min-nodes": args.clients,
             "min-replies": max(1, args.clients // 2), "max-samples": args.samples,
             "local-epochs": args.epochs, "update-bits": args.update_bits,
-            "out": str(Path(tmp) / "out"),
+            "out": str(Path(tmp) / "out"), **parse_settings(args.set),
         }  # fmt: skip
         start = time.perf_counter()
         result = simulate(settings, args.clients, Path(tmp) / "out")
         doc = {
             "bundle": str(bundle), "data": args.data, "clients": args.clients,
             "rounds": args.rounds, "strategy": args.strategy, "update_bits": args.update_bits,
+            "settings": args.set,
             **summarise(result), "wall_s": round(time.perf_counter() - start, 1),
         }  # fmt: skip
     print(json.dumps(doc))

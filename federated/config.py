@@ -45,7 +45,7 @@ class FedConfig(StrictModel):
     alpha: float = Field(default=8.0, gt=0)
     targets: str = "auto"
     local_epochs: int = Field(default=2, ge=1)
-    lr: float = Field(default=5e-3, gt=0)
+    lr: float = Field(default=1e-2, gt=0)
     batch_size: int = Field(default=32, ge=1)
     max_samples: int = Field(default=1000, ge=1)
     width: float = Field(default=0.0, ge=0, le=1)
