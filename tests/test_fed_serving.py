@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from flwr.simulation import run_simulation
+from federation import simulate
 from serving import config, make_repo, requests_for, running
 
 from federated.client_app import app as client_app
 from federated.config import FedConfig
-from federated.server_app import make_server_app
 from federated.task import Wire, domain_inputs, resolved
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 
@@ -30,7 +28,7 @@ def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
     settings = {
         "bundle": str(digits_bundle), "publish": str(repo / "digits"), "num-rounds": 2,
         "min-nodes": NODES, "max-samples": 150, "eval-samples": 50, "local-epochs": 2,
-        "personal-epochs": 0, "out": str(tmp_path / "out"),
+        "personal-epochs": 0, "round-timeout": 120.0, "out": str(tmp_path / "out"),
     }  # fmt: skip
     cfg = FedConfig.from_run_config(settings)
     domains = cfg.domain_list()
@@ -41,11 +39,7 @@ def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
     async def scenario() -> tuple[dict, list]:  # type: ignore[type-arg]
         async with running(config(repo)) as server:
             # The service starts before the adapter exists, and is never restarted.
-            await asyncio.to_thread(
-                run_simulation, make_server_app(settings), client_app, NODES,
-                {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}},
-            )  # fmt: skip
-            result = json.loads((tmp_path / "out" / "result.json").read_text())
+            result = await asyncio.to_thread(simulate, settings, client_app, NODES)
             requests = requests_for(digits_bundle, x, width, bits)
             async with grpc.aio.insecure_channel(server.address) as channel:
                 stub = pb_grpc.SplitInferenceStub(channel)

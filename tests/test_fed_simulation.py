@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from federation import simulate
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.simulation import run_simulation
 
 from cloud.repository import ModelRepository
 from federated.client_app import make_client_app
-from federated.server_app import make_server_app
 
 pytestmark = pytest.mark.slow
-
-BACKEND: dict[str, Any] = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
 
 
 def _federate(
@@ -27,10 +23,10 @@ def _federate(
 ) -> dict[str, Any]:
     settings = {
         "bundle": str(bundle), "num-rounds": 2, "min-nodes": nodes, "min-replies": 2,
-        "max-samples": 120, "eval-samples": 40, "local-epochs": 1, "out": str(out), **config,
+        "max-samples": 120, "eval-samples": 40, "local-epochs": 1, "round-timeout": 120.0,
+        "out": str(out), **config,
     }  # fmt: skip
-    run_simulation(make_server_app(settings), make_client_app(mods), nodes, backend_config=BACKEND)
-    return json.loads((out / "result.json").read_text())
+    return simulate(settings, make_client_app(mods), nodes)
 
 
 def _fail_partition(partition: int) -> Any:
