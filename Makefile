@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/codec.py
 	$(BIN)/python bench/serve.py
 	$(BIN)/python bench/sim.py
+	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/fed.py
 
 # Regenerate tandem/wire/v1 from proto/tandem/v1; tests/test_wire.py fails while they differ.

@@ -18,6 +18,9 @@ For ``nn.Conv2d(in, out, k)``, A is a conv (r, in, kh, kw) and B a 1x1 conv (out
 delta = (B.flatten(1) @ A.flatten(1)).reshape(out, in, kh, kw) * scale, which is what
 PEFT merges, since B(A(x)) is a conv whose kernel is that product. scale is alpha / r, or
 alpha / sqrt(r) with ``use_rslora``.
+
+Besides the merged deltas, a loaded adapter keeps each pair's factors (:class:`LoraFactors`)
+for serving it unmerged, beside other adapters in one batch (``cloud/lora_batch.py``).
 """
 
 from __future__ import annotations
@@ -62,12 +65,30 @@ class AdapterError(ValueError):
     """An adapter is missing, malformed, unsupported, or does not fit the model."""
 
 
+@dataclass(frozen=True)
+class LoraFactors:
+    """One module's LoRA pair, float32, shaped for the unmerged forward.
+
+    ``a`` is lora_A as saved: (r, in) for a Linear, (r, in, kh, kw) for a Conv2d. ``b`` is
+    lora_B times the adapter's scale, as (r, out): the module adds ``A(x) @ b``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """The pair's rank r."""
+        return int(self.a.shape[0])
+
+
 @dataclass
 class Adapter:
-    """A loaded LoRA adapter: its identity, hyper-parameters and per-weight deltas.
+    """A loaded LoRA adapter: its identity, hyper-parameters, per-weight deltas and factors.
 
     ``deltas`` maps a parameter name (``<module>.weight``) to the float32 tensor to add to
-    it; ``targets`` lists the adapted module paths, sorted.
+    it; ``targets`` lists the adapted module paths, sorted; ``factors`` maps each of those
+    paths to its :class:`LoraFactors`.
     """
 
     name: str
@@ -79,6 +100,7 @@ class Adapter:
     targets: list[str] = field(default_factory=list)
     deltas: dict[str, torch.Tensor] = field(default_factory=dict)
     path: Path | None = None  # the directory it was loaded from
+    factors: dict[str, LoraFactors] = field(default_factory=dict)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -182,6 +204,12 @@ def _delta(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, scale: floa
     return (b32.flatten(1) @ a32.flatten(1)).reshape(out, cin, kh, kw) * scale
 
 
+def _factors(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraFactors:
+    """The unmerged form of a pair that :func:`_delta` has already checked."""
+    up = (b.to(torch.float32).flatten(1) * scale).T.contiguous()
+    return LoraFactors(a.to(torch.float32).contiguous(), up)
+
+
 def load_adapter(path: Path, name: str, version: str) -> Adapter:
     """Load and validate the adapter in directory ``path``; raises :class:`AdapterError`."""
     path = Path(path)
@@ -214,6 +242,7 @@ def load_adapter(path: Path, name: str, version: str) -> Adapter:
         raise AdapterError(f"adapter weights {weights_path} hold no LoRA tensors")
 
     deltas: dict[str, torch.Tensor] = {}
+    factors: dict[str, LoraFactors] = {}
     for module in sorted(pairs):
         pair = pairs[module]
         if set(pair) != {"A", "B"}:
@@ -228,6 +257,7 @@ def load_adapter(path: Path, name: str, version: str) -> Adapter:
         if not bool(torch.isfinite(delta).all()):
             raise AdapterError(f"adapter weights {weights_path}: {module!r} delta overflows")
         deltas[f"{module}.weight"] = delta
+        factors[module] = _factors(pair["A"], pair["B"], scale)
     return Adapter(
         name=name,
         version=version,
@@ -238,6 +268,7 @@ def load_adapter(path: Path, name: str, version: str) -> Adapter:
         targets=sorted(pairs),
         deltas=deltas,
         path=Path(path),
+        factors=factors,
     )
 
 

@@ -1,4 +1,7 @@
-"""Dynamic batching: requests for the same (model, version, width, adapter) share a pass.
+"""Dynamic batching: requests for the same (model, version, width) share a pass.
+
+The service leaves the adapter out of the key: one batch serves rows that name different
+adapters, or none (``cloud/lora_batch.py``), so a mix of many adapters still fills batches.
 
 A batch closes when it holds ``max_batch`` requests or when its oldest request has waited
 ``max_delay_s``, whichever comes first. It then waits for a free worker, and takes whatever

@@ -34,7 +34,10 @@ from tandem.bundle import BundleError, TailRunner, read_manifest
 ComputeKind = Literal["threads", "processes"]
 K = TypeVar("K")
 V = TypeVar("V")
-_WORKER_CACHE = 8  # bundle versions (and adapters) a worker process keeps loaded
+_WORKER_CACHE = 8  # bundle versions a worker process keeps loaded
+# Adapters a worker process keeps loaded: one batch may name up to max_batch of them, and a
+# request mix that cycles through more than the cache holds would reload them batch after batch.
+_WORKER_ADAPTERS = 256
 
 
 class ComputeFailedError(RuntimeError):
@@ -46,7 +49,8 @@ class BundleChangedError(RuntimeError):
 
 
 class Compute(Protocol):
-    """Runs one batch of same-key targets and returns one outcome per target."""
+    """Runs one batch of same-key targets (each with its own adapter) and returns one
+    outcome per target."""
 
     ahead: int
     """Batches worth handing over beyond one per worker (see ``cloud/batcher.py``)."""
@@ -80,14 +84,32 @@ class ThreadCompute:
         self._pool.shutdown(wait=True)
 
 
+AdapterSpec = tuple[str, str, str]
+"""How a worker process finds an adapter: (path, name, version)."""
+
+
 @dataclass(frozen=True)
 class BatchSpec:
-    """What a worker process needs to find the model: paths, and the manifest's mtime."""
+    """What a worker process needs to find the model and adapters: paths, the manifest's
+    mtime, the batch's distinct adapters, and each row's index into them (-1: none)."""
 
     bundle: str
     version: str
     mtime: float
-    adapter: tuple[str, str, str] | None  # (path, name, version)
+    adapters: tuple[AdapterSpec, ...]
+    rows: tuple[int, ...]
+
+    @classmethod
+    def of(cls, targets: Sequence[Target]) -> BatchSpec:
+        """The spec of a batch of same-key targets."""
+        entry = targets[0].entry
+        distinct: dict[AdapterSpec, int] = {}
+        rows = []
+        for target in targets:
+            a = target.adapter
+            spec = None if a is None else (str(a.path), a.name, a.version)
+            rows.append(-1 if spec is None else distinct.setdefault(spec, len(distinct)))
+        return cls(str(entry.path), entry.version, entry.mtime, tuple(distinct), tuple(rows))
 
 
 class ProcessCompute:
@@ -110,14 +132,7 @@ class ProcessCompute:
 
     async def run(self, targets: Sequence[Target]) -> list[Outcome]:
         """Send the payloads to a worker process and wait for its scores."""
-        first = targets[0]
-        adapter = first.adapter
-        spec = BatchSpec(
-            str(first.entry.path),
-            first.entry.version,
-            first.entry.mtime,
-            None if adapter is None else (str(adapter.path), adapter.name, adapter.version),
-        )
+        spec = BatchSpec.of(targets)
         loop = asyncio.get_running_loop()
         pool = self._pool
         try:
@@ -166,11 +181,11 @@ _entries: OrderedDict[tuple[str, float], ModelEntry] = OrderedDict()
 _adapters: OrderedDict[str, Adapter] = OrderedDict()
 
 
-def _cached(cache: OrderedDict[K, V], key: K, load: Callable[[], V]) -> V:
+def _cached(cache: OrderedDict[K, V], key: K, load: Callable[[], V], size: int) -> V:
     if key not in cache:
         cache[key] = load()
     cache.move_to_end(key)
-    while len(cache) > _WORKER_CACHE:
+    while len(cache) > size:
         cache.popitem(last=False)
     return cache[key]
 
@@ -183,12 +198,16 @@ def _load_entry(spec: BatchSpec) -> ModelEntry:
     return ModelEntry(path, manifest, TailRunner.from_bundle(path), spec.mtime)
 
 
+def _load(spec: AdapterSpec) -> Adapter:
+    path, name, version = spec
+    return _cached(
+        _adapters, path, lambda: load_adapter(Path(path), name, version), _WORKER_ADAPTERS
+    )
+
+
 def run_spec(spec: BatchSpec, payloads: list[bytes]) -> BatchOutput:
-    """Worker-process side: load (or reuse) the model and adapter, and run the batch."""
+    """Worker-process side: load (or reuse) the model and adapters, and run the batch."""
     key = (spec.bundle, spec.mtime)
-    entry = _cached(_entries, key, lambda: _load_entry(spec))
-    adapter = None
-    if spec.adapter is not None:
-        path, name, version = spec.adapter
-        adapter = _cached(_adapters, path, lambda: load_adapter(Path(path), name, version))
-    return run_batch(entry, adapter, payloads)
+    entry = _cached(_entries, key, lambda: _load_entry(spec), _WORKER_CACHE)
+    distinct = [_load(a) for a in spec.adapters]
+    return run_batch(entry, [None if i < 0 else distinct[i] for i in spec.rows], payloads)

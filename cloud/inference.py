@@ -2,6 +2,11 @@
 
 Each payload is decoded on its own, so one corrupt request fails alone while the rest of
 its batch is answered. Shapes were checked against the bundle when the requests arrived.
+
+Each row names its own adapter, or none. A batch whose rows all name the same one runs on
+the plain model or that adapter's merged copy; a mixed batch runs once, on the batched-LoRA
+copy (``cloud/lora_batch.py``), except for rows whose adapter that copy cannot serve, which
+run on their adapter's merged copy.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import numpy as np
 import torch
 
 from cloud.adapters import Adapter
+from cloud.lora_pool import AdapterKey, key_of
 from cloud.repository import ModelEntry
 from tandem import codec
 
@@ -71,22 +77,26 @@ class BatchOutput:
         return self.decode_s, self.compute_s
 
 
-def run_batch(entry: ModelEntry, adapter: Adapter | None, payloads: Sequence[bytes]) -> BatchOutput:
-    """Decode ``payloads`` (same width) and run decoder + tail, with ``adapter`` if given."""
+def run_batch(
+    entry: ModelEntry, adapters: Sequence[Adapter | None], payloads: Sequence[bytes]
+) -> BatchOutput:
+    """Decode ``payloads`` (same width) and run decoder + tail, row i with ``adapters[i]``."""
     start = time.perf_counter()
     max_elements = entry.runner.max_elements
     errors: dict[int, str] = {}
     arrays: list[np.ndarray] = []
-    for i, payload in enumerate(payloads):
+    decoded: list[Adapter | None] = []
+    for i, (payload, adapter) in enumerate(zip(payloads, adapters, strict=True)):
         try:
             arrays.append(codec.decode(payload, max_elements=max_elements))
+            decoded.append(adapter)
         except codec.CodecError as exc:
             errors[i] = str(exc)
     mid = time.perf_counter()
     logits = np.zeros((0, 0), np.float32)
     if arrays:
         batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
-        logits = _forward(entry, adapter, batch)
+        logits = _forward(entry, decoded, batch)
     return BatchOutput(logits, errors, mid - start, time.perf_counter() - mid)
 
 
@@ -107,12 +117,43 @@ def _scores(logits: np.ndarray) -> list[Scores | BadFeatures]:
     ]
 
 
+def _key(adapter: Adapter | None) -> AdapterKey | None:
+    return None if adapter is None else key_of(adapter)
+
+
 @torch.inference_mode()
-def _forward(entry: ModelEntry, adapter: Adapter | None, batch: torch.Tensor) -> np.ndarray:
+def _forward(
+    entry: ModelEntry, adapters: Sequence[Adapter | None], batch: torch.Tensor
+) -> np.ndarray:
+    if len({_key(a) for a in adapters}) == 1:
+        return _merged(entry, adapters[0], batch)
+    mixed = entry.mixed()
+    shared: list[int] = []  # rows the batched-LoRA copy serves
+    alone: dict[AdapterKey | None, list[int]] = {}  # the others, by adapter
+    for row, adapter in enumerate(adapters):
+        if adapter is None or mixed.serves(adapter):
+            shared.append(row)
+        else:
+            alone.setdefault(_key(adapter), []).append(row)
+    if not alone:
+        return mixed(batch, adapters).numpy()
+    parts = [(rows, _merged(entry, adapters[rows[0]], batch[rows])) for rows in alone.values()]
+    if shared:
+        parts.append((shared, mixed(batch[shared], [adapters[r] for r in shared]).numpy()))
+    out = np.empty((len(adapters), parts[0][1].shape[1]), np.float32)
+    for rows, logits in parts:
+        out[rows] = logits
+    return out
+
+
+def _merged(entry: ModelEntry, adapter: Adapter | None, batch: torch.Tensor) -> np.ndarray:
+    """Logits of ``batch`` on the plain model, or on ``adapter``'s merged copy."""
     model = entry.runner.model if adapter is None else entry.model_for(adapter)
     return model(batch).numpy()
 
 
 def run_targets(targets: Sequence[Target]) -> list[Outcome]:
-    """Run one batch of targets that share a model, width and adapter (in a worker thread)."""
-    return run_batch(targets[0].entry, targets[0].adapter, [t.payload for t in targets]).outcomes()
+    """Run one batch of targets that share a model and width (in a worker thread); each
+    target keeps its own adapter."""
+    adapters = [t.adapter for t in targets]
+    return run_batch(targets[0].entry, adapters, [t.payload for t in targets]).outcomes()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cloud.adapters import Adapter, list_adapters, load_adapter, merged_state
+from cloud.lora_batch import MixedLoRA
 from tandem.bundle import MANIFEST, Manifest, TailRunner, read_manifest
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class ModelEntry:
     mtime: float
     adapters: dict[str, dict[str, Adapter]] = field(default_factory=dict)
     _adapted: OrderedDict[tuple[str, str], nn.Module] = field(default_factory=OrderedDict)
+    _mixed: MixedLoRA | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -94,10 +96,7 @@ class ModelEntry:
         with self._lock:
             model = self._adapted.get(key)
             if model is None:
-                # Built from the weights in memory, not from disk, which may hold a newer
-                # version by now; and not a deepcopy, which would copy hooks too.
-                state = self.runner.model.state_dict()
-                model = TailRunner.from_state(self.manifest, state).model
+                model = self._copy()
                 with torch.no_grad():
                     for name, weight in merged_state(self.runner.model, adapter).items():
                         model.get_parameter(name).copy_(weight)
@@ -106,6 +105,22 @@ class ModelEntry:
             while len(self._adapted) > ADAPTED_COPIES:
                 self._adapted.popitem(last=False)
             return model
+
+    def mixed(self) -> MixedLoRA:
+        """The copy of decoder + tail that serves rows with different adapters in one pass.
+
+        Built on first use; every adapter and thread shares it (see ``cloud/lora_batch.py``).
+        """
+        with self._lock:
+            if self._mixed is None:
+                shapes = [self.shape_for(w) for w in self.manifest.bottleneck.widths]
+                self._mixed = MixedLoRA(self._copy(), shapes)
+            return self._mixed
+
+    def _copy(self) -> nn.Module:
+        """A private copy of decoder + tail: built from the weights in memory, not from disk,
+        which may hold a newer version by now; and not a deepcopy, which would copy hooks."""
+        return TailRunner.from_state(self.manifest, self.runner.model.state_dict()).model
 
 
 def newest(versions: dict[str, Adapter]) -> str:

@@ -325,7 +325,9 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         return adapter
 
     async def _compute(self, request: pb.InferRequest, target: Target) -> pb.InferResponse:
-        key = (target.entry.name, target.entry.version, target.width, _adapter_key(target.adapter))
+        # No adapter in the key: requests naming different adapters (or none) share a batch,
+        # and each row gets its own adapter's terms (cloud/lora_batch.py).
+        key = (target.entry.name, target.entry.version, target.width)
         try:
             future = self.batcher.submit(key, target, target.deadline)
         except QueueFullError as exc:
@@ -398,10 +400,6 @@ def _checked_payload(request: pb.InferRequest, shape: tuple[int, ...]) -> bytes:
             f"features have shape {header.shape}; this width takes {shape}",
         )
     return payload
-
-
-def _adapter_key(adapter: Adapter | None) -> tuple[str, str] | None:
-    return None if adapter is None else (adapter.name, adapter.version)
 
 
 def _fingerprint(request: pb.InferRequest, target: Target) -> bytes:

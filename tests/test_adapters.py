@@ -101,6 +101,18 @@ def test_round_trip(tmp_path: Path) -> None:
     torch.testing.assert_close(tensors["base_model.model.head.lora_B.weight"], b)
 
 
+def test_factors_keep_the_unmerged_pair(tmp_path: Path) -> None:
+    net = Net()
+    lora = _save(tmp_path / "a", net)
+    adapter = load_adapter(tmp_path / "a", "n", "1")
+    assert sorted(adapter.factors) == adapter.targets
+    for module, (a, b) in lora.items():
+        factors = adapter.factors[module]
+        assert factors.rank == RANK
+        torch.testing.assert_close(factors.a, a)
+        torch.testing.assert_close(factors.b, b.flatten(1).T * (ALPHA / RANK))
+
+
 def test_shared_adapter_has_no_tenant_file(tmp_path: Path) -> None:
     _save(tmp_path / "a", Net())
     assert not (tmp_path / "a" / "tandem.json").exists()

@@ -67,3 +67,25 @@ def test_sim_bench_prints_one_json_line(
         figures = doc["prediction"]["Verizon-LTE-short"]
         assert figures["real_p95_ms"] >= figures["real_p50_ms"] > 0
         assert figures["sim_p50_ms"] > 0
+
+
+@pytest.mark.slow
+def test_adapters_bench_prints_one_json_line(
+    capsys: pytest.CaptureFixture[str], digits_bundle: Path
+) -> None:
+    args = ["--bundle", str(digits_bundle), "--runs", "1", "--requests", "200"]
+    assert _load("adapters").main([*args, "--seconds", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    doc = json.loads(out)
+    assert doc["adapters"]["count"] == 100 and "tail.fc" in doc["adapters"]["targets"]
+    mixes = ["0", "1", "10", "100"]
+    assert list(doc["in_process"]["samples_per_s"]) == mixes
+    assert all(v > 0 for v in doc["in_process"]["samples_per_s"].values())
+    for compute in ("threads", "processes"):
+        figures = doc["service"][compute]
+        assert list(figures) == mixes
+        assert all(f["rps"] > 0 and f["p99_ms"] >= f["p50_ms"] > 0 for f in figures.values())
+    for kind in ("in_process", "service_threads", "service_processes"):
+        assert list(doc["ratios"][kind]) == mixes[1:]
+        assert all(r > 0 for r in doc["ratios"][kind].values())

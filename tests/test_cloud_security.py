@@ -497,7 +497,8 @@ def test_concurrent_adapter_batches_keep_their_own_weights(
     # The thread backend calls this function per batch: wrapping it gives each worker its
     # role and tells the hook when a whole pass is over.
     monkeypatch.setattr(cloud.compute, "run_targets", race.wrap(cloud.compute.run_targets))
-    cfg = _cfg(repo, tokens=tokens_file, workers=2, poll_s=3600)
+    # One request per batch: requests naming different adapters would otherwise share one.
+    cfg = _cfg(repo, tokens=tokens_file, workers=2, poll_s=3600, max_batch=1)
 
     async def main() -> tuple[pb.InferResponse, ...]:
         async with running(cfg) as server:
@@ -508,7 +509,7 @@ def test_concurrent_adapter_batches_keep_their_own_weights(
                     _client(server.address, token=TOKEN_A) as acme,
                     _client(server.address, token=TOKEN_B) as globex,
                 ):
-                    # Different adapters: two lanes, two batches, one on each worker.
+                    # Two batches, one on each worker.
                     mine, theirs = await asyncio.gather(
                         acme.infer(acme_ask), globex.infer(globex_ask)
                     )
