@@ -26,6 +26,11 @@ _PEFT_PARAM = re.compile(
 )
 
 
+# Modules that are Conv2d but never called as modules, so a LoRA wrapper on them would never
+# run: the decoder slices this conv's weight to the channels that arrived.
+_NOT_CALLED = {"decoder.expand": "the decoder slices its weight per width and never calls it"}
+
+
 class LoraError(ValueError):
     """Targets that do not name adaptable modules, or arrays that do not fit the model."""
 
@@ -40,7 +45,8 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
     ``auto`` is the classifier (every Linear) plus every conv of the tail's last stage: the
     layers nearest the output, where a domain shift is cheapest to correct. Otherwise
     ``spec`` is a comma-separated list of module paths or path suffixes (``fc`` matches
-    ``tail.fc``), each of which must name at least one Linear or Conv2d.
+    ``tail.fc``, ``decoder.out`` the decoder's last conv), each of which must name at least
+    one Linear or Conv2d that the forward pass calls.
     """
     modules = _adaptable(model)
     if spec.strip() == "auto":
@@ -53,6 +59,9 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
         hits = [n for n in modules if n == name or n.endswith("." + name)]
         if not hits:
             raise LoraError(f"target {name!r} names no Linear or Conv2d of the tail")
+        for hit in hits:
+            if hit in _NOT_CALLED:
+                raise LoraError(f"target {hit!r} cannot take LoRA: {_NOT_CALLED[hit]}")
         named.update(hits)
     if not named:
         raise LoraError("no LoRA targets given")

@@ -185,6 +185,11 @@ def test_auto_targets_are_the_last_stage_and_classifier(digits_bundle: Path) -> 
     assert resolve_targets(tail_model(str(digits_bundle)), "fc") == ["tail.fc"]
     with pytest.raises(LoraError, match="nothing"):
         resolve_targets(tail_model(str(digits_bundle)), "nothing")
+    assert resolve_targets(tail_model(str(digits_bundle)), "decoder.out,fc") == [
+        "decoder.out", "tail.fc",
+    ]  # fmt: skip
+    with pytest.raises(LoraError, match="slices"):
+        resolve_targets(tail_model(str(digits_bundle)), "expand")
 
 
 def test_merged_adapter_computes_what_peft_and_the_cloud_compute(
