@@ -89,3 +89,18 @@ def test_adapters_bench_prints_one_json_line(
     for kind in ("in_process", "service_threads", "service_processes"):
         assert list(doc["ratios"][kind]) == mixes[1:]
         assert all(r > 0 for r in doc["ratios"][kind].values())
+
+
+@pytest.mark.slow
+def test_fed_bench_prints_one_json_line(
+    capsys: pytest.CaptureFixture[str], digits_bundle: Path
+) -> None:
+    args = ["--bundle", str(digits_bundle), "--clients", "2", "--rounds", "1", "--samples", "40",
+            "--epochs", "1", "--set", "eval-samples=20", "--set", "round-timeout=120"]  # fmt: skip
+    assert _load("fed").main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    doc = json.loads(out)
+    assert len(doc["accuracy_by_round"]) == 1 and len(doc["own_domain"]) == 2
+    assert doc["gain"] == pytest.approx(doc["global_accuracy"] - doc["frozen_accuracy"], abs=1e-3)
+    assert 0 < doc["bytes_up_fraction_of_tail"] <= 0.02
