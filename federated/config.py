@@ -124,13 +124,6 @@ class FedConfig(StrictModel):
             )
             raise FedConfigError(f"bad run config: {problems}") from None
 
-    def rank_for(self, partition: int) -> int:
-        """The LoRA rank of client ``partition``: its entry of ``ranks`` (cycled), else rank."""
-        if not self.ranks:
-            return self.rank
-        ranks = [int(p) for p in self.ranks.split(",")]
-        return ranks[partition % len(ranks)]
-
     @property
     def max_rank(self) -> int:
         """The largest rank any client trains."""

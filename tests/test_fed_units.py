@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cloud.adapters import load_adapter, merged_state
+from federated.client_app import client_rank
 from federated.config import FedConfig, FedConfigError
 from federated.domains import DomainError, apply_domain
 from federated.lora import (
@@ -70,10 +71,21 @@ def test_config_errors_name_the_key(config: dict[str, object], words: str) -> No
         FedConfig.from_run_config(config)
 
 
-def test_ranks_cycle_over_clients() -> None:
+def test_ranks_cycle_over_clients_and_never_exceed_what_was_sent() -> None:
+    from flwr.app import ConfigRecord, Context, RecordDict
+
     cfg = FedConfig.from_run_config({"bundle": "b", "strategy": "hetlora", "ranks": "2,8"})
-    assert [cfg.rank_for(p) for p in range(3)] == [2, 8, 2]
     assert cfg.max_rank == 8
+    config = ConfigRecord(cfg.client_config())
+
+    def rank(partition: int, offered: int) -> int:
+        node = {"partition-id": partition, "num-partitions": 3}
+        context = Context(run_id=1, node_id=partition, node_config=node, state=RecordDict(),
+                          run_config={})  # fmt: skip
+        return client_rank(config, context, offered)
+
+    assert [rank(p, 8) for p in range(3)] == [2, 8, 2]
+    assert rank(1, 4) == 4
 
 
 # ------------------------------------------------------------------------------- domains
