@@ -187,7 +187,9 @@ def _read_tenant(directory: Path) -> str:
     return tenant
 
 
-def _delta(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float) -> torch.Tensor:
+def lora_delta(
+    module: str, a: torch.Tensor, b: torch.Tensor, rank: int, scale: float
+) -> torch.Tensor:
     """The weight delta of one LoRA pair, float32; AdapterError when the shapes are wrong."""
     where = f"module {module!r}"
     shapes = f"lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}"
@@ -205,7 +207,7 @@ def _delta(module: str, a: torch.Tensor, b: torch.Tensor, rank: int, scale: floa
 
 
 def _factors(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraFactors:
-    """The unmerged form of a pair that :func:`_delta` has already checked."""
+    """The unmerged form of a pair that :func:`lora_delta` has already checked."""
     up = (b.to(torch.float32).flatten(1) * scale).T.contiguous()
     return LoraFactors(a.to(torch.float32).contiguous(), up)
 
@@ -253,7 +255,7 @@ def load_adapter(path: Path, name: str, version: str) -> Adapter:
                 f"adapter weights {weights_path}: module {module!r} is not among "
                 f"target_modules {target_modules!r}"
             )
-        delta = _delta(module, pair["A"], pair["B"], rank, scale)
+        delta = lora_delta(module, pair["A"], pair["B"], rank, scale)
         if not bool(torch.isfinite(delta).all()):
             raise AdapterError(f"adapter weights {weights_path}: {module!r} delta overflows")
         deltas[f"{module}.weight"] = delta
@@ -337,7 +339,7 @@ def save_adapter(
         raise AdapterError("an adapter needs at least one LoRA pair")
     tensors: dict[str, torch.Tensor] = {}
     for module, (a, b) in lora.items():
-        _delta(module, a, b, rank, 1.0)  # the same shape checks as loading does
+        lora_delta(module, a, b, rank, 1.0)  # the same shape checks as loading does
         if not _matches_target(module, target_modules):
             raise AdapterError(f"module {module!r} is not among target_modules {target_modules}")
         # safetensors stores only dense, CPU, contiguous tensors.

@@ -130,10 +130,11 @@ def _train(msg: Message, context: Context) -> Message:
         seed=int(_get(config, "seed")) + int(number(config, "server-round")),
     )  # fmt: skip
     loss = train(model, train_data, settings)
-    arrays = {k: v for k, v in lora_arrays(model).items() if k in keys}
+    trained = lora_arrays(model)
+    arrays = {k: v for k, v in trained.items() if k in keys}
     metrics = MetricRecord({
         "num-examples": len(train_data), "train-loss": loss, "partition": _partition(context)[0],
-        "rank": rank_of(lora_arrays(model)), "acc-before": before,
+        "rank": rank_of(trained), "acc-before": before,
         "acc-after": accuracy(model, test_data),
     })  # fmt: skip
     return Message(RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: metrics}), reply_to=msg)

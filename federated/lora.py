@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from cloud.adapters import save_adapter
+from cloud.adapters import lora_delta, save_adapter
 
 Arrays = dict[str, np.ndarray]
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])$")
@@ -137,8 +137,8 @@ def rank_of(arrays: Mapping[str, np.ndarray]) -> int:
 def merge_into(model: nn.Module, arrays: Mapping[str, np.ndarray], scale: float) -> None:
     """Add ``scale * B @ A`` of every pair to its module's weight, in place.
 
-    The arithmetic is the cloud's (``cloud.adapters``): float32 product, then the add, so a
-    model merged here computes what the service computes with the same adapter.
+    The delta is the cloud's own (``cloud.adapters.lora_delta``), added in float32 as the
+    cloud adds it, so a model merged here computes what the service computes.
     """
     modules = _adaptable(model)
     with torch.no_grad():
@@ -147,9 +147,8 @@ def merge_into(model: nn.Module, arrays: Mapping[str, np.ndarray], scale: float)
                 raise LoraError(f"the model has no Linear or Conv2d {module!r}")
             weight = modules[module].weight
             assert isinstance(weight, torch.Tensor)
-            a32, b32 = torch.from_numpy(a).float(), torch.from_numpy(b).float()
-            delta = (b32.flatten(1) @ a32.flatten(1)).reshape(weight.shape) * scale
-            weight.copy_(weight.float() + delta)
+            delta = lora_delta(module, torch.from_numpy(a), torch.from_numpy(b), a.shape[0], scale)
+            weight.copy_(weight.float() + delta.reshape(weight.shape))
 
 
 def publish(path: Path, arrays: Mapping[str, np.ndarray], alpha: float, tenant: str = "") -> None:

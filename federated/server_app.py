@@ -23,9 +23,8 @@ from federated.config import FedConfig
 from federated.lora import Arrays, attach, lora_arrays, merge_into, resolve_targets
 from federated.publish import publish_adapter
 from federated.rounds import Evaluate, RoundLog, personalise, run_rounds
-from federated.strategies import FfaLora, FLoRA, LoraStrategy, build_strategy
+from federated.strategies import build_strategy
 from federated.task import Features, Wire, accuracy, domain_test, tail_model
-from federated.updates import to_record
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +61,6 @@ def evaluator(cfg: FedConfig, test: Features) -> Evaluate:
     return evaluate
 
 
-def _start_arrays(strategy: LoraStrategy, initial: Arrays) -> ArrayRecord:
-    if isinstance(strategy, FLoRA):
-        return ArrayRecord()  # nothing accumulated yet
-    if isinstance(strategy, FfaLora):
-        return to_record({k: v for k, v in initial.items() if k.endswith(".lora_B")})
-    return to_record(initial)
-
-
 def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
     """The whole federation; returns (and with ``out`` writes) its summary."""
     clients = max(cfg.min_nodes, len(list(grid.get_node_ids())))
@@ -83,7 +74,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             published.append(_publish(cfg, strategy.global_adapter(arrays), strategy.scale))
 
     frozen = evaluate({}, 1.0)
-    arrays, logs = run_rounds(grid, cfg, strategy, _start_arrays(strategy, initial), evaluate,
+    arrays, logs = run_rounds(grid, cfg, strategy, strategy.first_arrays(initial), evaluate,
                               on_round)  # fmt: skip
     final = strategy.global_adapter(arrays)
     summary: dict[str, Any] = {

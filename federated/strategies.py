@@ -85,6 +85,10 @@ class LoraStrategy(Strategy):
         """Log ``inner``'s summary."""
         self.inner.summary()
 
+    def first_arrays(self, initial: Arrays) -> ArrayRecord:
+        """The arrays the first round passes along, from a freshly initialised adapter."""
+        return to_record(initial)
+
     def aggregate(
         self, server_round: int, current: ArrayRecord, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -117,6 +121,10 @@ class FfaLora(LoraStrategy):
         """Each message also carries the frozen A."""
         return _with_record(super().configure_train(server_round, arrays, config, grid),
                             FROZEN_KEY, self.frozen_a)  # fmt: skip
+
+    def first_arrays(self, initial: Arrays) -> ArrayRecord:
+        """Only B travels; A is :attr:`frozen_a`."""
+        return to_record({k: v for k, v in initial.items() if k.endswith(".lora_B")})
 
     def global_adapter(self, arrays: ArrayRecord) -> Arrays:
         """A and B together."""
@@ -154,6 +162,10 @@ class FLoRA(LoraStrategy):
         super().__init__(inner, scale=1.0)
         self.fresh, self.client_scale = fresh, client_scale
         self.inner: FedAvg = inner
+
+    def first_arrays(self, initial: Arrays) -> ArrayRecord:
+        """Nothing accumulated yet (``initial`` is every round's fresh start)."""
+        return ArrayRecord()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

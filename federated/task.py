@@ -122,9 +122,16 @@ def domain_test(wire: Wire, data_spec: str, domain: str, samples: int, seed: int
     return features(wire, *domain_inputs(data_spec, domain, samples, seed))
 
 
+@functools.lru_cache(maxsize=4)
+def _tail(bundle: str) -> TailRunner:
+    return TailRunner.from_bundle(Path(bundle))
+
+
 def tail_model(bundle: str) -> nn.Module:
-    """A fresh decoder + tail of ``bundle`` (its own copy: callers attach LoRA to it)."""
-    return TailRunner.from_bundle(Path(bundle)).model
+    """A fresh decoder + tail of ``bundle`` (its own copy: callers attach LoRA to it or merge
+    into it). The bundle is read and its hashes checked once per process, not per round."""
+    base = _tail(bundle)
+    return TailRunner.from_state(base.manifest, base.model.state_dict()).model
 
 
 @torch.inference_mode()

@@ -19,10 +19,10 @@ from cloud.adapters import (
     AdapterError,
     list_adapters,
     load_adapter,
+    lora_delta,
     merged_state,
     save_adapter,
 )
-from cloud.adapters import _delta as lora_delta
 
 RANK, ALPHA = 4, 8.0
 
