@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from federation import ray_did_not_start
+from federation import retrying_ray_start
 
 from federated.cli import parse_settings
 from tandem.cli import main
@@ -37,14 +37,12 @@ def test_simulate_prints_the_result_as_json(
         "--out", str(tmp_path), "--set", "num-rounds=1", "--set", "max-samples=60",
         "--set", "personal-epochs=0", "--set", "eval-samples=20", "--set", "round-timeout=120",
     ]  # fmt: skip
-    try:
-        code = main(args)
-    except RuntimeError as exc:  # see tests/federation.py: Ray's own start, retried once
-        if not ray_did_not_start(exc):
-            raise
-        capsys.readouterr()
-        code = main(args)
-    assert code == 0
+
+    def run(attempt: int) -> int:
+        capsys.readouterr()  # what a failed start printed
+        return main(args)
+
+    assert retrying_ray_start(run) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads((tmp_path / "result.json").read_text())
     assert printed["rounds"][0]["replies"] == 2
