@@ -44,9 +44,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cloud.adapters import Adapter, save_adapter
 from cloud.inference import run_batch
 from cloud.repository import ModelEntry, ModelRepository
+from tandem.adapters import Adapter, save_adapter
 from tandem.bundle import HeadRunner, TailRunner, read_manifest
 from tandem.data import load_data
 from tandem.protocol import to_message

@@ -26,9 +26,9 @@ from typing import Literal, Protocol, TypeVar
 
 import torch
 
-from cloud.adapters import Adapter, AdapterError, load_adapter
 from cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
 from cloud.repository import ModelEntry
+from tandem.adapters import Adapter, AdapterError, load_adapter
 from tandem.bundle import BundleError, TailRunner, read_manifest
 
 ComputeKind = Literal["threads", "processes"]

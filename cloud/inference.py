@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cloud.adapters import Adapter
 from cloud.lora_pool import AdapterKey, key_of
 from cloud.repository import ModelEntry
 from tandem import codec
+from tandem.adapters import Adapter
 
 
 class BadFeatures(ValueError):

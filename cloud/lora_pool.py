@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cloud.adapters import Adapter
+from tandem.adapters import Adapter
 
 MAX_SLOTS = 1024
 AdapterKey = tuple[str, str]

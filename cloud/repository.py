@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cloud.adapters import Adapter, list_adapters, load_adapter, merged_state
 from cloud.lora_batch import MixedLoRA
+from tandem.adapters import Adapter, list_adapters, load_adapter, merged_state
 from tandem.bundle import MANIFEST, Manifest, TailRunner, read_manifest
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,6 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 import tandem
-from cloud.adapters import Adapter
 from cloud.auth import TokenStore, authenticated_tenant, can_use, tenant_of
 from cloud.batcher import (
     Batcher,
@@ -37,6 +36,7 @@ from cloud.inference import BadFeatures, Scores, Target
 from cloud.metrics import ServiceMetrics
 from cloud.repository import ModelEntry, ModelRepository, NotFoundError
 from tandem import codec
+from tandem.adapters import Adapter
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc

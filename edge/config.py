@@ -21,6 +21,9 @@ class DaemonConfig(StrictModel):
     spool: Path | None = Field(None, description="default: SINK.spool, or ./tandem-edge.spool")
     model: str | None = Field(None, description="model name on the server (default: bundle's)")
     adapter: str = ""
+    head_adapter: Path | None = Field(
+        None, description="LoRA adapter directory to merge into the head (head-adapters/N/V)"
+    )
     width: float | None = Field(
         None, description="fix the width instead of letting the policy pick"
     )

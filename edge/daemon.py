@@ -92,7 +92,9 @@ class EdgeDaemon:
         cfg = self.cfg
         self.device = await self._in(
             self._device_pool,
-            lambda: DeviceModels(cfg.bundle, fallback=cfg.fallback, batch=cfg.head_batch),
+            lambda: DeviceModels(
+                cfg.bundle, fallback=cfg.fallback, batch=cfg.head_batch, adapter=cfg.head_adapter
+            ),
         )
         manifest = self.device.manifest
         source = open_source(cfg.source, manifest.input.shape, manifest.input.labels)

@@ -29,10 +29,13 @@ def _per_sample_ms(fn: Callable[[], object], batch: int, repeats: int = 3) -> fl
 
 
 class DeviceModels:
-    """The head (always) and the full model (when the bundle has one and fallback is on)."""
+    """The head (always, with ``adapter`` merged when given) and the full model (when the
+    bundle has one and fallback is on; it never takes the head adapter)."""
 
-    def __init__(self, bundle: Path, *, fallback: bool, batch: int) -> None:
-        self.head = HeadRunner.from_bundle(bundle)
+    def __init__(
+        self, bundle: Path, *, fallback: bool, batch: int, adapter: Path | None = None
+    ) -> None:
+        self.head = HeadRunner.from_bundle(bundle, adapter)
         self.manifest = self.head.manifest
         self.full: nn.Module | None = load_full(bundle) if fallback else None
         self.batch = batch

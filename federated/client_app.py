@@ -20,7 +20,15 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from peft import PeftModel
 
-from federated.lora import Arrays, attach, load_arrays, lora_arrays, merge_into, rank_of
+from federated.lora import (
+    Arrays,
+    attach,
+    has_head,
+    load_arrays,
+    lora_arrays,
+    merge_into,
+    rank_of,
+)
 from federated.partition import Scheme
 from federated.rank import truncate_rank
 from federated.strategies import BASE_KEY, FROZEN_KEY
@@ -31,6 +39,7 @@ from federated.task import (
     Wire,
     accuracy,
     client_features,
+    end_to_end,
     tail_model,
     train,
 )
@@ -64,8 +73,11 @@ def _get(config: ConfigRecord, key: str) -> str:
     return str(config[key])
 
 
-def client_data(config: ConfigRecord, context: Context) -> tuple[Features, Features]:
-    """This node's (train, test) features, as ``config`` and its partition say."""
+def client_data(
+    config: ConfigRecord, context: Context, images: bool = False
+) -> tuple[Features, Features]:
+    """This node's (train, test) model inputs, as ``config`` and its partition say: wire
+    features, or with ``images`` normalised images (for a model that adapts the head)."""
     partition, count = _partition(context)
     domains = [d.strip() for d in _get(config, "domains").split(",") if d.strip()]
     scheme = _get(config, "partitioner")
@@ -78,7 +90,7 @@ def client_data(config: ConfigRecord, context: Context) -> tuple[Features, Featu
         max_samples=int(_get(config, "max-samples")),
         eval_samples=int(_get(config, "eval-samples")), seed=int(_get(config, "seed")),
     )  # fmt: skip
-    return client_features(_wire(config), spec)
+    return client_features(_wire(config), spec, images)
 
 
 def _wire(config: ConfigRecord) -> Wire:
@@ -94,11 +106,9 @@ def client_rank(config: ConfigRecord, context: Context, offered: int) -> int:
 
 
 def build_model(msg: Message, context: Context) -> tuple[PeftModel, set[str]]:
-    """The tail with this message's adapter attached, and the keys it trains."""
+    """The model with this message's adapter attached, and the keys it trains: decoder +
+    tail, or the whole :class:`~federated.task.EndToEnd` when the adapter has head keys."""
     config = msg.content.config_records[CONFIG_KEY]
-    model = tail_model(_get(config, "bundle"))
-    if BASE_KEY in msg.content.array_records and len(msg.content.array_records[BASE_KEY]):
-        merge_into(model, from_record(msg.content.array_records[BASE_KEY]), 1.0)
     trained = from_record(msg.content.array_records[ARRAYS_KEY])
     frozen: Arrays = (
         from_record(msg.content.array_records[FROZEN_KEY])
@@ -106,6 +116,9 @@ def build_model(msg: Message, context: Context) -> tuple[PeftModel, set[str]]:
         else {}
     )
     start = {**frozen, **trained}
+    model = end_to_end(_wire(config)) if has_head(start) else tail_model(_get(config, "bundle"))
+    if BASE_KEY in msg.content.array_records and len(msg.content.array_records[BASE_KEY]):
+        merge_into(model, from_record(msg.content.array_records[BASE_KEY]), 1.0)
     rank = client_rank(config, context, rank_of(start))
     start = truncate_rank(start, rank)
     targets = sorted({k.rsplit(".", 1)[0] for k in start})
@@ -120,8 +133,8 @@ def build_model(msg: Message, context: Context) -> tuple[PeftModel, set[str]]:
 
 def _train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[CONFIG_KEY]
-    train_data, test_data = client_data(config, context)
     model, keys = build_model(msg, context)
+    train_data, test_data = client_data(config, context, has_head(keys))
     before = accuracy(model, test_data)
     settings = TrainSettings(
         epochs=int(_get(config, "local-epochs")), lr=float(_get(config, "lr")),
@@ -141,8 +154,8 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
-    _, test_data = client_data(msg.content.config_records[CONFIG_KEY], context)
-    model, _ = build_model(msg, context)
+    model, keys = build_model(msg, context)
+    _, test_data = client_data(msg.content.config_records[CONFIG_KEY], context, has_head(keys))
     metrics = MetricRecord({
         "num-examples": len(test_data), "accuracy": accuracy(model, test_data),
         "partition": _partition(context)[0],

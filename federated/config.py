@@ -44,6 +44,7 @@ class FedConfig(StrictModel):
     ranks: str = ""
     alpha: float = Field(default=8.0, gt=0)
     targets: str = "auto"
+    head_targets: str = ""
     local_epochs: int = Field(default=2, ge=1)
     lr: float = Field(default=1e-2, gt=0)
     batch_size: int = Field(default=32, ge=1)
@@ -106,6 +107,8 @@ class FedConfig(StrictModel):
                 f"dp={self.dp} clips whole updates of one shape: it needs strategy fedit, "
                 f"not {self.strategy}"
             )
+        if self.targets.strip() == "none" and not self.head_targets.strip():
+            raise ValueError("targets=none adapts nothing unless head-targets names some")
         if self.ranks and self.strategy not in ("hetlora", "flora"):
             raise ValueError("ranks (one per client) needs strategy hetlora or flora")
         return self

@@ -1,4 +1,9 @@
-"""LoRA on a bundle's cloud side (decoder + tail), attached with PEFT.
+"""LoRA on a bundle, attached with PEFT: on its cloud side (decoder + tail) and optionally on
+its device side (the head's encoder).
+
+Head modules are named ``head.<path in the encoder>`` (``head.body.0.0``), cloud-side ones by
+their path in the decoder + tail (``decoder.out``, ``tail.fc``), so one set of arrays can hold
+both, and :func:`split_head` parts them where they are published.
 
 Adapter weights travel and aggregate as plain arrays keyed ``<module>.lora_A`` and
 ``<module>.lora_B``, shaped as PEFT shapes them: for ``nn.Linear(in, out)`` A is (r, in) and
@@ -9,7 +14,7 @@ weights never leave the model and never get a gradient.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +22,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from cloud.adapters import lora_delta, save_adapter
+from tandem.adapters import lora_delta, save_adapter
 
 Arrays = dict[str, np.ndarray]
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])$")
@@ -26,9 +31,14 @@ _PEFT_PARAM = re.compile(
 )
 
 
-# Modules that are Conv2d but never called as modules, so a LoRA wrapper on them would never
-# run: the decoder slices this conv's weight to the channels that arrived.
-_NOT_CALLED = {"decoder.expand": "the decoder slices its weight per width and never calls it"}
+HEAD = "head."  # the prefix of head (device-side) modules
+
+# Convs that are never called as modules, so a LoRA wrapper on them would never run: both
+# slice their weight to the channels that cross the wire at the chosen width.
+_NOT_CALLED = {
+    "decoder.expand": "the decoder slices its weight per width and never calls it",
+    HEAD + "project": "the encoder slices its weight per width and never calls it",
+}
 
 
 class LoraError(ValueError):
@@ -40,32 +50,66 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def resolve_targets(model: nn.Module, spec: str) -> list[str]:
-    """Full module paths of the LoRA targets named by ``spec``.
+    """Full module paths of the decoder + tail LoRA targets named by ``spec``.
 
     ``auto`` is the classifier (every Linear) plus every conv of the tail's last stage: the
-    layers nearest the output, where a domain shift is cheapest to correct. Otherwise
-    ``spec`` is a comma-separated list of module paths or path suffixes (``fc`` matches
-    ``tail.fc``, ``decoder.out`` the decoder's last conv), each of which must name at least
-    one Linear or Conv2d that the forward pass calls.
+    layers nearest the output, where a domain shift is cheapest to correct. ``none`` is no
+    target (for a federation that adapts only the head). Otherwise ``spec`` is a
+    comma-separated list of module paths or path suffixes (``fc`` matches ``tail.fc``,
+    ``decoder.out`` the decoder's last conv), each of which must name at least one Linear or
+    Conv2d that the forward pass calls.
     """
     modules = _adaptable(model)
+    if spec.strip() == "none":
+        return []
     if spec.strip() == "auto":
         stages = sorted({n.split(".")[1] for n in modules if n.startswith("tail.layer")})
         last = f"tail.{stages[-1]}." if stages else "\0"
         chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) or n.startswith(last)]
         return sorted(chosen)
+    return _named(modules, spec, "the tail")
+
+
+def resolve_head_targets(encoder: nn.Module, spec: str) -> list[str]:
+    """``head.``-prefixed paths of the head (encoder) LoRA targets named by ``spec``.
+
+    ``""`` is none; ``auto`` is every conv of the encoder's body, which sees the raw input
+    first and so can undo a device's own shift (its camera, its lighting); otherwise a
+    comma-separated list of encoder paths or suffixes (``body.0.0``). The projection to the
+    bottleneck is refused: the encoder slices it to the width sent.
+    """
+    modules = {HEAD + n: m for n, m in _adaptable(encoder).items()}
+    if not spec.strip():
+        return []
+    if spec.strip() == "auto":
+        return sorted(n for n in modules if n.startswith(HEAD + "body."))
+    return _named(modules, spec, "the head")
+
+
+def _named(modules: Mapping[str, nn.Module], spec: str, where: str) -> list[str]:
     named: set[str] = set()
     for name in (s.strip() for s in spec.split(",") if s.strip()):
         hits = [n for n in modules if n == name or n.endswith("." + name)]
         if not hits:
-            raise LoraError(f"target {name!r} names no Linear or Conv2d of the tail")
+            raise LoraError(f"target {name!r} names no Linear or Conv2d of {where}")
         for hit in hits:
             if hit in _NOT_CALLED:
                 raise LoraError(f"target {hit!r} cannot take LoRA: {_NOT_CALLED[hit]}")
         named.update(hits)
     if not named:
-        raise LoraError("no LoRA targets given")
+        raise LoraError(f"no LoRA targets given for {where}")
     return sorted(named)
+
+
+def split_head(arrays: Mapping[str, np.ndarray]) -> tuple[Arrays, Arrays]:
+    """(head arrays keyed by encoder path, decoder + tail arrays) of ``arrays``."""
+    head = {k.removeprefix(HEAD): v for k, v in arrays.items() if k.startswith(HEAD)}
+    return head, {k: v for k, v in arrays.items() if not k.startswith(HEAD)}
+
+
+def has_head(keys: Iterable[str]) -> bool:
+    """Whether any of these array keys adapts the head."""
+    return any(k.startswith(HEAD) for k in keys)
 
 
 def attach(
@@ -137,7 +181,7 @@ def rank_of(arrays: Mapping[str, np.ndarray]) -> int:
 def merge_into(model: nn.Module, arrays: Mapping[str, np.ndarray], scale: float) -> None:
     """Add ``scale * B @ A`` of every pair to its module's weight, in place.
 
-    The delta is the cloud's own (``cloud.adapters.lora_delta``), added in float32 as the
+    The delta is the cloud's own (``tandem.adapters.lora_delta``), added in float32 as the
     cloud adds it, so a model merged here computes what the service computes.
     """
     modules = _adaptable(model)

@@ -4,7 +4,8 @@ Settings come from the run config (``[tool.flwr.app.config]`` in ``pyproject.tom
 ``flwr run . --run-config 'key=value ...'``); see ``federated.config``. With ``out`` set, the
 run's summary is written to ``OUT/result.json``; with ``publish`` set to a bundle directory in a
 cloud model repository, the global adapter (and with ``publish-personal`` each client's) is
-written there as a new adapter version, which a running service picks up without a restart.
+written there as a new adapter version, which a running service picks up without a restart;
+an adapter's head part (``head-targets``) goes beside it, for edge devices to load.
 """
 
 from __future__ import annotations
@@ -12,51 +13,96 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from federated.config import FedConfig
-from federated.lora import Arrays, attach, lora_arrays, merge_into, resolve_targets
+from federated.lora import (
+    Arrays,
+    attach,
+    lora_arrays,
+    merge_into,
+    pairs,
+    resolve_head_targets,
+    resolve_targets,
+    split_head,
+)
 from federated.publish import publish_adapter
 from federated.rounds import Evaluate, RoundLog, personalise, run_rounds
 from federated.strategies import build_strategy
-from federated.task import Features, Wire, accuracy, domain_test, tail_model
+from federated.task import (
+    Features,
+    Wire,
+    accuracy,
+    domain_inputs,
+    end_to_end,
+    features,
+    head_model,
+    head_runner,
+    tail_model,
+)
 
 log = logging.getLogger(__name__)
 
 
 def initial_adapter(cfg: FedConfig) -> Arrays:
-    """A fresh adapter at the largest rank: A random (seeded), B zero, so it changes nothing."""
-    model = tail_model(cfg.bundle)
-    targets = resolve_targets(model, cfg.targets)
-    return lora_arrays(attach(model, targets, cfg.max_rank, cfg.alpha, seed=cfg.seed))
+    """A fresh adapter at the largest rank: A random (seeded), B zero, so it changes nothing.
+
+    It covers ``targets`` of the decoder + tail and ``head-targets`` of the head."""
+    head = resolve_head_targets(head_model(cfg.bundle), cfg.head_targets)
+    tail = resolve_targets(tail_model(cfg.bundle), cfg.targets)
+    model = end_to_end(_wire(cfg)) if head else tail_model(cfg.bundle)
+    return lora_arrays(attach(model, tail + head, cfg.max_rank, cfg.alpha, seed=cfg.seed))
 
 
-def shifted_test(cfg: FedConfig, clients: int) -> Features:
-    """The test slice seen through each client's domain, all of them together."""
-    wire = Wire(cfg.bundle, cfg.width, cfg.bits)
+def _wire(cfg: FedConfig) -> Wire:
+    return Wire(cfg.bundle, cfg.width, cfg.bits)
+
+
+@dataclass(frozen=True)
+class ShiftedTest:
+    """The test slice seen through each client's domain, all of them together: the images
+    and labels, and the frozen head's wire features of them."""
+
+    x: np.ndarray
+    y: np.ndarray
+    features: Features
+
+
+def shifted_test(cfg: FedConfig, clients: int) -> ShiftedTest:
+    """The server's test data: every client's domain applied to the test slice."""
     domains = cfg.domain_list()
     parts = [
-        domain_test(
-            wire, cfg.data, domains[p % len(domains)], cfg.eval_samples, cfg.seed * 1000 + p
-        )
+        domain_inputs(cfg.data, domains[p % len(domains)], cfg.eval_samples, cfg.seed * 1000 + p)
         for p in range(clients)
     ]
-    return Features(torch.cat([p.z for p in parts]), torch.cat([p.y for p in parts]))
+    x, y = np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+    return ShiftedTest(x, y, features(_wire(cfg), x, y))
 
 
-def evaluator(cfg: FedConfig, test: Features) -> Evaluate:
-    """(adapter, scale) -> accuracy of the bundle with that adapter merged, on ``test``."""
+def evaluator(cfg: FedConfig, test: ShiftedTest) -> Evaluate:
+    """(adapter, scale) -> accuracy of the bundle with that adapter merged, on ``test``.
+
+    An adapter with head keys is measured as a device and the cloud would run it: the images
+    go through the merged head and the real codec, and the features through the merged tail.
+    """
 
     def evaluate(arrays: Arrays, scale: float) -> float:
+        head, tail = split_head(arrays)
+        data = test.features
+        if head:
+            encoder = head_model(cfg.bundle)
+            merge_into(encoder, head, scale)
+            data = features(_wire(cfg), test.x, test.y, head_runner(cfg.bundle, encoder))
         model = tail_model(cfg.bundle)
-        if arrays:
-            merge_into(model, arrays, scale)
-        return accuracy(model, test)
+        if tail:
+            merge_into(model, tail, scale)
+        return accuracy(model, data)
 
     return evaluate
 
@@ -71,7 +117,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
 
     def on_round(rnd: int, arrays: ArrayRecord, _: RoundLog) -> None:
         if cfg.publish and cfg.publish_every and rnd % cfg.publish_every == 0:
-            published.append(_publish(cfg, strategy.global_adapter(arrays), strategy.scale))
+            published.extend(_publish(cfg, strategy.global_adapter(arrays), strategy.scale))
 
     frozen = evaluate({}, 1.0)
     arrays, logs = run_rounds(grid, cfg, strategy, strategy.first_arrays(initial), evaluate,
@@ -81,16 +127,17 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
         "strategy": cfg.strategy, "rounds": [r.as_dict() for r in logs],
         "frozen_accuracy": frozen, "global_accuracy": evaluate(final, strategy.scale),
         "tail_fp32_bytes": tail_bytes(cfg.bundle), "scale": strategy.scale,
+        "targets": sorted(pairs(initial)),
     }  # fmt: skip
     if cfg.personal_epochs:
         personal, plog = personalise(grid, cfg, strategy, arrays)
         summary["personal"] = plog.as_dict()
         if cfg.publish and cfg.publish_personal:
             for p, adapter in sorted(personal.items()):
-                published.append(_publish(cfg, adapter, strategy.scale, f"-client{p}"))
+                published.extend(_publish(cfg, adapter, strategy.scale, f"-client{p}"))
     just_published = cfg.publish_every and cfg.num_rounds % cfg.publish_every == 0
     if cfg.publish and final and not just_published:
-        published.append(_publish(cfg, final, strategy.scale))
+        published.extend(_publish(cfg, final, strategy.scale))
     summary["published"] = published
     if cfg.out:
         out = Path(cfg.out)
@@ -104,10 +151,11 @@ def tail_bytes(bundle: str) -> int:
     return sum(p.numel() * 4 for p in tail_model(bundle).parameters())
 
 
-def _publish(cfg: FedConfig, arrays: Arrays, scale: float, suffix: str = "") -> str:
-    path = publish_adapter(Path(cfg.publish), cfg.adapter_name + suffix, arrays, scale, cfg.tenant)
-    log.info("published %s", path)
-    return str(path)
+def _publish(cfg: FedConfig, arrays: Arrays, scale: float, suffix: str = "") -> list[str]:
+    paths = publish_adapter(Path(cfg.publish), cfg.adapter_name + suffix, arrays, scale, cfg.tenant)
+    for path in paths:
+        log.info("published %s", path)
+    return [str(p) for p in paths]
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:

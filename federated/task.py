@@ -1,12 +1,15 @@
-"""What a client computes: its features, local LoRA training, and accuracy.
+"""What a client computes: its model inputs, local LoRA training, and accuracy.
 
-A client holds raw images. Its frozen head and bottleneck encoder run once over them, and the
-features go through ``tandem.codec`` at the bundle's width and bits and back, so training sees
-exactly the tensors the cloud decodes from the wire. Only decoder + tail (with LoRA) train.
+A client holds raw images. When only decoder + tail adapt, its frozen head runs once over
+them, and the features go through ``tandem.codec`` at the bundle's width and bits and back, so
+training sees exactly the tensors the cloud decodes from the wire. When the head adapts too,
+the images themselves (normalised) are the inputs of a :class:`EndToEnd`, which runs the
+whole path every step with the codec's rounding in it.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +23,17 @@ from torch import nn
 from federated.domains import apply_domain
 from federated.partition import Scheme, partition_rows
 from tandem import codec
+from tandem.bottleneck import BottleneckEncoder, CloudTail, fake_quantize
 from tandem.bundle import HeadRunner, TailRunner
-from tandem.data import DataSet, load_data
+from tandem.data import DataSet, load_data, normalize
 
 EVAL_BATCH = 256
 
 
 @dataclass(frozen=True)
 class Features:
-    """Decoded wire features ``z`` (float32, N x C x H x W) and their labels ``y``."""
+    """Model inputs ``z`` (float32, N x C x H x W) and their labels ``y``: decoded wire
+    features for a decoder + tail, normalised images for a :class:`EndToEnd`."""
 
     z: torch.Tensor
     y: torch.Tensor
@@ -62,9 +67,10 @@ def resolved(wire: Wire) -> tuple[float, int]:
     return (wire.width or max(m.bottleneck.widths)), (wire.bits or m.codec.bits)
 
 
-def features(wire: Wire, x: np.ndarray, y: np.ndarray) -> Features:
-    """Images ``x`` through the head and the codec, as the cloud receives them."""
-    head = _head(wire.bundle)
+def features(wire: Wire, x: np.ndarray, y: np.ndarray, head: HeadRunner | None = None) -> Features:
+    """Images ``x`` through ``head`` (default: the bundle's) and the codec, as the cloud
+    receives them."""
+    head = head or _head(wire.bundle)
     width, bits = resolved(wire)
     payloads = head.encode(x, width, bits) if len(x) else []
     z = np.stack([codec.decode(p) for p in payloads]) if payloads else np.zeros((0, 1, 1, 1))
@@ -90,10 +96,13 @@ HOLDOUT = 0.2  # of a client's rows, kept back as its own test data
 
 
 @functools.lru_cache(maxsize=16)
-def client_features(wire: Wire, spec: ClientSpec) -> tuple[Features, Features]:
-    """A client's (train, test) features: its partition of the training split, seen through
-    its own domain, with a seeded fifth (at most ``eval_samples``) held out for testing, so
-    its test data has its own label mix as well as its own domain."""
+def client_features(
+    wire: Wire, spec: ClientSpec, images: bool = False
+) -> tuple[Features, Features]:
+    """A client's (train, test) model inputs: its partition of the training split, seen
+    through its own domain, with a seeded fifth (at most ``eval_samples``) held out for
+    testing, so its test data has its own label mix as well as its own domain. Wire features
+    by default; normalised images, for a :class:`EndToEnd`, with ``images``."""
     data = _data(spec.data)
     rows = partition_rows(
         data.train.y, spec.num_partitions, spec.partition,
@@ -104,7 +113,14 @@ def client_features(wire: Wire, spec: ClientSpec) -> tuple[Features, Features]:
     held = min(spec.eval_samples, max(1, int(len(rows) * HOLDOUT)))
     x = apply_domain(spec.domain, data.train.x[rows[: held + spec.max_samples]], seed)
     y = data.train.y[rows[: held + spec.max_samples]]
-    return features(wire, x[held:], y[held:]), features(wire, x[:held], y[:held])
+    inputs = functools.partial(normalized, wire) if images else functools.partial(features, wire)
+    return inputs(x[held:], y[held:]), inputs(x[:held], y[:held])
+
+
+def normalized(wire: Wire, x: np.ndarray, y: np.ndarray) -> Features:
+    """Images ``x`` normalised as the bundle's head expects them."""
+    spec = _head(wire.bundle).manifest.input
+    return Features(normalize(x, spec.mean, spec.std), torch.from_numpy(y.astype(np.int64)))
 
 
 def domain_inputs(
@@ -114,12 +130,6 @@ def domain_inputs(
     device in that domain would send."""
     test = _data(data_spec).test
     return apply_domain(domain, test.x[:samples], seed + 7919), test.y[:samples]
-
-
-@functools.lru_cache(maxsize=32)
-def domain_test(wire: Wire, data_spec: str, domain: str, samples: int, seed: int) -> Features:
-    """:func:`domain_inputs` as features."""
-    return features(wire, *domain_inputs(data_spec, domain, samples, seed))
 
 
 @functools.lru_cache(maxsize=4)
@@ -132,6 +142,46 @@ def tail_model(bundle: str) -> nn.Module:
     into it). The bundle is read and its hashes checked once per process, not per round."""
     base = _tail(bundle)
     return TailRunner.from_state(base.manifest, base.model.state_dict()).model
+
+
+def head_model(bundle: str) -> BottleneckEncoder:
+    """A fresh copy of ``bundle``'s head (encoder), for a LoRA or a merge."""
+    return copy.deepcopy(_head(bundle).encoder)
+
+
+def head_runner(bundle: str, encoder: BottleneckEncoder) -> HeadRunner:
+    """``bundle``'s head runner with ``encoder`` (an adapted copy) in place of its own."""
+    return HeadRunner(encoder, _head(bundle).manifest)
+
+
+class EndToEnd(nn.Module):
+    """The whole path one input takes: head, the wire's rounding, decoder and tail.
+
+    A head adapter trains through it. The rounding is the codec's per-channel quantization
+    with straight-through gradients (``tandem.bottleneck.fake_quantize``), so the head learns
+    under the error the wire adds. Module paths are ``head.*``, ``decoder.*`` and ``tail.*``:
+    the same as :func:`tail_model`'s for the cloud side.
+    """
+
+    def __init__(self, head: BottleneckEncoder, cloud: CloudTail, width: float, bits: int) -> None:
+        super().__init__()
+        self.head = head
+        self.decoder = cloud.decoder
+        self.tail = cloud.tail
+        self.width = width
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for normalised images."""
+        z = fake_quantize(self.head.encode(x, self.width), self.bits)
+        return self.tail(self.decoder.decode(z))
+
+
+def end_to_end(wire: Wire) -> EndToEnd:
+    """A fresh :class:`EndToEnd` of ``wire``'s bundle, at its width and bits."""
+    cloud = tail_model(wire.bundle)
+    assert isinstance(cloud, CloudTail)
+    return EndToEnd(head_model(wire.bundle), cloud, *resolved(wire))
 
 
 @torch.inference_mode()

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tandem import codec
+from tandem.adapters import load_adapter, merged_state
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
 from tandem.config import ArchConfig, BottleneckConfig, StrictModel
 from tandem.data import normalize
@@ -210,12 +211,21 @@ class HeadRunner:
         self.manifest = manifest
 
     @classmethod
-    def from_bundle(cls, bundle: Path) -> HeadRunner:
-        """Load the encoder only: the tail's weights are never read."""
+    def from_bundle(cls, bundle: Path, adapter: Path | None = None) -> HeadRunner:
+        """Load the encoder only: the tail's weights are never read.
+
+        ``adapter`` is a PEFT-format LoRA directory for the encoder (a federation publishes
+        them to ``head-adapters/<name>/<version>/``); it is merged into the weights, so the
+        head then costs what it did without one. Raises ``tandem.adapters.AdapterError``
+        when it is malformed or does not fit this encoder.
+        """
         m = read_manifest(bundle)
         b = m.bottleneck
         encoder = BottleneckEncoder(m.input.shape[0], b.encoder, b.channels, b.widths)
         _load_into(encoder, _load_verified(bundle, m, HEAD_FILE), "head")
+        if adapter is not None:
+            loaded = load_adapter(adapter, Path(adapter).parent.name, Path(adapter).name)
+            encoder.load_state_dict(merged_state(encoder, loaded), strict=False)
         return cls(encoder, m)
 
     def check_input(self, x: np.ndarray) -> None:

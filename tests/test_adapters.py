@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.func import functional_call
 
-from cloud.adapters import (
+from tandem.adapters import (
     Adapter,
     AdapterError,
     list_adapters,

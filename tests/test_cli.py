@@ -104,3 +104,16 @@ def test_demo_json_is_one_document(capsys: pytest.CaptureFixture[str], tmp_path:
     # The full digits recipe learns: the best point is within a point of the teacher.
     best = max(p["accuracy"] for p in report["points"])
     assert best >= report["teacher"]["accuracy"] - 0.01 and best > 0.95
+
+
+def test_edge_run_names_a_head_adapter_that_does_not_fit(
+    digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["edge", "run", "--bundle", str(digits_bundle), "--cloud", "127.0.0.1:1"]
+    common += ["--source", "-", "--sink", str(tmp_path / "out.jsonl")]
+    assert main([*common, "--head-adapter", str(tmp_path / "missing")]) == 2
+    assert "adapter directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main([*common, "--head-adapter", str(tmp_path / "empty")]) == 2
+    assert "adapter config" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()  # nothing was started

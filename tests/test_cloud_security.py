@@ -29,13 +29,13 @@ from pydantic import ValidationError
 from serving import ROOT, config, make_repo, running, server_process
 from torch.func import functional_call
 
-import cloud.adapters
 import cloud.compute
-from cloud.adapters import load_adapter, merged_state, save_adapter
+import tandem.adapters
 from cloud.config import ServeConfig
 from cloud.server import CloudServer
 from edge.client import ClientSecurity, CloudClient, RetryPolicy
 from tandem import codec
+from tandem.adapters import load_adapter, merged_state, save_adapter
 from tandem.bundle import HeadRunner, TailRunner
 from tandem.data import load_data
 from tandem.protocol import from_message, to_message
@@ -431,13 +431,13 @@ def _save_with_a_scan_after_the_weights(mp: pytest.MonkeyPatch, server: CloudSer
     This is the interleaving the poller's timer (or a request's miss rescan) can hit while
     an operator publishes an adapter: the config and weights exist, tandem.json does not yet.
     """
-    original = cloud.adapters.save_file
+    original = tandem.adapters.save_file
 
     def save_then_scan(*args: Any, **kwargs: Any) -> None:
         original(*args, **kwargs)
         server.repo.scan()
 
-    mp.setattr(cloud.adapters, "save_file", save_then_scan)
+    mp.setattr(tandem.adapters, "save_file", save_then_scan)
 
 
 class _Interleaving:

@@ -11,6 +11,8 @@ import pytest
 from federation import simulate
 from serving import config, make_repo, requests_for, running
 
+from edge.config import DaemonConfig
+from edge.daemon import EdgeDaemon
 from federated.client_app import app as client_app
 from federated.config import FedConfig
 from federated.task import Wire, domain_inputs, resolved
@@ -54,3 +56,56 @@ def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
     served = float(np.mean([a.top[0].index for a in answers] == y))
     assert served == pytest.approx(result["global_accuracy"], abs=1e-6)
     assert result["global_accuracy"] != result["frozen_accuracy"]  # the adapter did change it
+
+
+def _npz_source(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
+    """An npz whose test split (its last 10,000 rows) starts with ``x``, padded with blanks;
+    ``limit=len(x)`` sends exactly ``x``."""
+    blank = np.zeros((1 + 10_000 - len(x), *x.shape[2:]), np.uint8)
+    images = np.concatenate([blank[:1], x[:, 0], blank[1:]])
+    labels = np.concatenate([np.zeros(1, np.int64), y, np.zeros(len(blank) - 1, np.int64)])
+    np.savez(path, x=images, y=labels)
+    return path
+
+
+def test_a_head_and_tail_adapter_serve_the_edge_daemon_with_the_reported_accuracy(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path, digits_bundle)
+    bundle = repo / "digits"
+    settings = {
+        "bundle": str(bundle), "publish": str(bundle), "num-rounds": 2, "min-nodes": NODES,
+        "max-samples": 150, "eval-samples": 50, "local-epochs": 2, "personal-epochs": 0,
+        "head-targets": "auto", "round-timeout": 120.0, "out": str(tmp_path / "out"),
+    }  # fmt: skip
+    cfg = FedConfig.from_run_config(settings)
+    domains = cfg.domain_list()
+    inputs = [domain_inputs(cfg.data, domains[p], cfg.eval_samples, p) for p in range(NODES)]
+    x, y = np.concatenate([i[0] for i in inputs]), np.concatenate([i[1] for i in inputs])
+    width, bits = resolved(Wire(cfg.bundle))
+    source = _npz_source(tmp_path / "shifted.npz", x, y)
+
+    def daemon(head_adapter: Path | None, address: str, sink: str) -> DaemonConfig:
+        return DaemonConfig(
+            bundle=bundle, cloud=address, source=f"npz:{source}", sink=str(tmp_path / sink),
+            adapter=cfg.adapter_name, head_adapter=head_adapter, width=width, bits=bits,
+            limit=len(x), fallback=False,
+        )  # fmt: skip
+
+    async def scenario() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
+        async with running(config(repo)) as server:
+            result = await asyncio.to_thread(simulate, settings, client_app, NODES)
+            head = Path(result["published"][0])
+            adapted = await EdgeDaemon(daemon(head, server.address, "adapted.jsonl")).run()
+            # The cloud's adapter alone, fed by an unadapted head, is not what was trained.
+            tail_only = await EdgeDaemon(daemon(None, server.address, "tail.jsonl")).run()
+        return result, adapted, tail_only
+
+    result, adapted, tail_only = asyncio.run(scenario())
+    assert result["published"] == [
+        str(bundle / part / "federated" / "1") for part in ("head-adapters", "adapters")
+    ]
+    assert adapted["served"] == len(x) and adapted["errors"] == adapted["served_locally"] == 0
+    assert adapted["accuracy"] == pytest.approx(result["global_accuracy"], abs=1e-6)
+    assert result["global_accuracy"] != result["frozen_accuracy"]
+    assert tail_only["accuracy"] != adapted["accuracy"]

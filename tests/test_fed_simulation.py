@@ -108,6 +108,9 @@ def test_too_few_replies_skip_the_round_and_keep_the_adapter(
         ("fedit", {"proximal-mu": 0.1}),
         ("fedit", {"dp": "server-fixed", "dp-noise": 0.01}),
         ("fedit", {"dp": "client-fixed", "dp-noise": 0.01}),
+        ("ffa", {"head-targets": "auto"}),
+        # Head only, over two rounds: the second merges round one's stack into the head.
+        ("flora", {"ranks": "2,4", "head-targets": "body.0.0", "targets": "none", "num-rounds": 2}),
     ],
 )
 def test_each_strategy_runs_a_round(
@@ -117,9 +120,15 @@ def test_each_strategy_runs_a_round(
         digits_bundle, tmp_path, 2, strategy=strategy,
         **{"num-rounds": 1, "personal-epochs": 0, **extra},
     )  # fmt: skip
-    (only,) = result["rounds"]
-    assert (only["replies"], only["failures"], only["skipped"]) == (2, 0, False)
-    ranks = sorted(c["rank"] for c in only["clients"])
-    assert ranks == ([2, 4] if "ranks" in extra else [4, 4])
-    if strategy == "ffa":  # only B travels up: a fraction of what fedit sends
-        assert all(c["bytes_up"] < 0.3 * c["bytes_down"] for c in only["clients"])
+    for one in result["rounds"]:
+        assert (one["replies"], one["failures"], one["skipped"]) == (2, 0, False)
+        ranks = sorted(c["rank"] for c in one["clients"])
+        assert ranks == ([2, 4] if "ranks" in extra else [4, 4])
+        if strategy == "ffa":  # only B travels up: a fraction of what fedit sends
+            assert all(c["bytes_up"] < 0.3 * c["bytes_down"] for c in one["clients"])
+        assert all(c["bytes_up"] <= 0.02 * result["tail_fp32_bytes"] for c in one["clients"])
+    head = [t for t in result["targets"] if t.startswith("head.")]
+    assert head == {"auto": ["head.body.0.0", "head.body.1.0"], "body.0.0": ["head.body.0.0"],
+                    None: []}[extra.get("head-targets")]  # fmt: skip
+    tail = [t for t in result["targets"] if not t.startswith("head.")]
+    assert bool(tail) == (extra.get("targets") != "none")

@@ -17,12 +17,12 @@ from torch import nn
 from torch.func import functional_call
 
 import cloud.compute
-from cloud.adapters import Adapter, load_adapter, merged_state, save_adapter
 from cloud.inference import run_batch
 from cloud.lora_batch import MixedLoRA
 from cloud.repository import ModelEntry
 from edge.client import CloudClient
 from tandem import codec
+from tandem.adapters import Adapter, load_adapter, merged_state, save_adapter
 from tandem.bundle import TailRunner, read_manifest
 from tandem.data import load_data
 from tandem.protocol import from_message

@@ -1,12 +1,16 @@
-"""LoRA adapters for the cloud tail, stored in PEFT's on-disk format.
+"""LoRA adapters in PEFT's on-disk format: read, checked, merged and written.
 
 Layout inside a bundle::
 
     adapters/<name>/<version>/adapter_config.json       PEFT's LoraConfig, as JSON
     adapters/<name>/<version>/adapter_model.safetensors lora_A / lora_B weights
     adapters/<name>/<version>/tandem.json               optional: {"tenant": "acme"}
+    head-adapters/<name>/<version>/...                  the same, for the head (encoder)
 
-An adapter without ``tandem.json`` (or with tenant "") is shared by every tenant.
+An adapter without ``tandem.json`` (or with tenant "") is shared by every tenant. Adapters
+under ``adapters/`` target the decoder + tail and the cloud service serves them; those under
+``head-adapters/`` target the encoder and an edge device merges one into its head
+(``HeadRunner.from_bundle(bundle, adapter=...)``); the cloud never reads them.
 
 Weights are keyed as PEFT saves them, ``base_model.model.<module>.lora_A.weight`` and
 ``.lora_B.weight``. Only what plain LoRA needs is supported: ``fan_in_fan_out`` false,
@@ -39,6 +43,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+ADAPTERS_DIR = "adapters"
+HEAD_ADAPTERS_DIR = "head-adapters"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 TENANT_FILE = "tandem.json"
@@ -381,7 +387,7 @@ def list_adapters(bundle_dir: Path) -> list[tuple[str, str, Path]]:
 
     Hidden directories are skipped: :func:`save_adapter` stages new versions in them.
     """
-    root = Path(bundle_dir) / "adapters"
+    root = Path(bundle_dir) / ADAPTERS_DIR
     if not root.is_dir():
         return []
     found = [
