@@ -5,7 +5,8 @@ Usage: ``python bench/fed.py [--bundle DIR --data SPEC] [--clients 8] [--rounds 
 One run of Flower's simulation engine (in-process, Ray backend): ``--clients`` devices, each
 holding a Dirichlet(0.5) share of the training split seen through its own domain shift
 (rotation, inversion, noise, low contrast, translation, blur), fine-tune the bundle's tail LoRA
-for ``--rounds`` rounds with ``--strategy``, then one personalisation round. It reports:
+(and with ``--set head-targets=auto`` its head's too) for ``--rounds`` rounds with
+``--strategy``, then one personalisation round. It reports:
 
 * the frozen bundle's accuracy on the test split seen through every client's domain, and the
   global adapter's on the same images, and the gain;

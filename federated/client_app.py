@@ -38,7 +38,7 @@ from federated.task import (
     TrainSettings,
     Wire,
     accuracy,
-    client_features,
+    client_inputs,
     end_to_end,
     tail_model,
     train,
@@ -90,7 +90,7 @@ def client_data(
         max_samples=int(_get(config, "max-samples")),
         eval_samples=int(_get(config, "eval-samples")), seed=int(_get(config, "seed")),
     )  # fmt: skip
-    return client_features(_wire(config), spec, images)
+    return client_inputs(_wire(config), spec, images)
 
 
 def _wire(config: ConfigRecord) -> Wire:

@@ -96,9 +96,7 @@ HOLDOUT = 0.2  # of a client's rows, kept back as its own test data
 
 
 @functools.lru_cache(maxsize=16)
-def client_features(
-    wire: Wire, spec: ClientSpec, images: bool = False
-) -> tuple[Features, Features]:
+def client_inputs(wire: Wire, spec: ClientSpec, images: bool = False) -> tuple[Features, Features]:
     """A client's (train, test) model inputs: its partition of the training split, seen
     through its own domain, with a seeded fifth (at most ``eval_samples``) held out for
     testing, so its test data has its own label mix as well as its own domain. Wire features
