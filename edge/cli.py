@@ -28,10 +28,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--spool", type=Path, help="spool database (default: SINK.spool)")
     p.add_argument("--model", help="model name on the server (default: the bundle's)")
     p.add_argument("--adapter", default="", help="LoRA adapter to ask for")
+    p.add_argument("--adapter-version", default="", help="its version (default: the newest)")
     p.add_argument(
         "--head-adapter", type=Path,
-        help="head LoRA directory to merge in, e.g. BUNDLE/head-adapters/NAME/VERSION: the one "
-        "trained with --adapter's version",
+        help="head LoRA directory to merge in, e.g. BUNDLE/head-adapters/NAME/VERSION; a "
+        "federation's also picks --adapter, --adapter-version, --width and --bits unless given",
     )  # fmt: skip
     p.add_argument("--width", type=float, help="fix the bottleneck width (default: policy)")
     p.add_argument("--bits", type=int, help="fix the bits per value (default: policy)")
@@ -67,6 +68,7 @@ def _config(args: argparse.Namespace) -> Any:
             "spool",
             "model",
             "adapter",
+            "adapter_version",
             "head_adapter",
             "width",
             "bits",

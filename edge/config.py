@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, model_validator
 
 from tandem import codec
+from tandem.adapters import read_metadata
 from tandem.address import parse_address
 from tandem.config import StrictModel
 
@@ -21,6 +22,7 @@ class DaemonConfig(StrictModel):
     spool: Path | None = Field(None, description="default: SINK.spool, or ./tandem-edge.spool")
     model: str | None = Field(None, description="model name on the server (default: bundle's)")
     adapter: str = ""
+    adapter_version: str = Field("", description="the adapter's version (default: the newest)")
     head_adapter: Path | None = Field(
         None, description="LoRA adapter directory to merge into the head (head-adapters/N/V)"
     )
@@ -54,6 +56,33 @@ class DaemonConfig(StrictModel):
             raise ValueError("cert and key go together")
         return self
 
+    def paired(self) -> DaemonConfig:
+        """This config completed from its head adapter's metadata, where the options leave it
+        open: the tail adapter (name and version) it was trained with, and its width and bits.
+
+        A head adapter without that metadata (not published by a federation) changes nothing.
+        ValueError when ``adapter`` or ``adapter_version`` name another tail adapter than the
+        one it pairs with: that tail was never trained on what this head sends.
+        """
+        if self.head_adapter is None:
+            return self
+        meta = read_metadata(self.head_adapter)
+        if "tail_adapter" not in meta:
+            return self
+        name, version = _pair(meta["tail_adapter"], self.head_adapter)
+        if (self.adapter or name) != name or (self.adapter_version or version) != version:
+            pairs = f"tail adapter {name} version {version}" if name else "the bundle's own tail"
+            raise ValueError(
+                f"head adapter {self.head_adapter} was trained with {pairs}: "
+                f"drop --adapter/--adapter-version or give the matching ones"
+            )
+        update: dict[str, object] = {"adapter": name, "adapter_version": version}
+        if self.width is None:
+            update["width"] = float(meta["width"])
+        if self.bits is None:
+            update["bits"] = int(meta["bits"])
+        return DaemonConfig.model_validate({**self.model_dump(), **update})
+
     def spool_path(self) -> Path:
         """Where the spool lives: next to a file sink, else in the working directory."""
         if self.spool is not None:
@@ -68,3 +97,14 @@ class DaemonConfig(StrictModel):
         if not lines or not lines[0].strip():
             raise ValueError(f"{self.token_file} holds no token")
         return lines[0].strip()
+
+
+def _pair(value: object, where: Path) -> tuple[str, str]:
+    """(name, version) of a head adapter's ``tail_adapter`` entry; ("", "") for null."""
+    if value is None:
+        return "", ""
+    if not isinstance(value, dict) or not all(
+        isinstance(value.get(k), str) and value[k] for k in ("name", "version")
+    ):
+        raise ValueError(f"head adapter {where}: tail_adapter must be null or a name and version")
+    return value["name"], value["version"]

@@ -89,7 +89,15 @@ class EdgeDaemon:
 
     async def run(self) -> dict[str, Any]:
         """Process the whole source (or until ``stop`` is set); return the run's summary."""
-        cfg = self.cfg
+        try:
+            return await self._run()
+        finally:
+            self._device_pool.shutdown()
+            self._spool_pool.shutdown()
+
+    async def _run(self) -> dict[str, Any]:
+        # A head adapter decides which tail adapter, width and bits go with it.
+        self.cfg = cfg = self.cfg.paired()
         self.device = await self._in(
             self._device_pool,
             lambda: DeviceModels(
@@ -120,8 +128,6 @@ class EdgeDaemon:
                 await self._run_pipeline(source)
         finally:
             await self.client.close()
-            self._device_pool.shutdown()
-            self._spool_pool.shutdown()
         return self.stats.summary(time.monotonic() - started, has_labels=source.has_labels)
 
     # ------------------------------------------------------------------ set-up
@@ -339,6 +345,7 @@ class EdgeDaemon:
             request_id=entry.request_id,
             model=self.cfg.model or self.device.manifest.name,
             adapter=self.cfg.adapter,
+            adapter_version=self.cfg.adapter_version,
             width=float(entry.width or 0.0),
             features=to_message(item.payload),
             deadline_ms=self.cfg.deadline_ms,

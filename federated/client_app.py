@@ -39,8 +39,7 @@ from federated.task import (
     Wire,
     accuracy,
     client_inputs,
-    end_to_end,
-    tail_model,
+    model_for,
     train,
 )
 from federated.updates import (
@@ -116,7 +115,7 @@ def build_model(msg: Message, context: Context) -> tuple[PeftModel, set[str]]:
         else {}
     )
     start = {**frozen, **trained}
-    model = end_to_end(_wire(config)) if has_head(start) else tail_model(_get(config, "bundle"))
+    model = model_for(_wire(config), has_head(start))
     if BASE_KEY in msg.content.array_records and len(msg.content.array_records[BASE_KEY]):
         merge_into(model, from_record(msg.content.array_records[BASE_KEY]), 1.0)
     rank = client_rank(config, context, rank_of(start))

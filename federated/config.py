@@ -28,7 +28,8 @@ class FedConfigError(ValueError):
 
 
 class FedConfig(StrictModel):
-    """Every setting of a federation; see the README's table for what each one does."""
+    """Every setting of a federation, with its default (the same as in ``pyproject.toml``); the
+    README's "Federated fine-tuning" section says what each one does."""
 
     bundle: str
     data: str = "digits"

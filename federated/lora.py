@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,8 @@ def _adaptable(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def resolve_targets(model: nn.Module, spec: str) -> list[str]:
-    """Full module paths of the decoder + tail LoRA targets named by ``spec``.
+    """Full module paths of the decoder + tail LoRA targets named by ``spec`` (``model`` may
+    hold a head too: its modules are never chosen here, see :func:`resolve_head_targets`).
 
     ``auto`` is the classifier (every Linear) plus every conv of the tail's last stage: the
     layers nearest the output, where a domain shift is cheapest to correct. ``none`` is no
@@ -59,9 +61,9 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
     ``decoder.out`` the decoder's last conv), each of which must name at least one Linear or
     Conv2d that the forward pass calls.
     """
-    modules = _adaptable(model)
     if spec.strip() == "none":
         return []
+    modules = {n: m for n, m in _adaptable(model).items() if not n.startswith(HEAD)}
     if spec.strip() == "auto":
         stages = sorted({n.split(".")[1] for n in modules if n.startswith("tail.layer")})
         last = f"tail.{stages[-1]}." if stages else "\0"
@@ -195,8 +197,15 @@ def merge_into(model: nn.Module, arrays: Mapping[str, np.ndarray], scale: float)
             weight.copy_(weight.float() + delta.reshape(weight.shape))
 
 
-def publish(path: Path, arrays: Mapping[str, np.ndarray], alpha: float, tenant: str = "") -> None:
-    """Write ``arrays`` as a PEFT-format adapter directory ``path`` (which must not exist)."""
+def publish(
+    path: Path,
+    arrays: Mapping[str, np.ndarray],
+    alpha: float,
+    tenant: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> None:
+    """Write ``arrays`` as a PEFT-format adapter directory ``path`` (which must not exist),
+    with ``metadata`` in its ``tandem.json``."""
     lora = {m: (torch.from_numpy(a), torch.from_numpy(b)) for m, (a, b) in pairs(arrays).items()}
     save_adapter(
         path,
@@ -205,4 +214,5 @@ def publish(path: Path, arrays: Mapping[str, np.ndarray], alpha: float, tenant: 
         alpha=alpha,
         target_modules=sorted(lora),
         tenant=tenant,
+        metadata=metadata,
     )

@@ -40,10 +40,11 @@ from federated.task import (
     Wire,
     accuracy,
     domain_inputs,
-    end_to_end,
     features,
     head_model,
     head_runner,
+    model_for,
+    resolved,
     tail_model,
 )
 
@@ -55,8 +56,8 @@ def initial_adapter(cfg: FedConfig) -> Arrays:
 
     It covers ``targets`` of the decoder + tail and ``head-targets`` of the head."""
     head = resolve_head_targets(head_model(cfg.bundle), cfg.head_targets)
-    tail = resolve_targets(tail_model(cfg.bundle), cfg.targets)
-    model = end_to_end(_wire(cfg)) if head else tail_model(cfg.bundle)
+    model = model_for(_wire(cfg), bool(head))
+    tail = resolve_targets(model, cfg.targets)
     return lora_arrays(attach(model, tail + head, cfg.max_rank, cfg.alpha, seed=cfg.seed))
 
 
@@ -136,7 +137,7 @@ def run_federation(grid: Grid, cfg: FedConfig) -> dict[str, Any]:
             for p, adapter in sorted(personal.items()):
                 published.extend(_publish(cfg, adapter, strategy.scale, f"-client{p}"))
     just_published = cfg.publish_every and cfg.num_rounds % cfg.publish_every == 0
-    if cfg.publish and final and not just_published:
+    if cfg.publish and not just_published:
         published.extend(_publish(cfg, final, strategy.scale))
     summary["published"] = published
     if cfg.out:
@@ -152,7 +153,12 @@ def tail_bytes(bundle: str) -> int:
 
 
 def _publish(cfg: FedConfig, arrays: Arrays, scale: float, suffix: str = "") -> list[str]:
-    paths = publish_adapter(Path(cfg.publish), cfg.adapter_name + suffix, arrays, scale, cfg.tenant)
+    if not arrays:  # every round so far skipped, under a strategy that starts from nothing
+        log.warning("nothing to publish yet for %s", cfg.adapter_name + suffix)
+        return []
+    width, bits = resolved(_wire(cfg))
+    paths = publish_adapter(Path(cfg.publish), cfg.adapter_name + suffix, arrays, scale,
+                            cfg.tenant, width=width, bits=bits)  # fmt: skip
     for path in paths:
         log.info("published %s", path)
     return [str(p) for p in paths]

@@ -70,7 +70,7 @@ def resolved(wire: Wire) -> tuple[float, int]:
 def features(wire: Wire, x: np.ndarray, y: np.ndarray, head: HeadRunner | None = None) -> Features:
     """Images ``x`` through ``head`` (default: the bundle's) and the codec, as the cloud
     receives them."""
-    head = head or _head(wire.bundle)
+    head = _head(wire.bundle) if head is None else head
     width, bits = resolved(wire)
     payloads = head.encode(x, width, bits) if len(x) else []
     z = np.stack([codec.decode(p) for p in payloads]) if payloads else np.zeros((0, 1, 1, 1))
@@ -135,7 +135,7 @@ def _tail(bundle: str) -> TailRunner:
     return TailRunner.from_bundle(Path(bundle))
 
 
-def tail_model(bundle: str) -> nn.Module:
+def tail_model(bundle: str) -> CloudTail:
     """A fresh decoder + tail of ``bundle`` (its own copy: callers attach LoRA to it or merge
     into it). The bundle is read and its hashes checked once per process, not per round."""
     base = _tail(bundle)
@@ -175,11 +175,12 @@ class EndToEnd(nn.Module):
         return self.tail(self.decoder.decode(z))
 
 
-def end_to_end(wire: Wire) -> EndToEnd:
-    """A fresh :class:`EndToEnd` of ``wire``'s bundle, at its width and bits."""
-    cloud = tail_model(wire.bundle)
-    assert isinstance(cloud, CloudTail)
-    return EndToEnd(head_model(wire.bundle), cloud, *resolved(wire))
+def model_for(wire: Wire, head: bool) -> nn.Module:
+    """A fresh model to attach LoRA to: an :class:`EndToEnd` of ``wire``'s bundle at its width
+    and bits when the ``head`` adapts too, else its decoder + tail."""
+    if not head:
+        return tail_model(wire.bundle)
+    return EndToEnd(head_model(wire.bundle), tail_model(wire.bundle), *resolved(wire))
 
 
 @torch.inference_mode()

@@ -4,13 +4,15 @@ Layout inside a bundle::
 
     adapters/<name>/<version>/adapter_config.json       PEFT's LoraConfig, as JSON
     adapters/<name>/<version>/adapter_model.safetensors lora_A / lora_B weights
-    adapters/<name>/<version>/tandem.json               optional: {"tenant": "acme"}
+    adapters/<name>/<version>/tandem.json               optional: {"tenant": "acme", ...}
     head-adapters/<name>/<version>/...                  the same, for the head (encoder)
 
 An adapter without ``tandem.json`` (or with tenant "") is shared by every tenant. Adapters
 under ``adapters/`` target the decoder + tail and the cloud service serves them; those under
 ``head-adapters/`` target the encoder and an edge device merges one into its head
-(``HeadRunner.from_bundle(bundle, adapter=...)``); the cloud never reads them.
+(``HeadRunner.from_bundle(bundle, adapter=...)``); the cloud never reads them. A head part's
+``tandem.json`` says what it was trained with: ``tail_adapter``, the ``{"name", "version"}`` of
+the tail part it pairs with (null: the bundle's own tail), and the ``width`` and ``bits``.
 
 Weights are keyed as PEFT saves them, ``base_model.model.<module>.lora_A.weight`` and
 ``.lora_B.weight``. Only what plain LoRA needs is supported: ``fan_in_fan_out`` false,
@@ -47,7 +49,7 @@ ADAPTERS_DIR = "adapters"
 HEAD_ADAPTERS_DIR = "head-adapters"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-TENANT_FILE = "tandem.json"
+META_FILE = "tandem.json"
 KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -181,16 +183,29 @@ def _parse_config(path: Path) -> tuple[int, float, float, str | list[str]]:
     return rank, float(alpha), scale, targets
 
 
-def _read_tenant(directory: Path) -> str:
-    """The owning tenant from ``tandem.json``: "" (shared) when the file is absent."""
-    path = directory / TENANT_FILE
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """``tandem.json`` of the adapter in ``directory``: {} when it has none."""
+    path = Path(directory) / META_FILE
     if not path.exists():
-        return ""
+        return {}
     meta = _read_json(path, "adapter metadata")
-    tenant = meta.get("tenant", "") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"adapter metadata {path} must be a JSON object")
+    return meta
+
+
+def _read_tenant(directory: Path) -> str:
+    """The owning tenant from ``tandem.json``: "" (shared) when it names none."""
+    tenant = read_metadata(directory).get("tenant", "")
     if not isinstance(tenant, str):
-        raise AdapterError(f"adapter metadata {path} must be an object with a string 'tenant'")
+        raise AdapterError(f"adapter metadata {directory / META_FILE}: 'tenant' must be a string")
     return tenant
+
+
+def adapter_dir(bundle_dir: Path, name: str, version: str, head: bool = False) -> Path:
+    """Where version ``version`` of adapter ``name`` lives in a bundle (its head part with
+    ``head``)."""
+    return Path(bundle_dir) / (HEAD_ADAPTERS_DIR if head else ADAPTERS_DIR) / name / version
 
 
 def lora_delta(
@@ -332,11 +347,13 @@ def save_adapter(
     target_modules: list[str],
     tenant: str = "",
     use_rslora: bool = False,
+    metadata: dict[str, Any] | None = None,
 ) -> None:
     """Publish an adapter as directory ``path``, in PEFT's format, all at once.
 
     ``lora`` maps a module path to its (lora_A, lora_B) weights, shaped as described in the
-    module docstring. ``tandem.json`` is written only when ``tenant`` is set. The files are
+    module docstring. ``tandem.json`` holds ``tenant`` and ``metadata`` (JSON values), and is
+    written only when either is set. The files are
     written to a hidden sibling directory that is then renamed to ``path``: a server scanning
     meanwhile sees the whole adapter or nothing, never weights without their owner (which it
     would take for a shared adapter). ``path`` must not exist yet: versions are immutable.
@@ -374,8 +391,9 @@ def save_adapter(
         staging.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        if tenant:
-            (staging / TENANT_FILE).write_text(json.dumps({"tenant": tenant}) + "\n")
+        meta = {**(metadata or {}), **({"tenant": tenant} if tenant else {})}
+        if meta:
+            (staging / META_FILE).write_text(json.dumps(meta) + "\n")
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tandem import codec
-from tandem.adapters import load_adapter, merged_state
+from tandem.adapters import AdapterError, load_adapter, merged_state
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
 from tandem.config import ArchConfig, BottleneckConfig, StrictModel
 from tandem.data import normalize
@@ -225,7 +225,14 @@ class HeadRunner:
         _load_into(encoder, _load_verified(bundle, m, HEAD_FILE), "head")
         if adapter is not None:
             loaded = load_adapter(adapter, Path(adapter).parent.name, Path(adapter).name)
-            encoder.load_state_dict(merged_state(encoder, loaded), strict=False)
+            try:
+                merged = merged_state(encoder, loaded)
+            except AdapterError as e:
+                raise AdapterError(
+                    f"{adapter} does not fit this bundle's head (head adapters live under "
+                    f"head-adapters/, tail ones under adapters/): {e}"
+                ) from None
+            encoder.load_state_dict(merged, strict=False)
         return cls(encoder, m)
 
     def check_input(self, x: np.ndarray) -> None:

@@ -256,7 +256,10 @@ def test_bad_json(saved: Path) -> None:
 
 def test_bad_tenant_file(saved: Path) -> None:
     (saved / "tandem.json").write_text('{"tenant": 3}')
-    with pytest.raises(AdapterError, match="string 'tenant'"):
+    with pytest.raises(AdapterError, match="'tenant' must be a string"):
+        load_adapter(saved, "n", "1")
+    (saved / "tandem.json").write_text("[1, 2]")
+    with pytest.raises(AdapterError, match="must be a JSON object"):
         load_adapter(saved, "n", "1")
     (saved / "tandem.json").write_text("{oops")
     with pytest.raises(AdapterError, match=r"adapter metadata .* not valid JSON"):

@@ -21,6 +21,7 @@ from edge.config import DaemonConfig
 from edge.daemon import EdgeDaemon
 from edge.sinks import JsonlSink
 from edge.spool import Spool
+from tandem.adapters import save_adapter
 from tandem.bundle import load_full, read_manifest
 from tandem.data import load_data, normalize
 from tandem.evaluate import evaluate_bundle
@@ -344,3 +345,37 @@ def test_sigterm_stops_a_daemon_reading_an_idle_stdin_cleanly(
         proc.communicate()
     assert proc.returncode == 0, err.decode()
     assert json.loads(out)["served_locally"] == 1
+
+
+def _head_adapter(path: Path, **metadata: Any) -> Path:
+    """A rank-1 LoRA on the digits encoder's first conv, with ``metadata`` in tandem.json."""
+    a, b = torch.full((1, 1, 3, 3), 0.1), torch.full((16, 1, 1, 1), 0.1)
+    save_adapter(path, lora={"body.0.0": (a, b)}, rank=1, alpha=1.0,
+                 target_modules=["body.0.0"], metadata=metadata or None)  # fmt: skip
+    return path
+
+
+def test_a_federated_head_adapter_picks_its_tail_adapter_width_and_bits(
+    tmp_path: Path, digits_bundle: Path
+) -> None:
+    pair = {"name": "fed", "version": "3"}
+    head = _head_adapter(tmp_path / "h3", tail_adapter=pair, width=0.5, bits=4)
+    cfg = _cfg(tmp_path, digits_bundle, "-", head_adapter=head).paired()
+    assert (cfg.adapter, cfg.adapter_version, cfg.width, cfg.bits) == ("fed", "3", 0.5, 4)
+    mine = _cfg(tmp_path, digits_bundle, "-", head_adapter=head, adapter="fed", width=1.0).paired()
+    assert (mine.adapter_version, mine.width, mine.bits) == ("3", 1.0, 4)  # given options stand
+    for other in ({"adapter": "other"}, {"adapter_version": "2"}):
+        with pytest.raises(ValueError, match="tail adapter fed version 3"):
+            _cfg(tmp_path, digits_bundle, "-", head_adapter=head, **other).paired()
+
+    alone = _head_adapter(tmp_path / "h1", tail_adapter=None, width=0.5, bits=4)
+    assert _cfg(tmp_path, digits_bundle, "-", head_adapter=alone).paired().adapter == ""
+    with pytest.raises(ValueError, match="bundle's own tail"):
+        _cfg(tmp_path, digits_bundle, "-", head_adapter=alone, adapter="fed").paired()
+
+    plain = _head_adapter(tmp_path / "plain")  # not from a federation: nothing to pair
+    cfg = _cfg(tmp_path, digits_bundle, "-", head_adapter=plain, adapter="x")
+    assert cfg.paired() == cfg
+    odd = _head_adapter(tmp_path / "odd", tail_adapter={"name": "fed"}, width=0.5, bits=4)
+    with pytest.raises(ValueError, match="null or a name and version"):
+        _cfg(tmp_path, digits_bundle, "-", head_adapter=odd).paired()

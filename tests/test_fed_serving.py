@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -85,20 +87,26 @@ def test_a_head_and_tail_adapter_serve_the_edge_daemon_with_the_reported_accurac
     width, bits = resolved(Wire(cfg.bundle))
     source = _npz_source(tmp_path / "shifted.npz", x, y)
 
-    def daemon(head_adapter: Path | None, address: str, sink: str) -> DaemonConfig:
+    def daemon(address: str, sink: str, **options: Any) -> DaemonConfig:
         return DaemonConfig(
             bundle=bundle, cloud=address, source=f"npz:{source}", sink=str(tmp_path / sink),
-            adapter=cfg.adapter_name, head_adapter=head_adapter, width=width, bits=bits,
-            limit=len(x), fallback=False,
+            limit=len(x), fallback=False, **options,
         )  # fmt: skip
 
     async def scenario() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
         async with running(config(repo)) as server:
             result = await asyncio.to_thread(simulate, settings, client_app, NODES)
+            # The head part alone: it names its tail part, width and bits.
             head = Path(result["published"][0])
-            adapted = await EdgeDaemon(daemon(head, server.address, "adapted.jsonl")).run()
+            adapted = await EdgeDaemon(
+                daemon(server.address, "adapted.jsonl", head_adapter=head)
+            ).run()
             # The cloud's adapter alone, fed by an unadapted head, is not what was trained.
-            tail_only = await EdgeDaemon(daemon(None, server.address, "tail.jsonl")).run()
+            tail_only = await EdgeDaemon(
+                daemon(
+                    server.address, "tail.jsonl", adapter=cfg.adapter_name, width=width, bits=bits
+                )
+            ).run()
         return result, adapted, tail_only
 
     result, adapted, tail_only = asyncio.run(scenario())
@@ -106,6 +114,8 @@ def test_a_head_and_tail_adapter_serve_the_edge_daemon_with_the_reported_accurac
         str(bundle / part / "federated" / "1") for part in ("head-adapters", "adapters")
     ]
     assert adapted["served"] == len(x) and adapted["errors"] == adapted["served_locally"] == 0
+    lines = [json.loads(line) for line in (tmp_path / "adapted.jsonl").read_text().splitlines()]
+    assert {(line["width"], line["bits"]) for line in lines} == {(width, bits)}
     assert adapted["accuracy"] == pytest.approx(result["global_accuracy"], abs=1e-6)
     assert result["global_accuracy"] != result["frozen_accuracy"]
     assert tail_only["accuracy"] != adapted["accuracy"]

@@ -30,15 +30,21 @@ from federated.task import (
     Wire,
     accuracy,
     domain_inputs,
-    end_to_end,
     features,
     head_model,
+    model_for,
     normalized,
     predictions,
     tail_model,
 )
 from federated.updates import UpdateError, decode_update, encode_update
-from tandem.adapters import AdapterError, list_adapters, load_adapter, merged_state
+from tandem.adapters import (
+    AdapterError,
+    list_adapters,
+    load_adapter,
+    merged_state,
+    read_metadata,
+)
 from tandem.bundle import HeadRunner
 
 
@@ -238,7 +244,7 @@ def test_merged_adapter_computes_what_peft_and_the_cloud_compute(
     # Published, the adapter is PEFT's format: PEFT and the cloud both load it.
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "manifest.json").write_text(json.dumps({}))
-    (path,) = publish_adapter(tmp_path / "b", "fed", arrays, 2.0)
+    (path,) = publish_adapter(tmp_path / "b", "fed", arrays, 2.0, width=1.0, bits=8)
     assert path == tmp_path / "b" / "adapters" / "fed" / "1"
     assert next_version(tmp_path / "b", "fed") == "2"
     with torch.inference_mode():
@@ -270,7 +276,7 @@ def test_end_to_end_model_predicts_what_the_wire_predicts_and_trains_the_head(
 ) -> None:
     wire = Wire(str(digits_bundle))
     x, y = domain_inputs("digits", "rotate:20", 300, 0)
-    model = end_to_end(wire)
+    model = model_for(wire, head=True)
     images, wired = normalized(wire, x, y), features(wire, x, y)
     # The codec's rounding, copied in torch, may land a value one level off now and then.
     same = predictions(model, images) == predictions(tail_model(wire.bundle), wired)
@@ -294,7 +300,9 @@ def test_a_head_adapter_is_published_apart_and_the_edge_merges_it_as_trained(
     from peft import PeftModel
 
     bundle = str(digits_bundle)
-    peft = attach(end_to_end(Wire(bundle)), ["head.body.0.0", "head.body.1.0", "tail.fc"], 2, 4.0)
+    peft = attach(
+        model_for(Wire(bundle), head=True), ["head.body.0.0", "head.body.1.0", "tail.fc"], 2, 4.0
+    )
     arrays = {k: v + 0.05 for k, v in lora_arrays(peft).items()}
     head, tail = split_head(arrays)
     assert sorted(head) == [
@@ -308,11 +316,22 @@ def test_a_head_adapter_is_published_apart_and_the_edge_merges_it_as_trained(
     repo_bundle = tmp_path / "b"
     repo_bundle.mkdir()
     (repo_bundle / "manifest.json").write_text(json.dumps({}))
-    head_path, tail_path = publish_adapter(repo_bundle, "fed", arrays, 2.0)
+    head_path, tail_path = publish_adapter(repo_bundle, "fed", arrays, 2.0, width=0.5, bits=4)
     assert head_path == repo_bundle / "head-adapters" / "fed" / "1"
     assert tail_path == repo_bundle / "adapters" / "fed" / "1"
+    assert read_metadata(head_path) == {
+        "tail_adapter": {"name": "fed", "version": "1"}, "width": 0.5, "bits": 4,
+    }  # fmt: skip
     assert next_version(repo_bundle, "fed") == "2"
     assert [v for _, v, _ in list_adapters(repo_bundle)] == ["1"]  # the cloud sees the tail only
+    # Head only: one part, at the next version, paired with the bundle's own tail.
+    (only,) = publish_adapter(repo_bundle, "fed", {f"head.{k}": v for k, v in head.items()}, 2.0,
+                              width=0.5, bits=4)  # fmt: skip
+    assert only == repo_bundle / "head-adapters" / "fed" / "2"
+    assert read_metadata(only)["tail_adapter"] is None
+    assert next_version(repo_bundle, "fed") == "3"
+    with pytest.raises(ValueError, match="no LoRA weights"):
+        publish_adapter(repo_bundle, "fed", {}, 2.0, width=0.5, bits=4)
 
     expected = head_model(bundle)
     merge_into(expected, head, 2.0)
@@ -327,7 +346,7 @@ def test_a_head_adapter_is_published_apart_and_the_edge_merges_it_as_trained(
             PeftModel.from_pretrained(head_model(bundle), str(head_path))(x), expected(x),
             rtol=1e-4, atol=1e-4,
         )  # fmt: skip
-    with pytest.raises(AdapterError, match="no module"):
+    with pytest.raises(AdapterError, match=r"does not fit this bundle's head.*no module"):
         HeadRunner.from_bundle(digits_bundle, tail_path)
 
 
