@@ -25,19 +25,33 @@ pytestmark = pytest.mark.slow
 NODES = 3
 
 
-def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
-    digits_bundle: Path, tmp_path: Path
-) -> None:
+def _federation(
+    tmp_path: Path, digits_bundle: Path, **extra: Any
+) -> tuple[Path, dict[str, Any], np.ndarray, np.ndarray]:
+    """A model repository holding the digits bundle, a short federation's settings that publish
+    into it, and the shifted test images (and labels) its server measures accuracy on."""
     repo = make_repo(tmp_path, digits_bundle)
     settings = {
-        "bundle": str(digits_bundle), "publish": str(repo / "digits"), "num-rounds": 2,
+        "bundle": str(repo / "digits"), "publish": str(repo / "digits"), "num-rounds": 2,
         "min-nodes": NODES, "max-samples": 150, "eval-samples": 50, "local-epochs": 2,
-        "personal-epochs": 0, "round-timeout": 120.0, "out": str(tmp_path / "out"),
+        "personal-epochs": 0, "round-timeout": 120.0, "out": str(tmp_path / "out"), **extra,
     }  # fmt: skip
     cfg = FedConfig.from_run_config(settings)
     domains = cfg.domain_list()
     inputs = [domain_inputs(cfg.data, domains[p], cfg.eval_samples, p) for p in range(NODES)]
-    x, y = np.concatenate([i[0] for i in inputs]), np.concatenate([i[1] for i in inputs])
+    return (
+        repo,
+        settings,
+        np.concatenate([x for x, _ in inputs]),
+        np.concatenate([y for _, y in inputs]),
+    )
+
+
+def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    repo, settings, x, y = _federation(tmp_path, digits_bundle)
+    cfg = FedConfig.from_run_config(settings)
     width, bits = resolved(Wire(cfg.bundle))
 
     async def scenario() -> tuple[dict, list]:  # type: ignore[type-arg]
@@ -73,17 +87,9 @@ def _npz_source(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
 def test_a_head_and_tail_adapter_serve_the_edge_daemon_with_the_reported_accuracy(
     digits_bundle: Path, tmp_path: Path
 ) -> None:
-    repo = make_repo(tmp_path, digits_bundle)
-    bundle = repo / "digits"
-    settings = {
-        "bundle": str(bundle), "publish": str(bundle), "num-rounds": 2, "min-nodes": NODES,
-        "max-samples": 150, "eval-samples": 50, "local-epochs": 2, "personal-epochs": 0,
-        "head-targets": "auto", "round-timeout": 120.0, "out": str(tmp_path / "out"),
-    }  # fmt: skip
+    repo, settings, x, y = _federation(tmp_path, digits_bundle, **{"head-targets": "auto"})
     cfg = FedConfig.from_run_config(settings)
-    domains = cfg.domain_list()
-    inputs = [domain_inputs(cfg.data, domains[p], cfg.eval_samples, p) for p in range(NODES)]
-    x, y = np.concatenate([i[0] for i in inputs]), np.concatenate([i[1] for i in inputs])
+    bundle = repo / "digits"
     width, bits = resolved(Wire(cfg.bundle))
     source = _npz_source(tmp_path / "shifted.npz", x, y)
 
