@@ -75,8 +75,7 @@ class MixedLoRA:
         if not pool.lacks(adapters):
             return pool
         with self._lock:  # another thread may have added them meanwhile
-            if new := self._pool.lacks(adapters):
-                self._pool = self._pool.adding(new)
+            self._pool = self._pool.serving(adapters)
             return self._pool
 
 

@@ -11,12 +11,13 @@ factors with one index per factor.
 A pool is immutable: a batch naming adapters it lacks gets a new pool with them added, and
 batches already running keep the one they started with. Slots are never reused for other
 weights, since adapter versions are immutable; past :data:`MAX_SLOTS` adapters, the new pool
-holds only the batch's own adapters, so adapters long gone do not pin memory.
+holds only the batch's own adapters (all of them, not just the ones it lacked), so adapters
+long gone do not pin memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,10 +59,14 @@ class Pool:
                 missing.setdefault(key_of(a), a)
         return list(missing.values())
 
-    def adding(self, new: list[Adapter]) -> Pool:
-        """A pool with ``new`` added (or, past :data:`MAX_SLOTS`, with only ``new``)."""
-        kept = self.adapters if len(self.adapters) + len(new) <= MAX_SLOTS else ()
-        adapters = (*kept, *new)
+    def serving(self, batch: Sequence[Adapter | None]) -> Pool:
+        """A pool with a slot for every adapter of ``batch``: this one when it has them, else
+        one that adds the missing ones (or, past :data:`MAX_SLOTS`, holds only the batch's)."""
+        new = self.lacks(batch)
+        if not new:
+            return self
+        full = len(self.adapters) + len(new) > MAX_SLOTS
+        adapters = (*Pool().lacks(batch),) if full else (*self.adapters, *new)
         slots = {key_of(a): slot for slot, a in enumerate(adapters, start=1)}
         modules = sorted({m for a in adapters for m in a.factors})
         return Pool(adapters, slots, {m: _bank(m, adapters) for m in modules})

@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call
 
 import cloud.compute
+import cloud.lora_pool
 from cloud.inference import run_batch
 from cloud.lora_batch import MixedLoRA
 from cloud.repository import ModelEntry
@@ -114,6 +115,20 @@ def test_mixed_batch_equals_peft_itself(tmp_path: Path) -> None:
     with torch.inference_mode():
         want = peft_model(x[[0, 3]])  # PEFT's own unmerged forward
     torch.testing.assert_close(got[[0, 3]], want, **TOLERANCE)
+
+
+def test_a_full_pool_starts_over_with_every_adapter_of_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cloud.lora_pool, "MAX_SLOTS", 2)
+    net = Net().eval()
+    a, b, c = (_publish(net, tmp_path / n / "1", ["head"], 2, seed=i) for i, n in enumerate("abc"))
+    mixed = MixedLoRA(copy.deepcopy(net), [(3, 8, 8)])
+    x = torch.randn(2, 3, 8, 8)
+    mixed(x, [a, b])  # the pool is full
+    # One adapter the pool holds and one it lacks: the fresh pool must keep both.
+    got = mixed(x, [a, c])
+    torch.testing.assert_close(got, _row_by_row(net, x, [a, c]), **TOLERANCE)
 
 
 def test_threads_sharing_the_copy_keep_their_own_rows(tmp_path: Path) -> None:
