@@ -7,8 +7,9 @@ In one run, on one bundle (a quick ``digits`` bundle is trained when ``--bundle`
 given), it publishes :data:`ADAPTERS` random rank-4 LoRA adapters into a copy of the bundle.
 Each targets what a task adapter of a ResNet usually tunes: every Conv2d and Linear of the
 tail's last stage (both blocks' convolutions and the downsample of ``layer4``) and the
-classifier (``fc``). Requests name 0 (no adapter), 1, 10 or 100 distinct adapters, round
-robin, and for each mix it measures:
+classifier (``fc``), as ``federated.lora.resolve_targets(..., "auto")`` picks them. Requests
+name 0 (no adapter), 1, 10 or 100 distinct adapters, round robin, and for each mix it
+measures:
 
 * ``in_process``: decode + decoder + tail through ``cloud.inference.run_batch``, the code
   the server's workers run, on batches of 64 consecutive requests (the server's maximum
@@ -46,6 +47,7 @@ from torch import nn
 
 from cloud.inference import run_batch
 from cloud.repository import ModelEntry, ModelRepository
+from federated.lora import resolve_targets
 from tandem.adapters import Adapter, save_adapter
 from tandem.bundle import HeadRunner, TailRunner, read_manifest
 from tandem.data import load_data
@@ -71,23 +73,6 @@ def quick_bundle(out: Path) -> Path:
     sets = ["teacher.train.epochs=2", "distill.head.epochs=2", "distill.finetune.epochs=1"]
     build_bundle(load_recipe("digits", sets), load_data("digits"), out)
     return out
-
-
-def lora_targets(model: nn.Module) -> list[str]:
-    """Every Conv2d and Linear of the tail's last convolutional stage, and its Linears."""
-    tail = model.get_submodule("tail")
-    stages = [n for n, m in tail.named_children() if any(_conv(c) for c in m.modules())]
-    last = f"tail.{stages[-1]}." if stages else None
-    return [
-        name
-        for name, module in model.named_modules()
-        if (last and name.startswith(last) and (_conv(module) or isinstance(module, nn.Linear)))
-        or (name.startswith("tail.") and isinstance(module, nn.Linear))
-    ]
-
-
-def _conv(module: nn.Module) -> bool:
-    return isinstance(module, nn.Conv2d)
 
 
 def publish(bundle: Path, model: nn.Module, targets: list[str]) -> list[str]:
@@ -234,7 +219,7 @@ def measure(bundle: Path, data: str, runs: int, n: int, seconds: float, tmp: Pat
     copy = repo / manifest.name
     shutil.copytree(bundle, copy, ignore=shutil.ignore_patterns("checkpoint", "adapters"))
     tail = TailRunner.from_bundle(bundle).model
-    targets = lora_targets(tail)
+    targets = resolve_targets(tail, "auto")
     names = publish(copy, tail, targets)
 
     process_runs = [in_process(repo, payloads, names, seconds) for _ in range(runs)]

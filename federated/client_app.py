@@ -20,6 +20,8 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from peft import PeftModel
 
+from federated.config import rank_list
+from federated.domains import domain_list
 from federated.lora import (
     Arrays,
     attach,
@@ -78,7 +80,7 @@ def client_data(
     """This node's (train, test) model inputs, as ``config`` and its partition say: wire
     features, or with ``images`` normalised images (for a model that adapts the head)."""
     partition, count = _partition(context)
-    domains = [d.strip() for d in _get(config, "domains").split(",") if d.strip()]
+    domains = domain_list(_get(config, "domains"))
     scheme = _get(config, "partitioner")
     if scheme not in get_args(Scheme):
         raise ValueError(f"unknown partitioner {scheme!r}")
@@ -98,7 +100,7 @@ def _wire(config: ConfigRecord) -> Wire:
 
 def client_rank(config: ConfigRecord, context: Context, offered: int) -> int:
     """This client's rank: its entry of ``ranks`` when set (capped at ``offered``)."""
-    ranks = [int(r) for r in str(config.get("ranks", "")).split(",") if r.strip()]
+    ranks = rank_list(str(config.get("ranks", "")))
     if not ranks:
         return offered
     return min(offered, ranks[_partition(context)[0] % len(ranks)])

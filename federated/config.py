@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from federated.domains import domain_list
 from tandem.config import StrictModel
 
 StrategyName = Literal["fedit", "ffa", "hetlora", "flora"]
@@ -21,6 +22,11 @@ DpMode = Literal["none", "server-fixed", "server-adaptive", "client-fixed"]
 UPDATE_BITS = (4, 8, 16)
 
 DEFAULT_DOMAINS = "rotate:35,invert,noise:0.45,rotate:-35,contrast:0.25,shift:0.15,rotate:70,blur:3"
+
+
+def rank_list(ranks: str) -> list[int]:
+    """The per-client ranks of a comma-separated list ("" for none)."""
+    return [int(r) for r in ranks.split(",") if r.strip()]
 
 
 class FedConfigError(ValueError):
@@ -131,16 +137,16 @@ class FedConfig(StrictModel):
     @property
     def max_rank(self) -> int:
         """The largest rank any client trains."""
-        return max(int(p) for p in self.ranks.split(",")) if self.ranks else self.rank
+        return max(rank_list(self.ranks), default=self.rank)
 
     def domain_list(self) -> list[str]:
         """The per-client domain shifts, in client order."""
-        return [d.strip() for d in self.domains.split(",") if d.strip()]
+        return domain_list(self.domains)
 
     def client_config(self) -> dict[str, Any]:
         """What a client needs to know, as values a Flower ConfigRecord carries."""
         keys = (
-            "bundle", "data", "alpha", "targets", "local_epochs", "lr", "batch_size",
+            "bundle", "data", "local_epochs", "lr", "batch_size",
             "max_samples", "width", "bits", "partitioner", "dirichlet_alpha", "domains",
             "update_bits", "update_zstd", "proximal_mu", "seed", "eval_samples", "ranks",
         )  # fmt: skip

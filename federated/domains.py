@@ -83,6 +83,11 @@ _DOMAINS: dict[str, tuple[Transform, float, Callable[[float], bool]]] = {
 }
 
 
+def domain_list(specs: str) -> list[str]:
+    """The domain specs of a comma-separated list, in order (blank entries skipped)."""
+    return [d.strip() for d in specs.split(",") if d.strip()]
+
+
 def parse_domain(spec: str) -> tuple[str, float]:
     """``(kind, parameter)`` of a domain spec; DomainError names the valid kinds."""
     kind, _, arg = spec.strip().partition(":")

@@ -295,9 +295,7 @@ class TailRunner:
         """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict)."""
         b = manifest.bottleneck
         decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
-        key = json.dumps([manifest.arch.model_dump(), manifest.num_classes,
-                          list(manifest.input.shape), manifest.cut])  # fmt: skip
-        tail = copy.deepcopy(_traced_tail(key, manifest)).to_empty(device="cpu")
+        tail = copy.deepcopy(_traced_tail(manifest)).to_empty(device="cpu")
         cloud = CloudTail(decoder, tail)
         _load_into(cloud, state, "tail")
         return cls(cloud, manifest)
@@ -323,7 +321,7 @@ _TRACE_LOCK = threading.Lock()
 _TRACED: dict[str, nn.Module] = {}
 
 
-def _traced_tail(key: str, manifest: Manifest) -> nn.Module:
+def _traced_tail(manifest: Manifest) -> nn.Module:
     """The tail of ``manifest``'s architecture at its cut, on the meta device; traced once
     per process and architecture, and copied by every caller.
 
@@ -333,6 +331,9 @@ def _traced_tail(key: str, manifest: Manifest) -> nn.Module:
     never traces. (The first bundle of a new architecture still traces, once.) On the meta
     device the whole architecture costs no memory.
     """
+    # Everything the traced graph depends on, and nothing else (not the weights' hashes).
+    key = json.dumps([manifest.arch.model_dump(), manifest.num_classes,
+                      list(manifest.input.shape), manifest.cut])  # fmt: skip
     with _TRACE_LOCK:
         if key not in _TRACED:
             with torch.device("meta"):
