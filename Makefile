@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[all,dev]'
 	touch $@
 
 lint: $(STAMP)
@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check tandem edge cloud sim federated tests bench proto
 
 typecheck: $(STAMP)
-	$(BIN)/mypy tandem edge cloud sim federated
+	$(BIN)/mypy tandem
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q

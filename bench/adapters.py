@@ -45,12 +45,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cloud.inference import run_batch
-from cloud.repository import ModelEntry, ModelRepository
-from federated.lora import resolve_targets
 from tandem.adapters import Adapter, save_adapter
 from tandem.bundle import HeadRunner, TailRunner, read_manifest
+from tandem.cloud.inference import run_batch
+from tandem.cloud.repository import ModelEntry, ModelRepository
 from tandem.data import load_data
+from tandem.federated.lora import resolve_targets
 from tandem.protocol import to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import tensor_pb2

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         help="any other run-config setting, e.g. --set rank=8 --set lr=0.01",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    from federated.cli import parse_settings, simulate
+    from tandem.federated.cli import parse_settings, simulate
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="tandem-bench-fed-") as tmp:

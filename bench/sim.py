@@ -35,12 +35,12 @@ import numpy as np
 if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
-from sim.des import Device, Strategy, simulate
-from sim.profiles import BundleProfile, device_class, measure_bundle
-from sim.scenario import SplitPoint, build_strategy
-from sim.traces import TracePair, random_walk, read_pair
-from sim.validate import calibrate, predict, run_real
 from tandem.data import load_data
+from tandem.sim.des import Device, Strategy, simulate
+from tandem.sim.profiles import BundleProfile, device_class, measure_bundle
+from tandem.sim.scenario import SplitPoint, build_strategy
+from tandem.sim.traces import TracePair, random_walk, read_pair
+from tandem.sim.validate import calibrate, predict, run_real
 
 ROOT = Path(__file__).resolve().parents[1]
 MAHIMAHI = ROOT.parent / "shared" / "traces" / "mahimahi"

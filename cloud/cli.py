@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cloud.server import CloudServer
+    from tandem.cloud.server import CloudServer
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,8 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import torch
     from pydantic import ValidationError
 
-    from cloud.config import ServeConfig
-    from cloud.server import CloudServer
+    from tandem.cloud.config import ServeConfig
+    from tandem.cloud.server import CloudServer
     from tandem.config import settings_error
 
     fields = {

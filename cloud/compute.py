@@ -26,10 +26,10 @@ from typing import Literal, Protocol, TypeVar
 
 import torch
 
-from cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
-from cloud.repository import ModelEntry
 from tandem.adapters import Adapter, AdapterError, load_adapter
 from tandem.bundle import BundleError, TailRunner, read_manifest
+from tandem.cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
+from tandem.cloud.repository import ModelEntry
 
 ComputeKind = Literal["threads", "processes"]
 K = TypeVar("K")

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cloud.lora_pool import AdapterKey, key_of
-from cloud.repository import ModelEntry
 from tandem import codec
 from tandem.adapters import Adapter
+from tandem.cloud.lora_pool import AdapterKey, key_of
+from tandem.cloud.repository import ModelEntry
 
 
 class BadFeatures(ValueError):

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cloud.lora_pool import AdapterKey, Pool, key_of
 from tandem.adapters import Adapter
+from tandem.cloud.lora_pool import AdapterKey, Pool, key_of
 
 _local = threading.local()
 _PROBE_ROWS = (2, 3)  # two batch sizes: a layer whose input's first axis is the batch at both

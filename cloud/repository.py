@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cloud.lora_batch import MixedLoRA
 from tandem.adapters import Adapter, list_adapters, load_adapter, merged_state
 from tandem.bundle import MANIFEST, Manifest, TailRunner, read_manifest
+from tandem.cloud.lora_batch import MixedLoRA
 
 log = logging.getLogger(__name__)
 

@@ -18,14 +18,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.auth import AuthInterceptor, TokenStore
-from cloud.batcher import Batcher
-from cloud.compute import make_compute
-from cloud.config import ServeConfig
-from cloud.metrics import ServiceMetrics
-from cloud.repository import ModelRepository
-from cloud.service import SERVICE_NAME, SplitInferenceService, handlers
 from tandem.address import format_address, parse_address
+from tandem.cloud.auth import AuthInterceptor, TokenStore
+from tandem.cloud.batcher import Batcher
+from tandem.cloud.compute import make_compute
+from tandem.cloud.config import ServeConfig
+from tandem.cloud.metrics import ServiceMetrics
+from tandem.cloud.repository import ModelRepository
+from tandem.cloud.service import SERVICE_NAME, SplitInferenceService, handlers
 from tandem.tls import server_credentials
 
 log = logging.getLogger(__name__)

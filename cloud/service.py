@@ -21,22 +21,22 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 import tandem
-from cloud.auth import TokenStore, authenticated_tenant, can_use, tenant_of
-from cloud.batcher import (
+from tandem import codec
+from tandem.adapters import Adapter
+from tandem.cloud.auth import TokenStore, authenticated_tenant, can_use, tenant_of
+from tandem.cloud.batcher import (
     Batcher,
     BatcherClosedError,
     DeadlinePassedError,
     Done,
     QueueFullError,
 )
-from cloud.compute import ComputeFailedError
-from cloud.config import ServeConfig
-from cloud.idempotency import ResponseCache, ReusedIdError
-from cloud.inference import BadFeatures, Scores, Target
-from cloud.metrics import ServiceMetrics
-from cloud.repository import ModelEntry, ModelRepository, NotFoundError
-from tandem import codec
-from tandem.adapters import Adapter
+from tandem.cloud.compute import ComputeFailedError
+from tandem.cloud.config import ServeConfig
+from tandem.cloud.idempotency import ResponseCache, ReusedIdError
+from tandem.cloud.inference import BadFeatures, Scores, Target
+from tandem.cloud.metrics import ServiceMetrics
+from tandem.cloud.repository import ModelEntry, ModelRepository, NotFoundError
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc

@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from pydantic import ValidationError
 
-    from edge.config import DaemonConfig
     from tandem.config import settings_error
+    from tandem.edge.config import DaemonConfig
 
     fields = {
         k: getattr(args, k)
@@ -95,7 +95,7 @@ def _config(args: argparse.Namespace) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon over the source; print its summary."""
-    from edge.daemon import EdgeDaemon
+    from tandem.edge.daemon import EdgeDaemon
 
     cfg = _config(args)
 

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from edge.client import (
+from tandem.edge.client import (
     OVERLOADED,
     RETRYABLE,
     Answer,
@@ -37,15 +37,15 @@ from edge.client import (
     CloudClient,
     RetryPolicy,
 )
-from edge.config import DaemonConfig
-from edge.device import DeviceModels
-from edge.feed import SourceFeed
-from edge.link import LinkEstimator
-from edge.policy import SplitPolicy
-from edge.sinks import open_sink
-from edge.sources import Item, Source, open_source
-from edge.spool import Spool, SpoolEntry
-from edge.stats import RunStats
+from tandem.edge.config import DaemonConfig
+from tandem.edge.device import DeviceModels
+from tandem.edge.feed import SourceFeed
+from tandem.edge.link import LinkEstimator
+from tandem.edge.policy import SplitPolicy
+from tandem.edge.sinks import open_sink
+from tandem.edge.sources import Item, Source, open_source
+from tandem.edge.spool import Spool, SpoolEntry
+from tandem.edge.stats import RunStats
 from tandem.protocol import to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 

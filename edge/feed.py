@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from edge.sources import Item
+from tandem.edge.sources import Item
 
 DRAIN_WAIT_S = 0.5
 """How long :meth:`SourceFeed.drain` waits for the reader to queue the item it holds."""

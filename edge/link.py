@@ -15,7 +15,7 @@ import math
 import statistics
 from collections import deque
 
-from edge.policy import LinkState
+from tandem.edge.policy import LinkState
 
 __all__ = ["LinkEstimator"]
 

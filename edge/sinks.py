@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, TextIO
 
-from edge.closing import Closing
+from tandem.edge.closing import Closing
 
 __all__ = ["JsonlSink", "Sink", "SinkError", "StdoutSink", "open_sink"]
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.closing import Closing
+from tandem.edge.closing import Closing
 
 __all__ = ["SCHEMA_VERSION", "Spool", "SpoolEntry", "SpoolError"]
 

@@ -59,7 +59,7 @@ def _typed(raw: str) -> Any:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Validate the settings, run the federation, print its summary."""
-    from federated.config import FedConfig
+    from tandem.federated.config import FedConfig
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
@@ -80,8 +80,8 @@ def simulate(settings: dict[str, Any], clients: int, out: Path) -> dict[str, Any
     run config ``settings`` (whose ``out`` is ``out``); its result.json."""
     from flwr.simulation import run_simulation
 
-    from federated.client_app import app as client_app
-    from federated.server_app import make_server_app
+    from tandem.federated.client_app import app as client_app
+    from tandem.federated.server_app import make_server_app
 
     backend: dict[str, Any] = {
         "client_resources": {"num_cpus": 1},

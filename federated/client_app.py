@@ -20,9 +20,9 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from peft import PeftModel
 
-from federated.config import rank_list
-from federated.domains import domain_list
-from federated.lora import (
+from tandem.federated.config import rank_list
+from tandem.federated.domains import domain_list
+from tandem.federated.lora import (
     Arrays,
     attach,
     has_head,
@@ -31,10 +31,10 @@ from federated.lora import (
     merge_into,
     rank_of,
 )
-from federated.partition import Scheme
-from federated.rank import truncate_rank
-from federated.strategies import BASE_KEY, FROZEN_KEY
-from federated.task import (
+from tandem.federated.partition import Scheme
+from tandem.federated.rank import truncate_rank
+from tandem.federated.strategies import BASE_KEY, FROZEN_KEY
+from tandem.federated.task import (
     ClientSpec,
     Features,
     TrainSettings,
@@ -44,7 +44,7 @@ from federated.task import (
     model_for,
     train,
 )
-from federated.updates import (
+from tandem.federated.updates import (
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from federated.domains import domain_list
 from tandem.config import StrictModel
+from tandem.federated.domains import domain_list
 
 StrategyName = Literal["fedit", "ffa", "hetlora", "flora"]
 DpMode = Literal["none", "server-fixed", "server-adaptive", "client-fixed"]

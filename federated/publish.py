@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from federated.lora import Arrays, publish, rank_of, split_head
 from tandem.adapters import ADAPTERS_DIR, HEAD_ADAPTERS_DIR, adapter_dir
+from tandem.federated.lora import Arrays, publish, rank_of, split_head
 
 
 def next_version(bundle_dir: Path, name: str) -> str:

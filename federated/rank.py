@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from federated.lora import Arrays, pairs
+from tandem.federated.lora import Arrays, pairs
 
 SVD_TOLERANCE = 1e-6  # singular values below this fraction of the largest are dropped
 

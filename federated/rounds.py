@@ -23,10 +23,10 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 
-from federated.config import FedConfig
-from federated.lora import Arrays
-from federated.strategies import LoraStrategy
-from federated.updates import (
+from tandem.federated.config import FedConfig
+from tandem.federated.lora import Arrays
+from tandem.federated.strategies import LoraStrategy
+from tandem.federated.updates import (
     ARRAYS_KEY,
     METRICS_KEY,
     UpdateError,

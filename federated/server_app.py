@@ -21,8 +21,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from federated.config import FedConfig
-from federated.lora import (
+from tandem.federated.config import FedConfig
+from tandem.federated.lora import (
     Arrays,
     attach,
     lora_arrays,
@@ -32,10 +32,10 @@ from federated.lora import (
     resolve_targets,
     split_head,
 )
-from federated.publish import publish_adapter
-from federated.rounds import Evaluate, RoundLog, personalise, run_rounds
-from federated.strategies import build_strategy
-from federated.task import (
+from tandem.federated.publish import publish_adapter
+from tandem.federated.rounds import Evaluate, RoundLog, personalise, run_rounds
+from tandem.federated.strategies import build_strategy
+from tandem.federated.task import (
     Features,
     Wire,
     accuracy,

@@ -40,10 +40,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from federated.config import FedConfig
-from federated.lora import Arrays
-from federated.rank import compact, concat_ranks, pad_rank, scale_b
-from federated.updates import ARRAYS_KEY, METRICS_KEY, from_record, number, to_record
+from tandem.federated.config import FedConfig
+from tandem.federated.lora import Arrays
+from tandem.federated.rank import compact, concat_ranks, pad_rank, scale_b
+from tandem.federated.updates import ARRAYS_KEY, METRICS_KEY, from_record, number, to_record
 
 FROZEN_KEY = "frozen"  # FFA-LoRA's A, sent alongside the trained arrays, never returned
 BASE_KEY = "base"  # FLoRA's accumulated adapter, merged into the client's base weights

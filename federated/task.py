@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
-from federated.domains import apply_domain
-from federated.partition import Scheme, partition_rows
 from tandem import codec
 from tandem.bottleneck import BottleneckEncoder, CloudTail, fake_quantize
 from tandem.bundle import HeadRunner, TailRunner
 from tandem.data import DataSet, load_data, normalize
+from tandem.federated.domains import apply_domain
+from tandem.federated.partition import Scheme, partition_rows
 
 EVAL_BATCH = 256
 

@@ -29,9 +29,9 @@ from flwr.app import (
 )
 from flwr.clientapp.typing import ClientAppCallable
 
-from federated.lora import Arrays
-from federated.rank import truncate_tensor
 from tandem import codec
+from tandem.federated.lora import Arrays
+from tandem.federated.rank import truncate_tensor
 
 UPDATE_KEY = "update"  # the reply's ConfigRecord of encoded tensors, bytes by array key
 ARRAYS_KEY = "arrays"

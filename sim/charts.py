@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from sim.report import Run
+    from tandem.sim.report import Run
 
 
 def pyplot() -> Any:

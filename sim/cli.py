@@ -62,9 +62,9 @@ def profile_bundle(args: argparse.Namespace) -> int:
     machine (and, with ``--calibrate``, the daemon's overhead); write the simulator's JSON."""
     import tempfile
 
-    from sim.profiles import measure_bundle
-    from sim.validate import calibrate
     from tandem.data import load_data
+    from tandem.sim.profiles import measure_bundle
+    from tandem.sim.validate import calibrate
 
     if args.data is None or args.out is None:
         raise ValueError("profiling a bundle needs --data and --out")
@@ -91,8 +91,8 @@ def profile_bundle(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Simulate every strategy of a scenario; write the report; print its summary."""
-    from sim.report import report_steps, speed_line, text_table, write_report
-    from sim.scenario import open_scenario
+    from tandem.sim.report import report_steps, speed_line, text_table, write_report
+    from tandem.sim.scenario import open_scenario
 
     setup = open_scenario(args.scenario)
     with _bar(args, report_steps(setup), "simulating") as bar:
@@ -112,8 +112,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run a scenario once per value of ``--param``; write the sweep; print its table."""
-    from sim.scenario import load_scenario
-    from sim.sweep import parse_values, run_sweep, sweep_text, write_sweep
+    from tandem.sim.scenario import load_scenario
+    from tandem.sim.sweep import parse_values, run_sweep, sweep_text, write_sweep
 
     values = parse_values(args.param, args.values)
     scenario = load_scenario(args.scenario)
@@ -129,10 +129,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_emulate(args: argparse.Namespace) -> int:
     """Relay until SIGTERM or SIGINT, then close every connection and return 0."""
-    from sim.emulator import LinkEmulator
-    from sim.link import Link
-    from sim.traces import parse_spec
     from tandem.address import format_address, parse_address
+    from tandem.sim.emulator import LinkEmulator
+    from tandem.sim.link import Link
+    from tandem.sim.traces import parse_spec
 
     upstream, listen = parse_address(args.upstream), parse_address(args.listen)
     links = [

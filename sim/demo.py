@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from sim.profiles import measure_bundle
-from sim.report import write_report
-from sim.scenario import Scenario, build, parse_scenario
-from sim.traces import TracePair
-from sim.validate import calibrate, predict, run_real
+from tandem.sim.profiles import measure_bundle
+from tandem.sim.report import write_report
+from tandem.sim.scenario import Scenario, build, parse_scenario
+from tandem.sim.traces import TracePair
+from tandem.sim.validate import calibrate, predict, run_real
 
 SHARED_LTE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mahimahi"
 LTE_TRACE = "Verizon-LTE-short"

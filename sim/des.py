@@ -27,11 +27,11 @@ from typing import Literal
 
 import numpy as np
 
-from edge.link import LinkEstimator
-from edge.policy import SplitPolicy
-from sim.batching import CloudModel, run_batches
-from sim.link import Link, transfer_s
-from sim.traces import Trace
+from tandem.edge.link import LinkEstimator
+from tandem.edge.policy import SplitPolicy
+from tandem.sim.batching import CloudModel, run_batches
+from tandem.sim.link import Link, transfer_s
+from tandem.sim.traces import Trace
 
 StrategyKind = Literal["local", "offload", "split", "adaptive"]
 UPLINK, DOWNLINK = 1, 2  # seed streams of a device's links, apart from its arrivals

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sim.link import Link
-from sim.traces import PACKET_BYTES
+from tandem.sim.link import Link
+from tandem.sim.traces import PACKET_BYTES
 
 log = logging.getLogger(__name__)
 

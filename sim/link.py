@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sim.traces import PACKET_BYTES, Trace
+from tandem.sim.traces import PACKET_BYTES, Trace
 
 
 class Link:

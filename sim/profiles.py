@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from sim.batching import BatchCost, CloudModel
-from sim.des import DeviceProfile
+from tandem.sim.batching import BatchCost, CloudModel
+from tandem.sim.des import DeviceProfile
 
 BATCHES = (1, 4, 16, 32, 64)
 REQUEST_ID_CHARS = 16  # the daemon's ids: secrets.token_urlsafe(12) in edge.spool

@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from sim.charts import plot_bytes, plot_cdf, plot_uplink
-from sim.des import Outcome, simulate
-from sim.profiles import DEVICE_CLASSES
-from sim.scenario import Setup
-from sim.traces import constant
+from tandem.sim.charts import plot_bytes, plot_cdf, plot_uplink
+from tandem.sim.des import Outcome, simulate
+from tandem.sim.profiles import DEVICE_CLASSES
+from tandem.sim.scenario import Setup
+from tandem.sim.traces import constant
 
 Progress = Callable[[int], object]
 UPLINK_MBPS = tuple(float(v) for v in np.geomspace(0.1, 50, 8))

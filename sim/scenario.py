@@ -16,11 +16,11 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from sim.batching import CloudModel
-from sim.des import DOWNLINK, UPLINK, Device, Strategy
-from sim.profiles import DEVICE_CLASSES, BundleProfile, device_class
-from sim.traces import Seed, Trace, parse_spec, varies_by_seed
 from tandem.config import settings_error
+from tandem.sim.batching import CloudModel
+from tandem.sim.des import DOWNLINK, UPLINK, Device, Strategy
+from tandem.sim.profiles import DEVICE_CLASSES, BundleProfile, device_class
+from tandem.sim.traces import Seed, Trace, parse_spec, varies_by_seed
 
 PROFILES_DIR = Path(__file__).parent / "profiles_data"
 SCENARIOS_DIR = Path(__file__).parent / "scenarios"

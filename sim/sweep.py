@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sim.charts import plot_sweep
-from sim.report import (
+from tandem.sim.charts import plot_sweep
+from tandem.sim.report import (
     Progress,
     aligned_text,
     markdown_table,
@@ -21,7 +21,7 @@ from sim.report import (
     summarise_runs,
     table_rows,
 )
-from sim.scenario import Scenario, build, parse_scenario
+from tandem.sim.scenario import Scenario, build, parse_scenario
 
 PARAMS = {
     "bandwidth": "uplink (Mbit/s)",

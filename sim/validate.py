@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.des import Device, Strategy, simulate
-from sim.emulator import LinkEmulator
-from sim.link import Link
-from sim.profiles import BundleProfile, device_class
-from sim.traces import TracePair, constant
+from tandem.sim.des import Device, Strategy, simulate
+from tandem.sim.emulator import LinkEmulator
+from tandem.sim.link import Link
+from tandem.sim.profiles import BundleProfile, device_class
+from tandem.sim.traces import TracePair, constant
 
 TANDEM = [sys.executable, "-m", "tandem.cli"]
 WORKERS, MAX_BATCH, MAX_DELAY_MS = 1, 32, 2.0  # the service's batching, real and simulated

@@ -149,7 +149,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     """``tandem profile --arch NAME --input CxHxW``: cost of every valid cut point; with
     ``--bundle``, a trained bundle's costs on this machine for the simulator."""
     if args.bundle is not None:
-        from sim.cli import profile_bundle
+        from tandem.sim.cli import profile_bundle
 
         return profile_bundle(args)
     if args.arch is None or args.input is None:
@@ -219,14 +219,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _sim_demo(bundle: Path, report: Path, tmp: Path) -> dict[str, Any]:
-    from sim import demo
     from tandem.data import load_data
+    from tandem.sim import demo
 
     return demo.run(bundle, load_data("digits").test.x, report, tmp / "sim")
 
 
 def _sim_text(doc: dict[str, Any]) -> str:
-    from sim.report import text_table
+    from tandem.sim.report import text_table
 
     return (
         f"link: {doc['link']}\n"
@@ -240,11 +240,11 @@ def _sim_text(doc: dict[str, Any]) -> str:
 
 async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
     """A cloud service on 127.0.0.1, and the edge daemon sending it the digits test split."""
-    from cloud.config import ServeConfig
-    from cloud.server import CloudServer
-    from edge.config import DaemonConfig
-    from edge.daemon import EdgeDaemon
+    from tandem.cloud.config import ServeConfig
+    from tandem.cloud.server import CloudServer
     from tandem.data import load_data
+    from tandem.edge.config import DaemonConfig
+    from tandem.edge.daemon import EdgeDaemon
 
     test = load_data("digits").test
     source = tmp / "digits-test.jsonl"
@@ -276,7 +276,7 @@ async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
 
 
 def _served_text(served: dict[str, Any]) -> str:
-    from edge.cli import summary_text
+    from tandem.edge.cli import summary_text
 
     points = ", ".join(f"width {w} at {b} bits" for w, b in served["operating_points"])
     return f"served via {served['server']} ({points})\n" + summary_text(served)
@@ -348,16 +348,41 @@ def build_parser() -> argparse.ArgumentParser:
     for action in sub.choices.values():
         action.add_argument("--json", action="store_true", help="print one JSON document")
     # The roles register their own subcommands (each adds its own --json).
-    from cloud.cli import register as register_cloud
-    from edge.cli import register as register_edge
-    from federated.cli import register as register_fed
-    from sim.cli import register as register_sim
+    from tandem.cloud.cli import register as register_cloud
+    from tandem.edge.cli import register as register_edge
+    from tandem.federated.cli import register as register_fed
+    from tandem.sim.cli import register as register_sim
 
     register_cloud(sub)
     register_edge(sub)
     register_sim(sub)
     register_fed(sub)
     return parser
+
+
+# The third-party modules each extra brings, so a missing one names the extra to install.
+EXTRA_OF_MODULE = {
+    "grpc_health": "cloud",
+    "grpc_reflection": "cloud",
+    "prometheus_client": "cloud",
+    "matplotlib": "sim",
+    "yaml": "sim",
+    "flwr": "fed",
+    "flwr_datasets": "fed",
+    "peft": "fed",
+    "datasets": "fed",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """The one-line hint for a module that an uninstalled extra would bring, else None."""
+    top = (exc.name or "").partition(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return (
+        f"this command needs the '{extra}' extra (no module {top!r}): pip install 'tandem[{extra}]'"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -373,6 +398,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             raise
         print(f"tandem: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        hint = missing_extra(exc)
+        if hint is None or args.verbose:
+            raise
+        print(f"tandem: error: {hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         note = " (run it again to resume from the last epoch)" if args.command == "train" else ""

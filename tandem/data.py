@@ -89,13 +89,17 @@ def _holdout(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[Split, Split]
     return Split(x[train], y[train]), Split(x[test], y[test])
 
 
-def _load_digits(spec: str) -> DataSet:
-    from sklearn.datasets import load_digits
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
 
-    bunch = load_digits()
+
+def _load_digits(spec: str) -> DataSet:
+    # scikit-learn's 8x8 digits (UCI ML hand-written digits, CC BY 4.0), shipped as 45 KB so
+    # the demo and a device install need no scikit-learn: `images` hold 0..16, `target` 0..9.
+    with np.load(DIGITS_FILE) as arrays:
+        images, target = arrays["images"], arrays["target"]
     # The bundled images hold 0..16 intensities; stretch them to the uint8 range a camera gives.
-    x = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    train, test = _holdout(_as_nchw(x), bunch.target.astype(np.int64))
+    x = np.rint(images * (255.0 / 16.0)).astype(np.uint8)
+    train, test = _holdout(_as_nchw(x), target.astype(np.int64))
     return DataSet(spec, train, test, [str(c) for c in range(10)])
 
 

@@ -18,7 +18,7 @@ import ray
 from flwr.clientapp import ClientApp
 from flwr.simulation import run_simulation
 
-from federated.server_app import make_server_app
+from tandem.federated.server_app import make_server_app
 
 T = TypeVar("T")
 

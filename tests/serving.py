@@ -16,9 +16,9 @@ from typing import Any
 import grpc
 import numpy as np
 
-from cloud.config import ServeConfig
-from cloud.server import CloudServer
 from tandem.bundle import HeadRunner
+from tandem.cloud.config import ServeConfig
+from tandem.cloud.server import CloudServer
 from tandem.protocol import to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc

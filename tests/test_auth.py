@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from cloud.auth import (
+from tandem.cloud.auth import (
     AuthConfigError,
     AuthInterceptor,
     TokenStore,
@@ -289,7 +289,7 @@ def test_reload_with_a_broken_file_keeps_old_tokens(
     path = _write(tmp_path / "tokens.json", TOKENS)
     store = TokenStore(path)
     path.write_text(content)
-    with caplog.at_level(logging.ERROR, logger="cloud.auth"):
+    with caplog.at_level(logging.ERROR, logger="tandem.cloud.auth"):
         assert not store.reload()
     assert store.tenant_for(ACME) == "acme"
     assert store.tenant_for(GLOBEX) == "globex"

@@ -15,7 +15,13 @@ from typing import Any
 
 import pytest
 
-from cloud.batcher import Batcher, BatcherClosedError, DeadlinePassedError, Done, QueueFullError
+from tandem.cloud.batcher import (
+    Batcher,
+    BatcherClosedError,
+    DeadlinePassedError,
+    Done,
+    QueueFullError,
+)
 
 LONG = 60.0  # a delay no test waits out: batches that close must close for another reason
 SHORT = 0.01  # a delay every test may wait out

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving import config, connected, make_repo, requests_for, running
 
-from cloud.server import CloudServer
 from tandem.bundle import HeadRunner, TailRunner
+from tandem.cloud.server import CloudServer
 from tandem.data import load_data
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
@@ -343,10 +343,10 @@ def test_a_retry_after_a_new_version_appears_is_still_the_same_request(
 def test_an_unexpected_failure_is_internal_and_fails_only_its_request(
     repo: Path, digits_bundle: Path, test_x: tuple, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import cloud.compute
+    import tandem.cloud.compute
 
     requests = requests_for(digits_bundle, test_x[0][:3], 0.5, 4)
-    real = cloud.compute.run_targets
+    real = tandem.cloud.compute.run_targets
 
     def flaky(targets: list) -> list:
         if any(t.payload == requests_payload[1] for t in targets):
@@ -354,7 +354,7 @@ def test_an_unexpected_failure_is_internal_and_fails_only_its_request(
         return real(targets)
 
     requests_payload = [from_message(r.features) for r in requests]
-    monkeypatch.setattr(cloud.compute, "run_targets", flaky)
+    monkeypatch.setattr(tandem.cloud.compute, "run_targets", flaky)
 
     async def main() -> tuple[list[grpc.StatusCode], list[pb.StreamResult]]:
         # One request per batch, so the failing one fails alone.
@@ -384,7 +384,7 @@ def test_list_adapters_with_unparseable_bytes_is_invalid_argument(repo: Path) ->
 def test_the_client_retries_a_full_queue_but_not_a_message_too_large(
     repo: Path, digits_bundle: Path, test_x: tuple
 ) -> None:
-    from edge.client import CloudClient
+    from tandem.edge.client import CloudClient
 
     first, second = requests_for(digits_bundle, test_x[0][:2], 0.5, 4)
     huge = pb.InferRequest()

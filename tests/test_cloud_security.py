@@ -29,15 +29,15 @@ from pydantic import ValidationError
 from serving import ROOT, config, make_repo, running, server_process
 from torch.func import functional_call
 
-import cloud.compute
 import tandem.adapters
-from cloud.config import ServeConfig
-from cloud.server import CloudServer
-from edge.client import ClientSecurity, CloudClient, RetryPolicy
+import tandem.cloud.compute
 from tandem import codec
 from tandem.adapters import load_adapter, merged_state, save_adapter
 from tandem.bundle import HeadRunner, TailRunner
+from tandem.cloud.config import ServeConfig
+from tandem.cloud.server import CloudServer
 from tandem.data import load_data
+from tandem.edge.client import ClientSecurity, CloudClient, RetryPolicy
 from tandem.protocol import from_message, to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
@@ -496,7 +496,9 @@ def test_concurrent_adapter_batches_keep_their_own_weights(
     race = _Interleaving()
     # The thread backend calls this function per batch: wrapping it gives each worker its
     # role and tells the hook when a whole pass is over.
-    monkeypatch.setattr(cloud.compute, "run_targets", race.wrap(cloud.compute.run_targets))
+    monkeypatch.setattr(
+        tandem.cloud.compute, "run_targets", race.wrap(tandem.cloud.compute.run_targets)
+    )
     # One request per batch: requests naming different adapters would otherwise share one.
     cfg = _cfg(repo, tokens=tokens_file, workers=2, poll_s=3600, max_batch=1)
 
@@ -691,8 +693,8 @@ def test_another_tenants_newer_version_does_not_change_which_version_a_tenant_ge
 def test_the_edge_daemon_serves_over_mtls_with_a_token_file(
     repo: Path, tmp_path: Path, pki: Pki, tokens_file: Path
 ) -> None:
-    from edge.config import DaemonConfig
-    from edge.daemon import EdgeDaemon
+    from tandem.edge.config import DaemonConfig
+    from tandem.edge.daemon import EdgeDaemon
 
     test = load_data("digits").test
     source = tmp_path / "in.jsonl"

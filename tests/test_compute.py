@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from serving import config, make_repo, requests_for, running, server_process
 
-from edge.client import CloudClient
 from tandem.adapters import save_adapter
 from tandem.bundle import TailRunner
 from tandem.data import load_data
+from tandem.edge.client import CloudClient
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 WIDTH, BITS = 0.5, 4

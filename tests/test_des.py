@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.batching import BatchCost, CloudModel, run_batches
-from sim.des import (
+from tandem.sim.batching import BatchCost, CloudModel, run_batches
+from tandem.sim.des import (
     Device,
     DeviceProfile,
     Strategy,
@@ -14,8 +14,8 @@ from sim.des import (
     fifo_finish,
     simulate,
 )
-from sim.link import transfer_s
-from sim.traces import constant, on_off
+from tandem.sim.link import transfer_s
+from tandem.sim.traces import constant, on_off
 
 PROFILE = DeviceProfile("test", {0.25: 2.0, 0.5: 3.0}, full_ms=8.0, compute_w=4, tx_w=2, rx_w=1)
 CLOUD = CloudModel({0.25: BatchCost(1.0, 0.5), 0.5: BatchCost(1.0, 0.6)}, BatchCost(2.0, 1.0))
@@ -171,7 +171,7 @@ def test_a_busy_lane_does_not_starve_another() -> None:
 
 
 def test_an_idle_cloud_guess_includes_the_batching_delay_and_the_way_back() -> None:
-    from sim.des import _server_and_back
+    from tandem.sim.des import _server_and_back
 
     device = _device(mbps=8.0, delay_ms=10.0)
     server, back = _server_and_back(device, CLOUD, 0.25, 500, None, 0)

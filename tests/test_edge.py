@@ -17,13 +17,13 @@ import pytest
 import torch
 from serving import ROOT, config, edge_command, make_repo, running, sink_lines
 
-from edge.config import DaemonConfig
-from edge.daemon import EdgeDaemon
-from edge.sinks import JsonlSink
-from edge.spool import Spool
 from tandem.adapters import save_adapter
 from tandem.bundle import load_full, read_manifest
 from tandem.data import load_data, normalize
+from tandem.edge.config import DaemonConfig
+from tandem.edge.daemon import EdgeDaemon
+from tandem.edge.sinks import JsonlSink
+from tandem.edge.spool import Spool
 from tandem.evaluate import evaluate_bundle
 
 
@@ -241,9 +241,9 @@ def test_a_failing_sink_fails_the_run_and_keeps_the_inputs(
 def test_stop_returns_while_the_cloud_is_down_and_keeps_the_inputs(
     tmp_path: Path, digits_bundle: Path, digits_npz: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edge.daemon
+    import tandem.edge.daemon
 
-    monkeypatch.setattr(edge.daemon, "STOP_GRACE_S", 0.2)
+    monkeypatch.setattr(tandem.edge.daemon, "STOP_GRACE_S", 0.2)
     port = _free_port()
     cfg = _cfg(
         tmp_path, digits_bundle, f"npz:{digits_npz}", cloud=f"127.0.0.1:{port}",

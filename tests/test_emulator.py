@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from serving import ROOT, TANDEM, config, make_repo, requests_for, running
 
-from edge.client import CloudClient
-from sim.emulator import LinkEmulator
-from sim.link import Link, transfer_s
-from sim.traces import constant, read_pair
 from tandem.data import load_data
+from tandem.edge.client import CloudClient
+from tandem.sim.emulator import LinkEmulator
+from tandem.sim.link import Link, transfer_s
+from tandem.sim.traces import constant, read_pair
 
 MAHIMAHI = ROOT.parent / "shared" / "traces" / "mahimahi"
 PAIRS = ["ATT-LTE-driving-2016", "Verizon-LTE-short", "TMobile-UMTS-driving"]

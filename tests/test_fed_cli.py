@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from federation import retrying_ray_start
 
-from federated.cli import parse_settings
 from tandem.cli import main
+from tandem.federated.cli import parse_settings
 
 
 def test_settings_are_typed() -> None:

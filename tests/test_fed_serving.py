@@ -13,11 +13,11 @@ import pytest
 from federation import simulate
 from serving import config, make_repo, requests_for, running
 
-from edge.config import DaemonConfig
-from edge.daemon import EdgeDaemon
-from federated.client_app import app as client_app
-from federated.config import FedConfig
-from federated.task import Wire, domain_inputs, resolved
+from tandem.edge.config import DaemonConfig
+from tandem.edge.daemon import EdgeDaemon
+from tandem.federated.client_app import app as client_app
+from tandem.federated.config import FedConfig
+from tandem.federated.task import Wire, domain_inputs, resolved
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ from federation import simulate
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from cloud.repository import ModelRepository
-from federated.client_app import make_client_app
+from tandem.cloud.repository import ModelRepository
+from tandem.federated.client_app import make_client_app
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import pytest
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from federated.config import FedConfig
-from federated.rank import concat_ranks, scale_b
-from federated.strategies import FfaLora, FLoRA, HetLora, LoraStrategy, build_strategy
-from federated.updates import ARRAYS_KEY, METRICS_KEY, from_record, to_record
+from tandem.federated.config import FedConfig
+from tandem.federated.rank import concat_ranks, scale_b
+from tandem.federated.strategies import FfaLora, FLoRA, HetLora, LoraStrategy, build_strategy
+from tandem.federated.updates import ARRAYS_KEY, METRICS_KEY, from_record, to_record
 
 Arrays = dict[str, np.ndarray]
 

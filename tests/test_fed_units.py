@@ -10,10 +10,18 @@ import pytest
 import torch
 from torch import nn
 
-from federated.client_app import client_rank
-from federated.config import FedConfig, FedConfigError
-from federated.domains import DomainError, apply_domain
-from federated.lora import (
+from tandem.adapters import (
+    AdapterError,
+    list_adapters,
+    load_adapter,
+    merged_state,
+    read_metadata,
+)
+from tandem.bundle import HeadRunner
+from tandem.federated.client_app import client_rank
+from tandem.federated.config import FedConfig, FedConfigError
+from tandem.federated.domains import DomainError, apply_domain
+from tandem.federated.lora import (
     LoraError,
     attach,
     load_arrays,
@@ -23,10 +31,10 @@ from federated.lora import (
     resolve_targets,
     split_head,
 )
-from federated.partition import partition_rows
-from federated.publish import next_version, publish_adapter
-from federated.rank import compact, concat_ranks, pad_rank, scale_b, truncate_rank
-from federated.task import (
+from tandem.federated.partition import partition_rows
+from tandem.federated.publish import next_version, publish_adapter
+from tandem.federated.rank import compact, concat_ranks, pad_rank, scale_b, truncate_rank
+from tandem.federated.task import (
     Wire,
     accuracy,
     domain_inputs,
@@ -37,15 +45,7 @@ from federated.task import (
     predictions,
     tail_model,
 )
-from federated.updates import UpdateError, decode_update, encode_update
-from tandem.adapters import (
-    AdapterError,
-    list_adapters,
-    load_adapter,
-    merged_state,
-    read_metadata,
-)
-from tandem.bundle import HeadRunner
+from tandem.federated.updates import UpdateError, decode_update, encode_update
 
 
 def _delta(arrays: dict[str, np.ndarray], module: str) -> np.ndarray:

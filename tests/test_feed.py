@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from edge.feed import SourceFeed
-from edge.sources import Item
+from tandem.edge.feed import SourceFeed
+from tandem.edge.sources import Item
 
 TIMEOUT = 10.0
 

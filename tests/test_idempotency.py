@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from cloud.idempotency import ResponseCache, ReusedIdError
+from tandem.cloud.idempotency import ResponseCache, ReusedIdError
 
 TIMEOUT = 5.0  # a bound on any wait, so a hang fails instead of stalling the suite
 FP = b"fingerprint-1"

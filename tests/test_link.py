@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from edge.link import LinkEstimator
-from edge.policy import LinkState
+from tandem.edge.link import LinkEstimator
+from tandem.edge.policy import LinkState
 
 
 def _feed(

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from serving import config, make_repo, requests_for, running
 
-from edge.client import CloudClient
 from tandem.data import load_data
+from tandem.edge.client import CloudClient
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 CLIENTS = 64

@@ -16,16 +16,16 @@ from serving import config, make_repo, requests_for, running
 from torch import nn
 from torch.func import functional_call
 
-import cloud.compute
-import cloud.lora_pool
-from cloud.inference import run_batch
-from cloud.lora_batch import MixedLoRA
-from cloud.repository import ModelEntry
-from edge.client import CloudClient
+import tandem.cloud.compute
+import tandem.cloud.lora_pool
 from tandem import codec
 from tandem.adapters import Adapter, load_adapter, merged_state, save_adapter
 from tandem.bundle import TailRunner, read_manifest
+from tandem.cloud.inference import run_batch
+from tandem.cloud.lora_batch import MixedLoRA
+from tandem.cloud.repository import ModelEntry
 from tandem.data import load_data
+from tandem.edge.client import CloudClient
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 
@@ -120,7 +120,7 @@ def test_mixed_batch_equals_peft_itself(tmp_path: Path) -> None:
 def test_a_full_pool_starts_over_with_every_adapter_of_the_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cloud.lora_pool, "MAX_SLOTS", 2)
+    monkeypatch.setattr(tandem.cloud.lora_pool, "MAX_SLOTS", 2)
     net = Net().eval()
     a, b, c = (_publish(net, tmp_path / n / "1", ["head"], 2, seed=i) for i, n in enumerate("abc"))
     mixed = MixedLoRA(copy.deepcopy(net), [(3, 8, 8)])
@@ -223,13 +223,13 @@ def test_requests_naming_different_adapters_share_one_batch(
     for request, name in zip(requests, names, strict=True):
         request.adapter, request.return_logits = name, True
     batches: list[int] = []
-    run = cloud.compute.run_targets
+    run = tandem.cloud.compute.run_targets
 
     def counted(targets: list[Any]) -> Any:
         batches.append(len(targets))
         return run(targets)
 
-    monkeypatch.setattr(cloud.compute, "run_targets", counted)  # the thread backend's call
+    monkeypatch.setattr(tandem.cloud.compute, "run_targets", counted)  # the thread backend's call
     # The batch closes when full, not on a timer: every request lands in the same one.
     cfg = config(repo, compute=compute, max_batch=len(names), max_delay_ms=10_000)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edge.policy import Decision, LinkState, Option, SplitPolicy
+from tandem.edge.policy import Decision, LinkState, Option, SplitPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 

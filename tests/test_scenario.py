@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from sim.des import simulate
-from sim.profiles import DEVICE_CLASSES, BundleProfile
-from sim.scenario import (
+from tandem.sim.des import simulate
+from tandem.sim.profiles import DEVICE_CLASSES, BundleProfile
+from tandem.sim.scenario import (
     PROFILES_DIR,
     build,
     load_scenario,

@@ -127,8 +127,8 @@ def test_profile_needs_a_model_or_a_bundle() -> None:
 
 
 def test_request_overhead_matches_what_the_daemon_reported_sending() -> None:
-    from sim.profiles import request_overhead
     from tandem import codec
+    from tandem.sim.profiles import request_overhead
 
     payload = codec.encode(np.random.default_rng(0).normal(size=(2, 7, 7)).astype("float32"), 4)
     # The daemon reported 102 bytes sent for the MNIST bundle's 64-byte payloads (README).

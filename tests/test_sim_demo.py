@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sim import demo
-from sim.traces import parse_spec
+from tandem.sim import demo
+from tandem.sim.traces import parse_spec
 
 
 def test_without_the_shared_traces_the_link_is_synthetic(

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.link import Link, transfer_s
-from sim.traces import (
+from tandem.sim.link import Link, transfer_s
+from tandem.sim.traces import (
     PACKET_BYTES,
     Trace,
     constant,

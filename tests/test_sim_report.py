@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sim.des import RESPONSE_BYTES, Outcome
-from sim.profiles import DEVICE_CLASSES
-from sim.report import CHARTS, run_strategies, summarise, text_table, write_report
-from sim.scenario import Setup, build, parse_scenario
+from tandem.sim.des import RESPONSE_BYTES, Outcome
+from tandem.sim.profiles import DEVICE_CLASSES
+from tandem.sim.report import CHARTS, run_strategies, summarise, text_table, write_report
+from tandem.sim.scenario import Setup, build, parse_scenario
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from sim.scenario import Scenario, build, parse_scenario
-from sim.sweep import parse_values, run_sweep, vary, write_sweep
+from tandem.sim.scenario import Scenario, build, parse_scenario
+from tandem.sim.sweep import parse_values, run_sweep, vary, write_sweep
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

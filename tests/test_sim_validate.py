@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from serving import ROOT
 
-from sim.profiles import measure_bundle
-from sim.traces import read_pair
-from sim.validate import calibrate, predict, run_real
 from tandem.data import load_data
+from tandem.sim.profiles import measure_bundle
+from tandem.sim.traces import read_pair
+from tandem.sim.validate import calibrate, predict, run_real
 
 LTE = ROOT.parent / "shared" / "traces" / "mahimahi" / "Verizon-LTE-short"
 POINT = (0.5, 4)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from sim.validate import _first_answer
+from tandem.sim.validate import _first_answer
 
 
 def test_a_daemon_that_exits_before_answering_is_an_error(tmp_path: Path) -> None:

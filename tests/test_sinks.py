@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.sinks import JsonlSink, SinkError, StdoutSink, open_sink
+from tandem.edge.sinks import JsonlSink, SinkError, StdoutSink, open_sink
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,7 @@ def test_killed_writer_leaves_complete_lines(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal
-        from edge.sinks import JsonlSink
+        from tandem.edge.sinks import JsonlSink
         sink = JsonlSink({str(path)!r}, fsync_every=1000)  # no fsync before the kill
         for i in range({n}):
             sink.write({{"request_id": f"r{{i}}", "input_index": i, "pad": "x" * (i * 7)}})

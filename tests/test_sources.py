@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge.sources import (
+from tandem.edge.sources import (
     ImageDirSource,
     Item,
     JsonlSource,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.spool import SCHEMA_VERSION, Spool, SpoolError
+from tandem.edge.spool import SCHEMA_VERSION, Spool, SpoolError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,7 +111,7 @@ def test_survives_kill_9(tmp_path: Path) -> None:
         f"""
         import os, signal
         import numpy as np
-        from edge.spool import Spool
+        from tandem.edge.spool import Spool
         spool = Spool({str(path)!r})
         for batch in range(5):
             indices = range(batch * 20, batch * 20 + 20)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sim.traces import (
+from tandem.sim.traces import (
     PACKET_BYTES,
     Trace,
     TraceError,
@@ -465,7 +465,7 @@ def test_read_pair_needs_both_directions(tmp_path: Path) -> None:
 
 
 def test_walk_specs_are_drawn_with_the_seed_given() -> None:
-    from sim.traces import varies_by_seed
+    from tandem.sim.traces import varies_by_seed
 
     one, other = parse_spec("walk:3,1@0.5", seed=1), parse_spec("walk:3,1@0.5", seed=2)
     np.testing.assert_array_equal(one.cum_bytes, random_walk(3, 1, 0.5, 600.0, 1).cum_bytes)
