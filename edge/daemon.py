@@ -86,6 +86,7 @@ class EdgeDaemon:
         self._spool_pool = ThreadPoolExecutor(1, thread_name_prefix="spool")
         self._done: list[str] = []
         self._cloud_down_until = 0.0
+        self._refusals: set[grpc.StatusCode] = set()
 
     async def run(self) -> dict[str, Any]:
         """Process the whole source (or until ``stop`` is set); return the run's summary."""
@@ -344,6 +345,10 @@ class EdgeDaemon:
         request = pb.InferRequest(
             request_id=entry.request_id,
             model=self.cfg.model or self.device.manifest.name,
+            # Pinned: only the tail this head was trained with can decode its features. A newer
+            # bundle under the same name is another model, and the service refuses the
+            # request (NOT_FOUND) rather than answer with it once this version is gone.
+            version=self.device.manifest.version,
             adapter=self.cfg.adapter,
             adapter_version=self.cfg.adapter_version,
             width=float(entry.width or 0.0),
@@ -357,8 +362,20 @@ class EdgeDaemon:
                 self._cloud_down_until = time.monotonic() + self.cfg.probe_s
                 log.warning("cloud unreachable (%s): serving locally", exc.code().name)
                 return {**base, **await self._serve_locally(item)}
-            return {**base, "error": f"{exc.code().name}: {exc.details()}"}
+            return {**base, "error": self._refused(entry, exc)}
         return {**base, **self._cloud_record(item, request, answer)}
+
+    def _refused(self, entry: SpoolEntry, exc: grpc.aio.AioRpcError) -> str:
+        """The error line for a final answer; logged the first time its status code is seen,
+        since the same refusal (say, no such model version) usually repeats for every input."""
+        error = f"{exc.code().name}: {exc.details()}"
+        if exc.code() not in self._refusals:
+            self._refusals.add(exc.code())
+            log.error(
+                "the cloud refused input %d: %s (further %s answers are counted, not logged)",
+                entry.input_index, error, exc.code().name,
+            )  # fmt: skip
+        return error
 
     def _cloud_is_down(self) -> bool:
         return self.device.full is not None and time.monotonic() < self._cloud_down_until
@@ -376,7 +393,7 @@ class EdgeDaemon:
         if self.policy is not None:
             self.policy.set_server_ms(server_ms)
         return {
-            "prediction": response.top[0].index,
+            **self._prediction(response.top[0].index, response.model_version),
             "width": item.entry.width,
             "bits": item.entry.bits,
             "bytes_sent": request.ByteSize(),
@@ -388,13 +405,20 @@ class EdgeDaemon:
         x = item.entry.array()[None]
         prediction = (await self._in(self._device_pool, lambda: self.device.predict_local(x)))[0]
         return {
-            "prediction": prediction,
+            **self._prediction(prediction, self.device.manifest.version),
             "width": None,
             "bits": None,
             "bytes_sent": 0,
             "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
             "served_by": "local",
         }
+
+    def _prediction(self, index: int, model_version: str) -> dict[str, Any]:
+        """The predicted class, its name when the bundle names its classes, and the version of
+        the model that made it."""
+        labels = self.device.manifest.input.labels
+        named = {"class_name": labels[index]} if 0 <= index < len(labels) else {}
+        return {"prediction": index, **named, "model_version": model_version}
 
 
 def _base(entry: SpoolEntry) -> dict[str, Any]:

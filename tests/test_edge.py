@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,6 +102,8 @@ def test_served_accuracy_equals_eval(
         "request_id",
         "input_index",
         "prediction",
+        "class_name",
+        "model_version",
         "label",
         "width",
         "bits",
@@ -109,6 +112,9 @@ def test_served_accuracy_equals_eval(
         "served_by",
     }
     assert first["width"] == 0.5 and first["bits"] == 4 and first["served_by"] != "local"
+    manifest = read_manifest(digits_bundle)
+    assert first["class_name"] == manifest.input.labels[first["prediction"]]
+    assert first["model_version"] == manifest.version
     assert summary["errors"] == 0 and summary["served_locally"] == 0
     assert not (tmp_path / "out.jsonl.spool").exists() or _spool_empty(tmp_path / "out.jsonl.spool")
 
@@ -379,3 +385,66 @@ def test_a_federated_head_adapter_picks_its_tail_adapter_width_and_bits(
     odd = _head_adapter(tmp_path / "odd", tail_adapter={"name": "fed"}, width=0.5, bits=4)
     with pytest.raises(ValueError, match="null or a name and version"):
         _cfg(tmp_path, digits_bundle, "-", head_adapter=odd).paired()
+
+
+def _rolled_bundle(src: Path, out: Path) -> str:
+    """A copy of ``src`` under the same name whose tail answers class ``(c + 1) % n`` where
+    ``src``'s answers ``c``: an unrelated tail for ``src``'s head. Returns its version."""
+    from safetensors.torch import load_file, save_file
+
+    from tandem.bundle import MANIFEST, TAIL_FILE, sha256_file
+
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("checkpoint"))
+    state = load_file(str(out / TAIL_FILE))
+    for key in ("tail.fc.weight", "tail.fc.bias"):
+        state[key] = torch.roll(state[key], 1, dims=0).contiguous()
+    save_file(state, str(out / TAIL_FILE))
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["files"][TAIL_FILE] = sha256_file(out / TAIL_FILE)
+    manifest["version"] = manifest["version"][::-1]  # any other name will do
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return str(manifest["version"])
+
+
+def test_the_daemon_pins_its_bundle_version_when_a_new_one_is_dropped_in(
+    tmp_path: Path, digits_bundle: Path, digits_npz: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = tmp_path / "repo"
+    shutil.copytree(
+        digits_bundle, repo / "digits" / "1", ignore=shutil.ignore_patterns("checkpoint")
+    )
+    mine = read_manifest(digits_bundle).version
+    n = 40
+
+    def cfg(sink: str) -> DaemonConfig:
+        return _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", sink=str(tmp_path / sink),
+                    width=0.5, bits=4, limit=n, fallback=False)  # fmt: skip
+
+    async def main() -> list[dict[str, Any]]:
+        async with running(config(repo)) as srv:
+            summaries = []
+            for step, sink in enumerate(("v1.jsonl", "v2.jsonl", "gone.jsonl")):
+                if step == 1:  # a new version under the same name: the newest for the service
+                    other = _rolled_bundle(digits_bundle, repo / "digits" / "2")
+                    await srv.rescan(force=True)
+                if step == 2:  # the version this head pairs with is gone
+                    shutil.rmtree(repo / "digits" / "1")
+                    await srv.rescan(force=True)
+                run = cfg(sink).model_copy(update={"cloud": srv.address})
+                summaries.append(await EdgeDaemon(run).run())
+            assert other != mine
+            return summaries
+
+    first, second, gone = asyncio.run(main())
+    before = sorted(_records(tmp_path / "v1.jsonl"), key=lambda r: r["input_index"])
+    after = sorted(_records(tmp_path / "v2.jsonl"), key=lambda r: r["input_index"])
+    assert len(before) == len(after) == n and first["errors"] == second["errors"] == 0
+    assert [r["prediction"] for r in after] == [r["prediction"] for r in before]
+    assert {r["model_version"] for r in before + after} == {mine}
+    # Without its version the service has nothing this head may talk to: a clear refusal
+    # for every input, logged once, not retried.
+    refused = _records(tmp_path / "gone.jsonl")
+    assert len(refused) == n == gone["errors"] and gone["retries"] == 0
+    assert all(r["error"].startswith("NOT_FOUND") and mine in r["error"] for r in refused)
+    logged = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
+    assert len(logged) == 1 and mine in logged[0].getMessage()
