@@ -77,8 +77,12 @@ CREATE TABLE cursors (
 _COLUMNS = "request_id, input_index, label, data, shape, width, bits, error, payload"
 
 
-class SpoolError(RuntimeError):
-    """The spool file is corrupt, of an unknown version, in use elsewhere, or unreadable."""
+class SpoolError(OSError):
+    """The spool file is corrupt, of an unknown version, in use elsewhere, or unreadable.
+
+    An OSError: like a file that cannot be opened, it is a fault of the environment, and the
+    ``tandem`` command reports it in one line with exit status 2.
+    """
 
 
 @dataclass(frozen=True)
@@ -117,6 +121,8 @@ class Spool(Closing):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        if self.path.is_dir():  # SQLite would only say "unable to open database file"
+            raise SpoolError(f"{self.path}: is a directory, expected a spool file")
         try:
             # isolation_level=None: the module does its own BEGIN/COMMIT, so that a transaction
             # covers exactly what must be atomic and nothing is left implicitly open. A short
@@ -333,15 +339,49 @@ def _entry(index: int, label: int | None, x: np.ndarray | str) -> SpoolEntry:
 
 
 def _from_row(row: Any) -> SpoolEntry:
+    """The entry stored in ``row``; a row that does not decode is quarantined: it comes back
+    as an error entry (no input), so its error line reaches the sink and it leaves the spool
+    like any other, instead of stopping every run that reads the spool."""
     request_id, index, label, data, shape, width, bits, error, payload = row
-    return SpoolEntry(
-        request_id=str(request_id),
-        input_index=int(index),
-        label=None if label is None else int(label),
-        data=bytes(data),
-        shape=tuple(int(d) for d in json.loads(shape)),
-        width=None if width is None else float(width),
-        bits=None if bits is None else int(bits),
-        error=None if error is None else str(error),
-        payload=None if payload is None else bytes(payload),
-    )
+    try:
+        return SpoolEntry(
+            request_id=str(request_id),
+            input_index=int(index),
+            label=None if label is None else int(label),
+            data=_blob(data),
+            shape=tuple(int(d) for d in json.loads(shape)),
+            width=None if width is None else float(width),
+            bits=None if bits is None else int(bits),
+            error=None if error is None else str(error),
+            payload=None if payload is None else _blob(payload),
+        )
+    # RecursionError: absurdly nested JSON; TypeError: a value of the wrong kind (a number
+    # where a list belongs, a blob where a number does).
+    except (ValueError, TypeError, RecursionError) as exc:
+        log.error("spool entry %s (input %s) is corrupt, quarantined: %s", request_id, index, exc)
+        return SpoolEntry(
+            request_id=str(request_id),
+            input_index=_int_or(index, -1),
+            label=_int_or(label, None),
+            data=b"",
+            shape=(),
+            width=None,
+            bits=None,
+            error=f"corrupt spool row, input dropped: {type(exc).__name__}: {exc}",
+        )
+
+
+def _blob(value: Any) -> bytes:
+    """A BLOB column's bytes; TypeError for anything else (``bytes(n)`` of a number would
+    allocate n bytes)."""
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
+def _int_or(value: Any, default: int | None) -> int | None:
+    """``value`` as an int, or ``default`` when it is missing or not a number."""
+    try:
+        return int(value)
+    except (ValueError, TypeError):
+        return default

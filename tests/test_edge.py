@@ -8,8 +8,10 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import time
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -448,3 +450,23 @@ def test_the_daemon_pins_its_bundle_version_when_a_new_one_is_dropped_in(
     assert all(r["error"].startswith("NOT_FOUND") and mine in r["error"] for r in refused)
     logged = [r for r in caplog.records if "NOT_FOUND" in r.getMessage()]
     assert len(logged) == 1 and mine in logged[0].getMessage()
+
+
+def test_a_corrupt_spool_row_is_quarantined_and_the_rest_served(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", width=0.5, bits=4, limit=40)
+    with np.load(digits_npz) as archive:
+        x, y = archive["x"][-10_000:][:40], archive["y"][-10_000:][:40]
+    with Spool(cfg.spool_path()) as spool:
+        spool.accept(f"npz:{digits_npz}", [(i, int(y[i]), x[i][None]) for i in range(40)])
+    with closing(sqlite3.connect(cfg.spool_path())) as db:
+        db.execute("UPDATE pending SET shape = '[1, 8, ' WHERE input_index = 7")
+        db.commit()
+    summary = _run(cfg, repo)
+    records = sorted(_records(tmp_path / "out.jsonl"), key=lambda r: r["input_index"])
+    assert [r["input_index"] for r in records] == list(range(40))
+    assert ["error" in r for r in records] == [i == 7 for i in range(40)]
+    assert "corrupt spool row" in records[7]["error"]
+    assert summary["served"] == 39 and summary["errors"] == 1
+    assert _spool_empty(cfg.spool_path())

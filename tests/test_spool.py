@@ -7,6 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,25 @@ def test_file_is_wal(tmp_path: Path) -> None:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     finally:
         db.close()
+
+
+def test_a_row_that_cannot_be_decoded_is_an_error_entry(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    with Spool(path) as spool:
+        entries = spool.accept("npz:/a", _items(range(4)))
+    with closing(sqlite3.connect(path)) as db:
+        db.execute("UPDATE pending SET shape = 'not json' WHERE input_index = 1")
+        db.execute("UPDATE pending SET width = 'wide' WHERE input_index = 2")
+        db.execute("UPDATE pending SET data = 1000000000000 WHERE input_index = 3")
+        db.commit()
+    with Spool(path) as spool:
+        pending = spool.pending()
+        assert [e.input_index for e in pending] == [0, 1, 2, 3]
+        assert pending[0] == entries[0]
+        for bad in pending[1:]:
+            assert bad.error is not None and bad.error.startswith("corrupt spool row")
+            assert bad.request_id == entries[bad.input_index].request_id
+            assert bad.label == entries[bad.input_index].label and bad.data == b""
+        assert spool.get(entries[1].request_id) == pending[1]
+        spool.complete([e.request_id for e in pending[1:]])
+        assert len(spool) == 1
