@@ -25,9 +25,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--metrics-listen", default="127.0.0.1:9464", help="Prometheus HOST:PORT, or 'off'"
     )
-    p.add_argument("--max-batch", type=int, default=32)
-    p.add_argument("--max-delay-ms", type=float, default=2.0)
-    p.add_argument("--max-queue", type=int, default=1024)
+    p.add_argument("--max-batch", type=int, default=32, help="inputs per tail batch, at most")
+    p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait to fill a batch")
+    p.add_argument("--max-queue", type=int, default=1024, help="queued inputs before refusing more")
     p.add_argument("--workers", type=int, default=1, help="threads or processes running the tail")
     p.add_argument(
         "--compute",
@@ -36,12 +36,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="processes keep the forward pass off the server's GIL (faster for small tails)",
     )
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per worker")
-    p.add_argument("--max-message-bytes", type=int, default=1 << 20)
-    p.add_argument("--cache-entries", type=int, default=50_000)
+    p.add_argument(
+        "--max-message-bytes", type=int, default=1 << 20, help="largest gRPC message accepted"
+    )
+    p.add_argument(
+        "--cache-entries", type=int, default=50_000, help="responses kept for retried ids"
+    )
     p.add_argument("--poll-s", type=float, default=2.0, help="repository rescan interval")
-    p.add_argument("--drain-grace-s", type=float, default=30.0)
-    p.add_argument("--tls-cert", type=Path)
-    p.add_argument("--tls-key", type=Path)
+    p.add_argument(
+        "--drain-grace-s", type=float, default=30.0,
+        help="on SIGTERM, time for calls in flight to finish",
+    )  # fmt: skip
+    p.add_argument("--tls-cert", type=Path, help="server certificate (PEM); needs --tls-key")
+    p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
     p.add_argument("--tokens", type=Path, help="JSON file mapping bearer token -> tenant")
     p.add_argument("--insecure", action="store_true", help="allow plain text off loopback")

@@ -21,9 +21,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     edge = sub.add_parser("edge", help="the edge client daemon")
     commands = edge.add_subparsers(dest="edge_command", required=True)
     p = commands.add_parser("run", help="run the head on a source's inputs, serve them via cloud")
-    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--bundle", required=True, type=Path, help="the bundle whose head runs here")
     p.add_argument("--cloud", required=True, help="HOST:PORT of `tandem cloud serve`")
-    p.add_argument("--source", required=True, help="DIR | npz:PATH | jsonl:PATH | - (stdin)")
+    p.add_argument(
+        "--source", required=True, help="DIR | digits | npz:PATH | jsonl:PATH | - (stdin)"
+    )
     p.add_argument("--sink", default="-", help="JSON-lines output file, or - for stdout")
     p.add_argument("--spool", type=Path, help="spool database (default: SINK.spool)")
     p.add_argument("--model", help="model name on the server (default: the bundle's)")
@@ -38,10 +40,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--bits", type=int, help="fix the bits per value (default: policy)")
     p.add_argument("--slo-ms", type=float, default=100.0, help="latency target for the policy")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    p.add_argument("--head-batch", type=int, default=32)
+    p.add_argument("--head-batch", type=int, default=32, help="inputs per head forward pass")
     p.add_argument("--limit", type=int, help="only the first N inputs of the source")
     p.add_argument("--no-fallback", action="store_true", help="never serve locally")
-    p.add_argument("--fallback-after-s", type=float, default=3.0)
+    p.add_argument(
+        "--fallback-after-s", type=float, default=3.0,
+        help="retrying the cloud this long means unreachable: serve locally",
+    )  # fmt: skip
     p.add_argument("--deadline-ms", type=int, default=0, help="per-request server deadline")
     p.add_argument("--tls", action="store_true", help="TLS with the system's trust roots")
     p.add_argument("--ca", type=Path, help="CA certificate to trust (implies TLS)")

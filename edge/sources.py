@@ -5,6 +5,7 @@ stable ``index``. The daemon stores, per source ``key``, the next index it has n
 (``edge.spool``); after a restart it calls ``iter_from(cursor)`` and so neither skips nor repeats
 an input. That only works if the same key always yields the same inputs at the same indices:
 
+- ``digits`` is the test split of the shipped digits set.
 - ``npz:PATH`` and ``jsonl:PATH`` are files the daemon only reads; replace them and the cursor
   points into different data.
 - ``dir:PATH`` numbers the image files in sorted order of their relative paths, listed when the
@@ -35,6 +36,7 @@ import numpy as np
 from tandem.data import IMAGE_SUFFIXES, DataSpecError, load_data
 
 __all__ = [
+    "HeldOutSource",
     "ImageDirSource",
     "Item",
     "JsonlSource",
@@ -89,22 +91,22 @@ class Source(Protocol):
         ...
 
 
-class NpzSource:
-    """The test split of ``npz:PATH`` (its last 10,000 rows), with labels.
+class HeldOutSource:
+    """The test split of a data spec (``digits``, ``npz:PATH``), with labels, keyed by the spec.
 
-    Loaded through :func:`tandem.data.load_data`, so the rows and the ``(C, H, W)`` layout are
-    exactly those the bundle was evaluated on. If ``input_shape`` is given, a mismatch is a
-    :class:`SourceError` up front rather than 10,000 failed requests.
+    Loaded through :func:`tandem.data.load_data`, so the rows (the held-out split that
+    ``tandem.data`` defines) and the ``(C, H, W)`` layout are exactly those the bundle was
+    evaluated on. If ``input_shape`` is given, a mismatch is a :class:`SourceError` up front
+    rather than one failed request per input.
     """
 
     has_labels = True
     replayable = True
 
-    def __init__(self, path: Path | str, input_shape: Sequence[int] | None = None) -> None:
-        self.path = Path(path).expanduser().resolve()
-        self.key = f"npz:{self.path}"
+    def __init__(self, spec: str, input_shape: Sequence[int] | None = None) -> None:
+        self.key = spec
         try:
-            test = load_data(self.key).test
+            test = load_data(spec).test
         except DataSpecError as exc:
             raise SourceError(str(exc)) from exc
         shape = tuple(int(d) for d in test.x.shape[1:])
@@ -115,7 +117,7 @@ class NpzSource:
         self._x, self._y = test.x, test.y
 
     def __len__(self) -> int:
-        """The number of inputs (10,000)."""
+        """The number of inputs: the test split's rows."""
         return int(self._x.shape[0])
 
     def iter_from(self, start: int, limit: int | None = None) -> Iterator[Item]:
@@ -123,6 +125,15 @@ class NpzSource:
         stop = len(self) if limit is None else min(len(self), limit)
         for i in range(max(0, start), stop):
             yield Item(i, self._x[i], int(self._y[i]))
+
+
+class NpzSource(HeldOutSource):
+    """The test split of ``npz:PATH`` (the last 10,000 rows of a larger archive, a seeded 20%
+    of a smaller one), keyed by the file's absolute path."""
+
+    def __init__(self, path: Path | str, input_shape: Sequence[int] | None = None) -> None:
+        self.path = Path(path).expanduser().resolve()
+        super().__init__(f"npz:{self.path}", input_shape)
 
 
 class ImageDirSource:
@@ -334,8 +345,8 @@ def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
 def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) -> Source:
     """The source named by ``spec``, for a bundle with ``input_shape`` and class ``labels``.
 
-    Specs: ``npz:PATH`` (its test split), ``jsonl:PATH``, ``-`` or ``jsonl:-`` (JSON lines on
-    stdin), ``dir:PATH`` or the path of an existing directory (image files). Raises
+    Specs: ``digits`` or ``npz:PATH`` (the test split), ``jsonl:PATH``, ``-`` or ``jsonl:-``
+    (JSON lines on stdin), ``dir:PATH`` or the path of an existing directory (image files). Raises
     :class:`SourceError` with a one-line message for anything else, or a missing path.
     """
     kind, sep, arg = spec.partition(":")
@@ -350,6 +361,8 @@ def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) ->
             num_classes=len(labels) or None,
             key="stdin",
         )
+    if spec == "digits":
+        return HeldOutSource(spec, input_shape)
     if sep and arg:
         if kind == "npz":
             return NpzSource(arg, input_shape)
@@ -360,6 +373,6 @@ def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) ->
     if spec and Path(spec).expanduser().is_dir():
         return ImageDirSource(spec, input_shape, labels)
     raise SourceError(
-        f"unknown or missing source {spec!r}: expected npz:PATH, jsonl:PATH, dir:PATH, "
+        f"unknown or missing source {spec!r}: expected digits, npz:PATH, jsonl:PATH, dir:PATH, "
         "an existing directory, or - for JSON lines on stdin"
     )

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     commands = fed.add_subparsers(dest="fed_command", required=True)
     p = commands.add_parser("simulate", help="run a federation in Flower's simulation engine")
     p.add_argument("--bundle", required=True, type=Path, help="the bundle to fine-tune")
-    p.add_argument("--clients", type=int, default=8, help="simulated devices (default 8)")
+    p.add_argument("--clients", type=int, default=8, help="simulated devices")
     p.add_argument(
         "--set",
         action="append",
@@ -36,25 +36,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as run-config values: numbers and booleans typed, the rest text."""
+    """``--set KEY=VALUE`` strings as run-config values, in the grammar ``tandem train --set``
+    uses (:func:`tandem.config.parse_assignment`); keys spelt with ``-``, as Flower's are."""
+    from tandem.config import parse_assignment
+
     settings: dict[str, Any] = {}
     for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
-        settings[key.strip()] = _typed(raw.strip())
+        key, value = parse_assignment(pair)
+        settings[key.replace("_", "-")] = value
     return settings
-
-
-def _typed(raw: str) -> Any:
-    if raw in ("true", "false"):
-        return raw == "true"
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tandem.config import StrictModel
+from tandem.config import StrictModel, problems
 from tandem.federated.domains import domain_list
 
 StrategyName = Literal["fedit", "ffa", "hetlora", "flora"]
@@ -127,12 +127,7 @@ class FedConfig(StrictModel):
         try:
             return cls.model_validate(values)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']).replace('_', '-') or 'config'}: "
-                f"{err['msg']}"
-                for err in e.errors()
-            )
-            raise FedConfigError(f"bad run config: {problems}") from None
+            raise FedConfigError(f"bad run config: {problems(e, dashed=True)}") from None
 
     @property
     def max_rank(self) -> int:

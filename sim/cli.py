@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--delay-ms", type=float, default=0.0, help="one-way propagation delay")
     p.add_argument("--jitter-ms", type=float, default=0.0, help="sigma of |normal| extra delay")
     p.add_argument("--loss", type=float, default=0.0, help="packet loss probability, [0, 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the jitter and loss draws")
     p.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (port 0: any free)")
     p.add_argument("--upstream", required=True, help="HOST:PORT of the server behind the link")
     p.add_argument("--json", action="store_true", help="print one JSON line once listening")

@@ -1,7 +1,10 @@
 """The one ``tandem`` command, with a subcommand per job.
 
 Every reporting subcommand takes ``--json`` and then prints exactly one JSON document on
-stdout; progress bars go to stderr, only on a terminal, and never in ``--json`` mode.
+stdout; progress bars go to stderr, only on a terminal, and never in ``--json`` mode. A
+failure is one line on stderr and exit status 2; with ``--json`` it is also a JSON object
+``{"error": ..., "type": ...}`` on stdout. Output into a closed pipe (``tandem ... | head``)
+ends the command quietly with status 141, as a shell reports a writer stopped by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -10,13 +13,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from tqdm import tqdm
 
@@ -24,8 +28,70 @@ from tandem import __version__
 
 log = logging.getLogger("tandem")
 
+#: The exit status of a command whose output went into a closed pipe: 128 + SIGPIPE, what a
+#: shell reports for a writer the signal stopped (Python ignores SIGPIPE, so we say it).
+BROKEN_PIPE_STATUS = 141
+
+
+class CommandError(Exception):
+    """A command failed for a reason its one-line message tells the user (no traceback)."""
+
+
+class UsageError(Exception):
+    """The command line does not parse; ``parser`` is the (sub)parser that refused it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, raising :class:`UsageError` instead of exiting, so that ``main`` can answer
+    a ``--json`` caller in JSON (sub-parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise :class:`UsageError` for ``message``."""
+        raise UsageError(self, message)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's help, each option's default appended as ``(default: X)`` when it has one
+    worth showing: not None, not an off flag, not empty, and not already described
+    in its help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            not action.option_strings
+            or "(default" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or default in ([], "")
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every sub-parser below it, each once."""
+    seen: set[int] = set()
+    stack = [parser]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                stack.extend(action.choices.values())
+
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    from pydantic import ValidationError
+
     from tandem.bundle import BundleError
     from tandem.checkpoint import CheckpointError
     from tandem.codec import CodecError
@@ -36,6 +102,8 @@ def _known_errors() -> tuple[type[Exception], ...]:
 
     # ValueError and TypeError cover bad arguments reaching the zoo and the runners.
     return (
+        CommandError,
+        ValidationError,
         BundleError,
         CheckpointError,
         CodecError,
@@ -102,16 +170,17 @@ def _train(args: argparse.Namespace, recipe_name: str, data_spec: str, out: Path
 def cmd_train(args: argparse.Namespace) -> int:
     """``tandem train RECIPE --data SPEC --out DIR``: run a recipe and write a bundle."""
     manifest = _train(args, args.recipe, args.data, Path(args.out))
+    # The keys of `tandem eval --json` for the same things: "teacher" and "points".
     doc: dict[str, Any] = {
         "bundle": str(args.out),
         "recipe": manifest.name,
-        "teacher_accuracy": manifest.teacher_accuracy,
-        "table": [p.model_dump() for p in manifest.table],
+        "teacher": {"accuracy": manifest.teacher_accuracy, "measured": True},
+        "points": [p.model_dump() for p in manifest.table],
     }
     _emit(
         args,
         doc,
-        lambda: f"wrote {args.out}\n" + _points_table(doc["table"], manifest.teacher_accuracy),
+        lambda: f"wrote {args.out}\n" + _points_table(doc["points"], manifest.teacher_accuracy),
     )
     return 0
 
@@ -154,16 +223,11 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return profile_bundle(args)
     if args.arch is None or args.input is None:
         raise ValueError("profile needs --arch and --input (or --bundle)")
-    from tandem.config import parse_value
+    from tandem.config import parse_assignment
     from tandem.models import build_model
     from tandem.profile import profile_cuts
 
-    kwargs = {}
-    for assignment in args.arg:
-        key, sep, value = assignment.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--arg expects KEY=VALUE, got {assignment!r}")
-        kwargs[key] = parse_value(value)
+    kwargs = dict(parse_assignment(assignment, "--arg") for assignment in args.arg)
     model = build_model(
         args.arch, num_classes=args.num_classes, in_channels=args.input[0], **kwargs
     )
@@ -197,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
         if not args.json:
-            print(f"training the 'digits' recipe on scikit-learn's digits into {out} ...")
+            print(f"training the 'digits' recipe on the bundled 8x8 digits into {out} ...")
         start = time.perf_counter()
         _train(args, "digits", "digits", out)
         train_s = time.perf_counter() - start
@@ -282,12 +346,19 @@ def _served_text(served: dict[str, Any]) -> str:
     return f"served via {served['server']} ({points})\n" + summary_text(served)
 
 
+VERBOSE_HELP = "log progress to stderr"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for ``tandem`` and its subcommands."""
-    parser = argparse.ArgumentParser(prog="tandem", description=__doc__.splitlines()[0])
+    """The argument parser for ``tandem`` and its subcommands (the roles' included).
+
+    Every parser shows option defaults (:class:`HelpFormatter`) and takes ``-v`` before or
+    after its subcommand.
+    """
+    parser = Parser(prog="tandem", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="run a distillation recipe and write a bundle")
     p.add_argument("recipe", help="built-in recipe name (digits, mnist) or a TOML file")
@@ -298,15 +369,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe key, e.g. --set distill.finetune.epochs=2",
+        help="override a recipe key, VALUE a TOML literal or plain text, e.g. "
+        "--set distill.finetune.epochs=2 --set name=my-digits (repeatable)",
     )
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
-    p.add_argument("bundle")
+    p.add_argument("bundle", help="the bundle directory")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
-    p.add_argument("--bits", type=int, nargs="+", help="bit depths to measure (default: recipe's)")
+    p.add_argument(
+        "--bits", type=int, nargs="+", help="bit depths to measure (default: the recipe's)"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -316,13 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", help="zoo model name")
     p.add_argument("--input", type=_parse_shape, help="CxHxW, e.g. 3x224x224")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=int, default=1000, help="the model's output classes")
     p.add_argument(
         "--arg",
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="model constructor argument, e.g. --arg width=0.5 --arg small_input=true",
+        help="model constructor argument, as --set reads it, e.g. --arg width=0.5 "
+        "--arg small_input=true (repeatable)",
     )
     p.add_argument(
         "--repeats", type=int, default=5, help="timed runs per cut, median reported (0: no timing)"
@@ -357,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
     register_edge(sub)
     register_sim(sub)
     register_fed(sub)
+    for each in iter_parsers(parser):
+        each.formatter_class = HelpFormatter
+        if each is not parser:
+            # SUPPRESS: a sub-parser that did not see -v leaves the top level's value alone.
+            each.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                help=f"{VERBOSE_HELP} (also accepted before the subcommand)",
+            )  # fmt: skip
     return parser
 
 
@@ -385,30 +468,86 @@ def missing_extra(exc: ModuleNotFoundError) -> str | None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``tandem`` console script."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+def error_line(exc: BaseException) -> str:
+    """The one line a user is shown for ``exc``: a pydantic validation error, raised or the
+    cause of the error raised, as its problems rather than pydantic's dump; any other message
+    with its line breaks folded."""
+    from pydantic import ValidationError
+
+    from tandem.config import problems
+
+    if isinstance(exc, ValidationError):
+        return f"invalid {exc.title}: {problems(exc)}"
+    text = str(exc)
+    if isinstance(exc.__cause__, ValidationError):
+        text = f"{text.partition(chr(10))[0].rstrip(': ')}: {problems(exc.__cause__)}"
+    return " ".join(text.split())
+
+
+def _fail(json_mode: bool, kind: str, message: str, status: int = 2) -> int:
+    """Report a failure: one line on stderr and, for a ``--json`` caller, a JSON object."""
+    print(f"tandem: error: {message}", file=sys.stderr)
+    if json_mode:
+        print(json.dumps({"error": message, "type": kind}), flush=True)
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
+    except BrokenPipeError:  # an OSError, but not a failure of the command: see main
+        raise
     except _known_errors() as exc:
         if args.verbose:
             raise
-        print(f"tandem: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.json, type(exc).__name__, error_line(exc))
     except ModuleNotFoundError as exc:
         hint = missing_extra(exc)
         if hint is None or args.verbose:
             raise
-        print(f"tandem: error: {hint}", file=sys.stderr)
-        return 2
+        return _fail(args.json, type(exc).__name__, hint)
     except KeyboardInterrupt:
         note = " (run it again to resume from the last epoch)" if args.command == "train" else ""
-        print(f"tandem: interrupted{note}", file=sys.stderr)
-        return 130
+        return _fail(args.json, "KeyboardInterrupt", f"interrupted{note}", status=130)
+    except Exception as exc:
+        # A bug: its traceback follows, but a --json caller still gets a document to read.
+        if args.json:
+            print(json.dumps({"error": error_line(exc), "type": type(exc).__name__}), flush=True)
+        raise
+
+
+def _parse(argv: Sequence[str]) -> argparse.Namespace | int:
+    """The parsed arguments, or the exit status of a usage error (reported here)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        return _fail("--json" in argv, "UsageError", f"{exc.parser.prog}: {exc}")
+    args.json = getattr(args, "json", False)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tandem`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parse(argv)
+        if isinstance(args, int):
+            return args
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        status = _run(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be handled
+        return status
+    except BrokenPipeError:
+        # The reader went away (`tandem ... | head`): nothing more to say. Whatever is still
+        # buffered goes to /dev/null, or the interpreter's last flush would fail loudly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE_STATUS
 
 
 if __name__ == "__main__":

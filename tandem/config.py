@@ -2,7 +2,8 @@
 
 A recipe is a TOML file: data only, never code. Built-in recipes ship inside the package
 (``tandem/recipes/*.toml``) and are named by their stem; any other argument is read as a path.
-``--set key=value`` overrides a dotted key before validation, the value parsed as a TOML literal.
+``--set KEY=VALUE`` overrides a dotted key before validation, the value parsed as a TOML literal
+(:func:`parse_assignment`, shared with ``tandem fed simulate --set``).
 """
 
 from __future__ import annotations
@@ -155,26 +156,40 @@ def _read_recipe_text(name_or_path: str) -> str:
 
 
 def parse_value(text: str) -> Any:
-    """Parse a TOML literal (number, boolean, array...), falling back to the plain string."""
+    """Parse a TOML literal (number, boolean, 'string', array...), falling back to the plain
+    string."""
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
 
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Set a dotted ``key=value`` in a raw recipe dictionary, in place."""
-    key, sep, value = assignment.partition("=")
+def parse_assignment(text: str, option: str = "--set") -> tuple[str, Any]:
+    """``KEY=VALUE`` as ``(KEY, value)``: the one grammar of ``--set`` (``tandem train`` and
+    ``tandem fed simulate``) and of ``profile --arg``.
+
+    Both sides are stripped; KEY must not be empty; VALUE is read by :func:`parse_value`. What
+    a key may name is the caller's business (a dotted recipe key, a flat run-config key);
+    callers accept its words joined by ``-`` or ``_`` alike.
+    """
+    key, sep, value = text.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set expects key=value, got {assignment!r}")
-    *parents, leaf = key.strip().split(".")
+        raise RecipeError(f"{option} expects KEY=VALUE, got {text!r}")
+    return key.strip(), parse_value(value.strip())
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Set a dotted ``key=value`` (see :func:`parse_assignment`) in a raw recipe dictionary,
+    in place; recipe keys are spelt with ``_``, so a ``-`` in a key means ``_``."""
+    key, value = parse_assignment(assignment)
+    *parents, leaf = key.replace("-", "_").split(".")
     node = raw
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             raise RecipeError(f"--set {key}: {part!r} is not a table")
         node = child
-    node[leaf] = parse_value(value.strip())
+    node[leaf] = value
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
@@ -188,14 +203,23 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"recipe {name_or_path!r} is invalid:\n{exc}") from exc
+        raise RecipeError(f"recipe {name_or_path!r} is invalid: {problems(exc)}") from None
+
+
+def problems(exc: ValidationError, dashed: bool = False) -> str:
+    """A validation error as one line: ``field.path: problem`` for each problem, joined by
+    ``; `` (never pydantic's multi-line dump). ``dashed`` spells field names with ``-``, as
+    Flower's run config does."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if dashed:
+            where = where.replace("_", "-")
+        message = " ".join(err["msg"].removeprefix("Value error, ").split())
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 def settings_error(what: str, exc: ValidationError) -> ValueError:
-    """One line per problem of a settings model, naming the offending options."""
-    problems = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        message = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}" if where else message)
-    return ValueError(f"invalid {what}: " + "; ".join(problems))
+    """A settings model's validation error as one line naming the offending options."""
+    return ValueError(f"invalid {what}: {problems(exc)}")

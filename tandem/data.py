@@ -4,7 +4,9 @@ A spec is one of:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), the embedded default;
 - ``npz:PATH``: a NumPy archive with arrays ``x`` (uint8 images, ``(N, H, W)`` or
-  ``(N, H, W, C)``) and ``y`` (integer labels); the last 10,000 rows are the test split;
+  ``(N, H, W, C)``) and ``y`` (integer labels). With more than 10,000 rows the last 10,000 are
+  the test split (the layout of MNIST-style train + test archives); a smaller archive holds
+  out the same seeded 20% as ``digits``;
 - ``imagefolder:DIR``: one sub-directory per class holding PNG or JPEG files. If ``DIR`` has
   ``train/`` and ``test/`` sub-directories they are the splits, otherwise a seeded 20% is held out.
 
@@ -83,6 +85,7 @@ def _as_nchw(x: np.ndarray) -> np.ndarray:
 
 
 def _holdout(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[Split, Split]:
+    """The seeded 20% test split of data without one of its own (at least 2 rows)."""
     order = np.random.default_rng(seed).permutation(len(y))
     n_test = max(1, round(len(y) * HOLDOUT_FRACTION))
     train, test = order[:-n_test], order[-n_test:]
@@ -117,19 +120,25 @@ def _load_npz(spec: str, path: Path) -> DataSet:
         raise DataSpecError(f"{spec}: 'y' must be non-negative integer labels, one per image")
     if x.ndim == 4 and x.shape[-1] not in (1, 3, 4):
         raise DataSpecError(f"{spec}: 4-D images must be (N, H, W, C) with 1, 3 or 4 channels")
-    if len(x) != len(y) or len(x) <= NPZ_TEST_ROWS:
+    if len(x) != len(y):
         raise DataSpecError(
-            f"{spec}: need matching x/y with more than {NPZ_TEST_ROWS} rows, "
-            f"got {len(x)} images and {len(y)} labels"
+            f"{spec}: need one label per image, got {len(x)} images and {len(y)} labels"
         )
+    if len(x) < 2:
+        raise DataSpecError(f"{spec}: need at least 2 rows to train and test on, got {len(x)}")
     x, y = _as_nchw(x), y.astype(np.int64)
-    n_classes = int(y.max()) + 1
-    return DataSet(
-        spec,
-        Split(x[:-NPZ_TEST_ROWS], y[:-NPZ_TEST_ROWS]),
-        Split(x[-NPZ_TEST_ROWS:], y[-NPZ_TEST_ROWS:]),
-        [str(c) for c in range(n_classes)],
-    )
+    train, test = _npz_splits(x, y)
+    return DataSet(spec, train, test, [str(c) for c in range(int(y.max()) + 1)])
+
+
+def _npz_splits(x: np.ndarray, y: np.ndarray) -> tuple[Split, Split]:
+    """An archive's train and test splits: its last NPZ_TEST_ROWS rows are the test split when
+    there are more, else the seeded holdout of :func:`_holdout`."""
+    if len(y) > NPZ_TEST_ROWS:
+        return Split(x[:-NPZ_TEST_ROWS], y[:-NPZ_TEST_ROWS]), Split(
+            x[-NPZ_TEST_ROWS:], y[-NPZ_TEST_ROWS:]
+        )
+    return _holdout(x, y)
 
 
 def _class_dirs(root: Path) -> list[Path]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,8 +64,14 @@ def test_train_json_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
         argv += ["--set", s]
     assert main(argv) == 0
     doc = _json(capsys)
-    assert doc["recipe"] == "digits" and len(doc["table"]) == 16
+    assert doc["recipe"] == "digits" and len(doc["points"]) == 16
     assert (tmp_path / "b" / "manifest.json").is_file()
+    # The same table under the same keys as `tandem eval --json` prints it.
+    assert main(["eval", str(tmp_path / "b"), "--data", "digits", "--json"]) == 0
+    report = _json(capsys)
+    assert {"bundle", "teacher", "points"} <= set(doc) & set(report)
+    assert [set(p) for p in doc["points"]] == [set(p) for p in report["points"]]
+    assert set(doc["teacher"]) == set(report["teacher"])
 
 
 @pytest.mark.parametrize(
@@ -83,10 +93,10 @@ def test_errors_are_one_line(
 
 
 def test_bad_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(["profile", "--arch", "resnet18", "--input", "3xfoo"])
-    assert exc.value.code == 2
-    assert "3x224x224" in capsys.readouterr().err
+    assert main(["profile", "--arch", "resnet18", "--input", "3xfoo"]) == 2
+    captured = capsys.readouterr()
+    assert "3x224x224" in captured.err and captured.err.startswith("usage:")
+    assert captured.out == ""
 
 
 def test_demo_json_is_one_document(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -117,3 +127,119 @@ def test_edge_run_names_a_head_adapter_that_does_not_fit(
     assert main([*common, "--head-adapter", str(tmp_path / "empty")]) == 2
     assert "adapter config" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()  # nothing was started
+
+
+# --- The CLI a person expects (issue 12, requirement 9) -------------------------------------
+
+
+def _every_action() -> list[tuple[str, argparse.ArgumentParser, argparse.Action]]:
+    from tandem.cli import build_parser, iter_parsers
+
+    return [
+        (p.prog, p, a)
+        for p in iter_parsers(build_parser())
+        for a in p._actions
+        if not isinstance(a, argparse._SubParsersAction)
+    ]
+
+
+def test_every_option_has_help_with_its_default_shown() -> None:
+    actions = _every_action()
+    assert len({prog for prog, _, _ in actions}) >= 14  # tandem, train, ..., fed simulate
+    missing, unshown = [], []
+    for prog, parser, action in actions:
+        text = parser._get_formatter()._expand_help(action) if action.help else ""
+        name = f"{prog} {'/'.join(action.option_strings) or action.dest}"
+        if not text.strip() or action.help == argparse.SUPPRESS:
+            missing.append(name)
+        default = action.default
+        meaningful = default not in (None, argparse.SUPPRESS, False, [], "")
+        shown = f"(default: {default})" in text or "(default: " in str(action.help)
+        if action.option_strings and meaningful and not shown:
+            unshown.append(f"{name}: {text!r}")
+    assert not missing, f"options without help: {missing}"
+    assert not unshown, f"defaults not shown: {unshown}"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["-v", "edge", "run", "--bundle", "b", "--cloud", "c", "--source", "-"],
+        ["edge", "run", "-v", "--bundle", "b", "--cloud", "c", "--source", "-"],
+        ["edge", "run", "--bundle", "b", "--cloud", "c", "--source", "-", "--verbose"],
+        ["train", "digits", "--data", "digits", "--out", "o", "-v"],
+        ["fed", "simulate", "--bundle", "b", "-v"],
+        ["sim", "run", "s.yaml", "--out", "o", "-v"],
+    ],
+)
+def test_verbose_is_accepted_before_and_after_the_subcommand(argv: list[str]) -> None:
+    from tandem.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is True
+
+
+def test_verbose_is_off_unless_given() -> None:
+    from tandem.cli import build_parser
+
+    argv = ["edge", "run", "--bundle", "b", "--cloud", "c", "--source", "-"]
+    assert build_parser().parse_args(argv).verbose is False
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tandem: error:"), err
+    return err
+
+
+def test_a_recipe_validation_error_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "digits", "--data", "digits", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--set", "teacher.train.epochs=-1"]) == 2
+    err = _one_line_error(capsys)
+    assert "teacher.train.epochs" in err and "greater than or equal to 0" in err
+
+
+def test_a_manifest_validation_error_is_one_line(
+    digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(digits_bundle, bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["num_classes"] = "many"
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["eval", str(bundle), "--data", "digits"]) == 2
+    err = _one_line_error(capsys)
+    assert "num_classes" in err
+
+
+def test_json_failure_is_a_json_error_object(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "/nonexistent", "--data", "digits", "--json"]) == 2
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert doc["type"] == "BundleError" and "not a bundle" in doc["error"]
+    assert captured.err.startswith("tandem: error:")
+
+
+def test_json_usage_error_is_a_json_error_object(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", "b", "--data", "digits", "--bits", "x", "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["type"] == "UsageError" and "--bits" in doc["error"]
+
+
+def test_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as with `| head -0`
+    argv = ["profile", "--arch", "resnet18", "--input", "1x28x28", "--num-classes", "10"]
+    argv += ["--arg", "width=0.25", "--arg", "small_input=true", "--repeats", "0"]
+    try:
+        run = subprocess.run(
+            [sys.executable, "-m", "tandem.cli", *argv], stdout=write_end,
+            stderr=subprocess.PIPE, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert run.stderr == ""
+    assert run.returncode == 141  # as a shell reports a writer stopped by SIGPIPE

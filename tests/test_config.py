@@ -36,7 +36,7 @@ def test_unknown_key_is_rejected() -> None:
 
 
 def test_bad_assignment_and_non_table() -> None:
-    with pytest.raises(RecipeError, match="key=value"):
+    with pytest.raises(RecipeError, match="KEY=VALUE"):
         load_recipe("digits", ["seed"])
     raw = {"seed": 1}
     with pytest.raises(RecipeError, match="not a table"):
@@ -85,3 +85,14 @@ def test_fingerprint_tracks_content() -> None:
 def test_values_that_would_fail_late_are_rejected_early(override: str) -> None:
     with pytest.raises(RecipeError):
         load_recipe("digits", [override])
+
+
+def test_set_has_one_grammar_for_train_and_fed_simulate() -> None:
+    from tandem.federated.cli import parse_settings
+
+    # A quoted TOML string, an array, and either spelling of a key mean the same in both.
+    recipe = load_recipe("digits", ["name='my digits'", "eval-bits=[8, 4]", "default_bits=8"])
+    assert (recipe.name, recipe.eval_bits, recipe.default_bits) == ("my digits", [8, 4], 8)
+    assert parse_settings(["adapter-name='my-adapter'", "num_rounds=3", "domains=rotate:35"]) == {
+        "adapter-name": "my-adapter", "num-rounds": 3, "domains": "rotate:35",
+    }  # fmt: skip

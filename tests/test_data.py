@@ -131,3 +131,24 @@ def test_channel_stats_match_a_float64_reference() -> None:
     ref = x.astype(np.float64) / 255.0
     np.testing.assert_allclose(mean, ref.mean(axis=(0, 2, 3)), rtol=1e-9)
     np.testing.assert_allclose(std, ref.std(axis=(0, 2, 3)), rtol=1e-6)
+
+
+def test_a_small_npz_holds_out_the_seeded_fraction_digits_uses(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    x = rng.integers(0, 256, (500, 6, 5), dtype=np.uint8)
+    y = rng.integers(0, 3, 500)
+    np.savez(tmp_path / "small.npz", x=x, y=y)
+    data = load_data(f"npz:{tmp_path / 'small.npz'}")
+    assert (len(data.train), len(data.test)) == (400, 100)
+    order = np.random.default_rng(0).permutation(500)  # digits' holdout: seed 0, last 20%
+    np.testing.assert_array_equal(data.test.x[:, 0], x[order[-100:]])
+    np.testing.assert_array_equal(data.train.y, y[order[:-100]])
+
+
+def test_an_npz_of_one_row_has_nothing_to_train_on(tmp_path: Path) -> None:
+    np.savez(tmp_path / "one.npz", x=np.zeros((1, 4, 4), np.uint8), y=np.zeros(1, np.int64))
+    with pytest.raises(DataSpecError, match="at least 2"):
+        load_data(f"npz:{tmp_path / 'one.npz'}")
+    np.savez(tmp_path / "odd.npz", x=np.zeros((5, 4, 4), np.uint8), y=np.zeros(4, np.int64))
+    with pytest.raises(DataSpecError, match="5 images and 4 labels"):
+        load_data(f"npz:{tmp_path / 'odd.npz'}")
