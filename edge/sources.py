@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
@@ -49,6 +50,13 @@ __all__ = [
 #: What an image directory is searched for (case-insensitive): tandem.data's training suffixes
 #: plus the other formats a camera or a browser commonly saves.
 DIR_SUFFIXES = frozenset(IMAGE_SUFFIXES | {".bmp", ".gif", ".webp"})
+
+#: An image with more pixels than ``max(PIXEL_FACTOR * H * W, MIN_PIXEL_CAP)`` for a bundle
+#: taking (C, H, W) inputs is refused from its header, before anything is decoded: decoding
+#: costs memory in its pixels, whatever the file's size (a 140 KB PNG can hold 144 Mpx). The
+#: floor keeps a camera's photo (12 Mpx) usable for a bundle of tiny inputs.
+PIXEL_FACTOR = 64
+MIN_PIXEL_CAP = 4096 * 4096
 
 #: PIL mode for each supported channel count of the bundle's input.
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -158,6 +166,7 @@ class ImageDirSource:
         if c not in _MODES:
             raise SourceError(f"{self.key}: cannot make {c}-channel inputs from images")
         self._mode = _MODES[c]
+        self._max_pixels = max(PIXEL_FACTOR * self._h * self._w, MIN_PIXEL_CAP)
         classes = {name: i for i, name in enumerate(labels)}
         found = []
         # os.walk, not rglob: it does not follow symlinked directories, so a link cycle cannot
@@ -193,7 +202,14 @@ class ImageDirSource:
         from PIL import Image
 
         try:
-            with Image.open(path) as opened:
+            with _regular_file(path) as fh, Image.open(fh) as opened:
+                # The header gives the size: refuse before decoding a single pixel.
+                w, h = opened.size
+                if w * h > self._max_pixels:
+                    raise ValueError(
+                        f"{w}x{h} is too large for this bundle's {self._w}x{self._h} inputs "
+                        f"(at most {self._max_pixels} pixels)"
+                    )
                 img = opened.convert(self._mode)
             if img.size != (self._w, self._h):
                 img = img.resize((self._w, self._h), Image.Resampling.BILINEAR)
@@ -326,6 +342,24 @@ class JsonlSource:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             return None, "'input' values must be in 0..255"
         return arr.astype(np.uint8), None
+
+
+def _regular_file(path: Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a regular file; OSError otherwise.
+
+    O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever, and
+    the daemon would stop at that index on every restart. The check is on the opened file
+    (fstat), so a file swapped after listing cannot slip through.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _lines_of(path: Path) -> Iterator[bytes]:
