@@ -102,6 +102,8 @@ class CloudClient:
         self.retry = retry or RetryPolicy()
         self._rng = random.Random(seed)
         self._on_retry = on_retry
+        self.last_transient: grpc.aio.AioRpcError | None = None
+        """The latest transient failure (for reports: ``on_retry`` gets only its code)."""
 
     async def infer(self, request: pb.InferRequest) -> Answer:
         """Send one request, retrying transient failures under the retry policy.
@@ -121,18 +123,20 @@ class CloudClient:
                 )
                 return Answer(response, attempt + 1, loop.time() - sent)
             except grpc.aio.AioRpcError as exc:
-                if not self._retryable(exc, attempt, loop.time() - started):
+                if not self.transient(exc) or self._exhausted(attempt, loop.time() - started):
                     raise
+                self.last_transient = exc
                 if self._on_retry:
                     self._on_retry(exc.code())
                 await asyncio.sleep(self.retry.delay(attempt, self._rng))
                 attempt += 1
 
-    def _retryable(self, exc: grpc.aio.AioRpcError, attempt: int, elapsed: float) -> bool:
-        transient = exc.code() in RETRYABLE or (
+    @staticmethod
+    def transient(exc: grpc.aio.AioRpcError) -> bool:
+        """Whether ``exc`` may clear on its own, so that the request is worth retrying."""
+        return exc.code() in RETRYABLE or (
             exc.code() == OVERLOADED and QUEUE_FULL in (exc.details() or "")
         )
-        return transient and not self._exhausted(attempt, elapsed)
 
     def _exhausted(self, attempt: int, elapsed: float) -> bool:
         r = self.retry

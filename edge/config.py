@@ -10,6 +10,7 @@ from tandem import codec
 from tandem.adapters import read_metadata
 from tandem.address import parse_address
 from tandem.config import StrictModel
+from tandem.edge.sinks import STDOUT_SINKS
 
 
 class DaemonConfig(StrictModel):
@@ -19,7 +20,12 @@ class DaemonConfig(StrictModel):
     cloud: str = Field(description="HOST:PORT of the cloud service")
     source: str = Field(description="DIR, npz:PATH, jsonl:PATH, or - for JSON lines on stdin")
     sink: str = Field("-", description="JSON-lines file, or - for stdout")
-    spool: Path | None = Field(None, description="default: SINK.spool, or ./tandem-edge.spool")
+    spool: Path | None = Field(
+        None,
+        description="default: SINK.spool; for the stdout sink, a temporary spool that is "
+        "removed when the run leaves nothing pending",
+    )
+    fresh: bool = Field(False, description="discard the spool's pending inputs and cursors first")
     model: str | None = Field(None, description="model name on the server (default: bundle's)")
     adapter: str = ""
     adapter_version: str = Field("", description="the adapter's version (default: the newest)")
@@ -37,6 +43,9 @@ class DaemonConfig(StrictModel):
     fallback: bool = Field(True, description="serve locally when the cloud is unreachable")
     fallback_after_s: float = Field(3.0, gt=0, description="retrying this long means unreachable")
     probe_s: float = Field(2.0, gt=0, description="while local, try the cloud again this often")
+    give_up_after_s: float | None = Field(
+        None, gt=0, description="without fallback: stop retrying an unreachable cloud this late"
+    )
     attempt_timeout_s: float = Field(10.0, gt=0)
     deadline_ms: int = Field(0, ge=0, description="per-request budget the server enforces")
     tls: bool = False
@@ -83,11 +92,15 @@ class DaemonConfig(StrictModel):
             update["bits"] = int(meta["bits"])
         return DaemonConfig.model_validate({**self.model_dump(), **update})
 
-    def spool_path(self) -> Path:
-        """Where the spool lives: next to a file sink, else in the working directory."""
+    def spool_path(self) -> Path | None:
+        """Where the spool lives: ``spool``, else next to a file sink; None for the stdout
+        sink, whose run keeps its spool in a temporary directory (it cannot be resumed from
+        the sink anyway: stdout cannot be read back)."""
         if self.spool is not None:
             return self.spool
-        return Path(f"{self.sink}.spool") if self.sink != "-" else Path("tandem-edge.spool")
+        return (
+            None if self.sink in STDOUT_SINKS else Path(f"{self.sink.removeprefix('jsonl:')}.spool")
+        )
 
     def token(self) -> str | None:
         """The bearer token, read from ``token_file`` (first line, stripped)."""

@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
+import tempfile
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -44,8 +47,8 @@ from tandem.edge.link import LinkEstimator
 from tandem.edge.policy import SplitPolicy
 from tandem.edge.sinks import open_sink
 from tandem.edge.sources import Item, Source, open_source
-from tandem.edge.spool import Spool, SpoolEntry
-from tandem.edge.stats import RunStats
+from tandem.edge.spool import Spool, SpoolEntry, SpoolError
+from tandem.edge.stats import REPORT_EVERY_S, Outage, RunStats
 from tandem.protocol import to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 
@@ -76,11 +79,20 @@ class EdgeDaemon:
         *,
         progress: Callable[[int], object] | None = None,
         stop: asyncio.Event | None = None,
+        notify: Callable[[str], object] = log.info,
+        heartbeat_s: float | None = None,
     ) -> None:
+        """``notify`` receives what the user should hear about the run itself (what was
+        resumed, the heartbeat); ``heartbeat_s`` (None: none) is how often it hears how far
+        the run has come."""
         self.cfg = cfg
         self.progress = progress
         self.stop = stop or asyncio.Event()
+        self.notify = notify
+        self.heartbeat_s = heartbeat_s
         self.stats = RunStats()
+        self.outage = Outage(cfg.cloud, every_s=REPORT_EVERY_S)
+        self._gave_up: str | None = None
         self.link = LinkEstimator()
         self._device_pool = ThreadPoolExecutor(1, thread_name_prefix="head")
         self._spool_pool = ThreadPoolExecutor(1, thread_name_prefix="spool")
@@ -108,28 +120,48 @@ class EdgeDaemon:
         manifest = self.device.manifest
         source = open_source(cfg.source, manifest.input.shape, manifest.input.labels)
         self.policy = await self._make_policy()
+        local = self.device.full is not None
         retry = RetryPolicy(
             attempt_timeout_s=cfg.attempt_timeout_s,
-            give_up_after_s=cfg.fallback_after_s if self.device.full is not None else None,
+            give_up_after_s=cfg.fallback_after_s if local else cfg.give_up_after_s,
         )
+        if local:
+            self._retrying = f"serving locally after {cfg.fallback_after_s:g} s"
+        elif cfg.give_up_after_s is not None:
+            self._retrying = f"retrying, giving up after {cfg.give_up_after_s:g} s"
+        else:
+            self._retrying = "retrying until it answers (--give-up-after-s bounds this)"
         security = ClientSecurity(cfg.ca, cfg.cert, cfg.key, cfg.token(), cfg.tls)
         self.client = CloudClient(
             cfg.cloud,
             security=security,
             retry=retry,
             max_message_bytes=cfg.max_message_bytes,
-            on_retry=lambda code: self.stats.count_retry(),
+            on_retry=self._retried,
         )
         started = time.monotonic()
+        path = cfg.spool_path()
+        temporary = path is None
+        if path is None:  # the stdout sink: nothing left in the working directory
+            path = Path(tempfile.mkdtemp(prefix="tandem-edge-")) / "spool"
+        pending: int | None = None
         try:
             # The spool first: its lock keeps a second daemon from touching the sink.
-            with Spool(cfg.spool_path()) as spool, open_sink(cfg.sink) as sink:
+            with Spool(path) as spool, open_sink(cfg.sink) as sink:
                 self.sink, self.spool = sink, spool
-                self._reconcile()
-                await self._run_pipeline(source)
+                self._start(source)
+                try:
+                    await self._run_pipeline(source)
+                finally:
+                    pending = _count(spool)
         finally:
             await self.client.close()
-        return self.stats.summary(time.monotonic() - started, has_labels=source.has_labels)
+            if temporary and pending == 0:
+                shutil.rmtree(path.parent, ignore_errors=True)
+            elif temporary:
+                log.warning("temporary spool %s kept: %s inputs left pending", path, pending)
+        summary = self.stats.summary(time.monotonic() - started, has_labels=source.has_labels)
+        return {**summary, "pending": pending, "spool": str(path), "gave_up": self._gave_up}
 
     # ------------------------------------------------------------------ set-up
 
@@ -154,6 +186,24 @@ class EdgeDaemon:
         head_ms = await self._in(self._device_pool, self.device.time_head)
         local_ms = await self._in(self._device_pool, self.device.time_local)
         return SplitPolicy.from_table(table, cfg.slo_ms, head_ms, local_ms=local_ms)
+
+    def _start(self, source: Source) -> None:
+        """Discard the spool (``fresh``), or say what is resumed from it."""
+        spool = self.spool
+        if self.cfg.fresh:
+            pending, cursors = spool.clear()
+            self.notify(
+                f"--fresh: discarded {pending} pending inputs and {cursors} source cursors "
+                f"from spool {spool.path}"
+            )
+            return
+        self._reconcile()
+        pending, cursor = len(spool), spool.cursor(source.key)
+        if pending or cursor:
+            self.notify(
+                f"resuming spool {spool.path}: {pending} inputs pending, {source.key} read up "
+                f"to index {cursor} (--fresh starts over)"
+            )
 
     def _reconcile(self) -> None:
         # The daemon may have died after writing a result but before clearing its entry.
@@ -184,6 +234,8 @@ class EdgeDaemon:
         workers = [asyncio.create_task(self._encoder())]
         workers += [asyncio.create_task(self._sender()) for _ in range(cfg.concurrency)]
         workers.append(asyncio.create_task(self._completer()))
+        if self.heartbeat_s is not None:
+            workers.append(asyncio.create_task(self._heartbeat(self.heartbeat_s)))
         flow = asyncio.create_task(self._flow(source))
         stopping = asyncio.create_task(self.stop.wait())
         try:
@@ -300,6 +352,9 @@ class EdgeDaemon:
             try:
                 try:
                     record = await self._serve(item)
+                except _GaveUp as exc:
+                    self._give_up(str(exc))
+                    continue  # no line: the input stays in the spool for the next run
                 except (ValueError, RuntimeError) as exc:  # this input, not the daemon
                     log.warning("input %d failed: %s", item.entry.input_index, exc)
                     record = {**_base(item.entry), "error": f"cannot serve input: {exc}"}
@@ -311,6 +366,18 @@ class EdgeDaemon:
                     self.progress(1)
             finally:
                 self.send_q.task_done()
+
+    def _give_up(self, why: str) -> None:
+        if self._gave_up is None:
+            self._gave_up = why
+            self.stop.set()
+
+    async def _heartbeat(self, every_s: float) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            pending = await self._in(self._spool_pool, self.spool.__len__)
+            s = self.stats
+            self.notify(f"{s.processed} processed ({s.errors} failed), {pending} pending")
 
     async def _completer(self) -> None:
         while True:
@@ -360,15 +427,34 @@ class EdgeDaemon:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in {*RETRYABLE, OVERLOADED} and self.device.full is not None:
                 self._cloud_down_until = time.monotonic() + self.cfg.probe_s
-                log.warning("cloud unreachable (%s): serving locally", exc.code().name)
+                self._cloud_failed(_status(exc))
                 return {**base, **await self._serve_locally(item)}
+            if self.client.transient(exc):  # retried until the policy gave up
+                raise _GaveUp(
+                    f"gave up after retrying cloud {self.cfg.cloud} for "
+                    f"{self.cfg.give_up_after_s:g} s ({_status(exc)})"
+                ) from exc
             return {**base, "error": self._refused(entry, exc)}
+        self._report(self.outage.answered())
         return {**base, **self._cloud_record(item, request, answer)}
+
+    def _retried(self, code: grpc.StatusCode) -> None:
+        self.stats.count_retry()
+        last = self.client.last_transient
+        self._cloud_failed(code.name if last is None else _status(last))
+
+    def _cloud_failed(self, why: str) -> None:
+        self._report(self.outage.failed(why), f": {self._retrying}")
+
+    @staticmethod
+    def _report(line: str | None, then: str = "") -> None:
+        if line is not None:
+            log.warning("%s%s", line, then)
 
     def _refused(self, entry: SpoolEntry, exc: grpc.aio.AioRpcError) -> str:
         """The error line for a final answer; logged the first time its status code is seen,
         since the same refusal (say, no such model version) usually repeats for every input."""
-        error = f"{exc.code().name}: {exc.details()}"
+        error = _status(exc)
         if exc.code() not in self._refusals:
             self._refusals.add(exc.code())
             log.error(
@@ -419,6 +505,22 @@ class EdgeDaemon:
         labels = self.device.manifest.input.labels
         named = {"class_name": labels[index]} if 0 <= index < len(labels) else {}
         return {"prediction": index, **named, "model_version": model_version}
+
+
+class _GaveUp(Exception):
+    """The cloud stayed unreachable for as long as the run may retry it."""
+
+
+def _status(exc: grpc.aio.AioRpcError) -> str:
+    return f"{exc.code().name}: {exc.details()}"
+
+
+def _count(spool: Spool) -> int | None:
+    """Pending entries, or None when even that cannot be read (the run is failing anyway)."""
+    try:
+        return len(spool)
+    except SpoolError:
+        return None
 
 
 def _base(entry: SpoolEntry) -> dict[str, Any]:

@@ -28,9 +28,12 @@ from typing import Any, Protocol, Self, TextIO
 
 from tandem.edge.closing import Closing
 
-__all__ = ["JsonlSink", "Sink", "SinkError", "StdoutSink", "open_sink"]
+__all__ = ["STDOUT_SINKS", "JsonlSink", "Sink", "SinkError", "StdoutSink", "open_sink"]
 
 log = logging.getLogger(__name__)
+
+STDOUT_SINKS = frozenset({"-", "jsonl:-"})
+"""The specs of the sink that writes to standard output."""
 
 
 class SinkError(ValueError):
@@ -218,7 +221,7 @@ def open_sink(spec: str) -> Sink:
     """The sink named by ``spec``: ``-`` (or ``jsonl:-``) for stdout, else a JSONL file path
     (optionally written ``jsonl:PATH``). Raises :class:`SinkError` for a path that cannot be
     appended to."""
-    if spec in ("-", "jsonl:-"):
+    if spec in STDOUT_SINKS:
         return StdoutSink()
     name = spec.removeprefix("jsonl:")
     if not name:

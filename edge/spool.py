@@ -310,6 +310,14 @@ class Spool(Closing):
         with self._op("complete entries"), self._transaction() as db:
             db.executemany("DELETE FROM pending WHERE request_id = ?", ids)
 
+    def clear(self) -> tuple[int, int]:
+        """Discard every pending entry and every source cursor, in one transaction: the spool
+        is then as new. Returns how many entries and cursors there were."""
+        with self._op("clear the spool"), self._transaction() as db:
+            pending = db.execute("DELETE FROM pending").rowcount
+            cursors = db.execute("DELETE FROM cursors").rowcount
+            return int(pending), int(cursors)
+
     def __len__(self) -> int:
         """The number of pending entries."""
         with self._op("count entries"):

@@ -470,3 +470,80 @@ def test_a_corrupt_spool_row_is_quarantined_and_the_rest_served(
     assert "corrupt spool row" in records[7]["error"]
     assert summary["served"] == 39 and summary["errors"] == 1
     assert _spool_empty(cfg.spool_path())
+
+
+def _write_lines(writer: Any, start: int, count: int) -> None:
+    test = load_data("digits").test
+    for i in range(start, start + count):
+        writer.write(json.dumps({"input": test.x[i].tolist(), "label": int(test.y[i])}) + "\n")
+    writer.flush()
+
+
+async def _until(condition: Any, what: str, timeout_s: float = 60) -> None:
+    """Poll ``condition`` until it holds, failing after ``timeout_s``."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_the_cloud_going_down_and_back_is_reported_once_each(
+    tmp_path: Path, repo: Path, digits_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    port = _free_port()
+    sink = tmp_path / "out.jsonl"
+    cfg = _cfg(tmp_path, digits_bundle, f"jsonl:{fifo}", cloud=f"127.0.0.1:{port}", width=0.5,
+               bits=4, concurrency=4, fallback_after_s=0.2, probe_s=0.2)  # fmt: skip
+
+    async def main() -> dict[str, Any]:
+        task = asyncio.ensure_future(EdgeDaemon(cfg).run())
+        writer = os.fdopen(os.open(fifo, os.O_RDWR), "w")
+        try:
+            _write_lines(writer, 0, 12)  # the cloud is down: served locally
+            await _until(lambda: sink_lines(sink) >= 12, "local answers")
+            async with running(config(repo, listen=f"127.0.0.1:{port}")):
+                # One input at a time until the daemon finds the cloud again (it retries it
+                # every probe_s), for at most 200 inputs.
+                for n in range(12, 212):
+                    _write_lines(writer, n % 100, 1)
+                    await _until(lambda n=n: sink_lines(sink) > n, "an answer")
+                    if _records(sink)[-1]["served_by"] != "local":
+                        break
+                writer.close()
+                return await asyncio.wait_for(task, 60)
+        finally:
+            if not writer.closed:
+                writer.close()
+            if not task.done():
+                task.cancel()
+
+    summary = asyncio.run(main())
+    assert summary["served_locally"] >= 12 and summary["served"] > summary["served_locally"]
+    down = [r for r in caplog.records if "not answering" in r.getMessage()]
+    back = [r for r in caplog.records if "answering again" in r.getMessage()]
+    assert len(down) == 1 and len(back) == 1, caplog.text
+
+
+def test_a_heartbeat_says_how_far_the_run_has_come(
+    tmp_path: Path, repo: Path, digits_bundle: Path
+) -> None:
+    fifo = tmp_path / "in.fifo"
+    os.mkfifo(fifo)
+    sink = tmp_path / "out.jsonl"
+    cfg = _cfg(tmp_path, digits_bundle, f"jsonl:{fifo}", width=0.5, bits=4)
+    notes: list[str] = []
+
+    async def main() -> dict[str, Any]:
+        async with running(config(repo)) as srv:
+            daemon = EdgeDaemon(cfg.model_copy(update={"cloud": srv.address}),
+                                notify=notes.append, heartbeat_s=0.05)  # fmt: skip
+            task = asyncio.ensure_future(daemon.run())
+            with os.fdopen(os.open(fifo, os.O_RDWR), "w") as writer:
+                _write_lines(writer, 0, 3)
+                await _until(lambda: sink_lines(sink) >= 3, "three answers")
+                await _until(lambda: "3 processed (0 failed), 0 pending" in notes, "a heartbeat")
+            return await asyncio.wait_for(task, 60)
+
+    assert asyncio.run(main())["served"] == 3

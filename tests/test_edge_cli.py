@@ -4,10 +4,12 @@ work is announced, failures are counted in the summary and the exit status."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +107,93 @@ def test_a_held_spool_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and "in use by another process" in err, err
+
+
+def _free_port() -> int:
+    """A loopback port nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_rerun_says_what_it_resumed_and_fresh_starts_over(
+    tmp_path: Path, digits_bundle: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sink = tmp_path / "o.jsonl"
+    args = _edge(digits_bundle, source, "--sink", str(sink), "--fallback-after-s", "0.2")
+    assert main(args) == 0
+    first = capsys.readouterr().err
+    assert "resum" not in first  # a new spool has nothing to resume
+    assert main(args) == 0  # the source is consumed: nothing is served, and it says why
+    again = capsys.readouterr().err
+    assert "resuming spool" in again and "0 inputs pending" in again, again
+    assert f"jsonl:{source} read up to index 5" in again and "--fresh" in again, again
+    assert len(_lines(sink)) == 5
+    assert main([*args, "--fresh"]) == 0
+    fresh = capsys.readouterr().err
+    assert "resum" not in fresh and "discarded" in fresh, fresh
+    assert len(_lines(sink)) == 10  # served again, appended to the sink
+
+
+def test_the_stdout_sink_gets_only_result_lines_and_leaves_no_spool(
+    tmp_path: Path,
+    digits_bundle: Path,
+    source: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(_edge(digits_bundle, source, "--fallback-after-s", "0.2")) == 0
+    out, err = capsys.readouterr()
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 5 and all("request_id" in r for r in records)
+    assert "inputs 5: 5 served" in err
+    assert list(work.iterdir()) == []
+
+
+def test_a_run_with_failed_inputs_exits_1_and_counts_them(
+    tmp_path: Path, digits_bundle: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with source.open("a") as fh:
+        fh.write("{not json\n")
+    sink = tmp_path / "o.jsonl"
+    code = main(_edge(digits_bundle, source, "--sink", str(sink), "--fallback-after-s", "0.2"))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "inputs 6: 5 served (5 locally), 1 failed" in out, out
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n[1]\n")
+    code = main(_edge(digits_bundle, bad, "--sink", str(tmp_path / "b.jsonl")))
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "n/a (no labels)" not in out and "no input served" in out, out
+
+
+def test_an_unreachable_cloud_without_fallback_is_reported_and_given_up(
+    tmp_path: Path,
+    digits_bundle: Path,
+    source: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spool = tmp_path / "o.spool"
+    args = _edge(digits_bundle, source, "--sink", str(tmp_path / "o.jsonl"), "--spool",
+                 str(spool), "--no-fallback", "--give-up-after-s", "1", "--json")  # fmt: skip
+    args[args.index("127.0.0.1:1")] = f"127.0.0.1:{_free_port()}"
+    code = main(args)
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert code == 3, err
+    reports = [r for r in caplog.records if "not answering" in r.getMessage()]
+    # The first failure is reported at once; the next report would be 30 s later.
+    assert len(reports) == 1 and summary["retries"] > 1, caplog.text
+    assert "gave up" in err and "5 inputs left pending" in err and str(spool) in err, err
+    assert summary["pending"] == 5 and summary["served"] == 0
+    with Spool(spool) as held:
+        assert len(held) == 5
