@@ -200,15 +200,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     default) pass without a token, as does everything when the store is disabled. The
     store is consulted on every call, so a :meth:`TokenStore.reload` takes effect at once.
 
-    A refused call ends before any request is read. A bidirectional-streaming client that
+    A refused call ends before any request is read; ``on_refused``, if given, is told its full
+    method name (for the metrics). A bidirectional-streaming client that
     is still writing its requests at that moment may read INTERNAL ("Internal error from
     Core") instead of UNAUTHENTICATED: that is grpc's client losing the race with the
     server's status, seen without any interceptor too; the call is refused either way.
     """
 
-    def __init__(self, store: TokenStore, exempt: Sequence[str] = DEFAULT_EXEMPT) -> None:
+    def __init__(
+        self,
+        store: TokenStore,
+        exempt: Sequence[str] = DEFAULT_EXEMPT,
+        on_refused: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.exempt = tuple(exempt)
+        self.on_refused = on_refused
 
     async def intercept_service(
         self,
@@ -224,8 +231,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(self.exempt):
             return handler
         token = bearer_token(getattr(handler_call_details, "invocation_metadata", None))
-        if token is None:
-            return _replacement(handler, "missing bearer token")
-        if self.store.tenant_for(token) is None:
-            return _replacement(handler, "invalid bearer token")
-        return handler
+        if token is not None and self.store.tenant_for(token) is not None:
+            return handler
+        if self.on_refused is not None:
+            self.on_refused(method)
+        return _replacement(
+            handler, "missing bearer token" if token is None else "invalid bearer token"
+        )

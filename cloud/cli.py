@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tandem.cloud.config import ServeConfig
     from tandem.cloud.server import CloudServer
 
 
@@ -23,7 +24,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--models", required=True, type=Path, help="model repository directory")
     p.add_argument("--listen", default="127.0.0.1:50051", help="HOST:PORT (port 0: any free)")
     p.add_argument(
-        "--metrics-listen", default="127.0.0.1:9464", help="Prometheus HOST:PORT, or 'off'"
+        "--metrics-listen",
+        default="127.0.0.1:9464",
+        help="Prometheus HOST:PORT, or 'off'; plain HTTP, so off loopback only with --insecure",
     )
     p.add_argument("--max-batch", type=int, default=32, help="inputs per tail batch, at most")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait to fill a batch")
@@ -42,6 +45,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--cache-entries", type=int, default=50_000, help="responses kept for retried ids"
     )
+    p.add_argument(
+        "--cache-max-bytes",
+        type=int,
+        default=64 << 20,
+        help="memory those kept responses may take; the least recently used go first",
+    )
+    p.add_argument(
+        "--max-stream-inflight",
+        type=int,
+        default=256,
+        help="answers of one InferStream call computed but not yet sent; past them the "
+        "call's next request is not read",
+    )
+    p.add_argument(
+        "--max-streams-per-connection",
+        type=int,
+        default=100,
+        help="concurrent calls on one connection; more wait their turn",
+    )
+    p.add_argument(
+        "--max-connections", type=int, default=1000, help="open connections; more are refused"
+    )
+    p.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=300.0,
+        help="close a connection without calls for this long",
+    )
+    p.add_argument(
+        "--max-connection-age-s",
+        type=float,
+        default=3600.0,
+        help="close a connection this old, its calls given --drain-grace-s to finish",
+    )
+    p.add_argument(
+        "--keepalive-s",
+        type=float,
+        default=60.0,
+        help="ping a connection silent this long; close it if the ping goes unanswered",
+    )
     p.add_argument("--poll-s", type=float, default=2.0, help="repository rescan interval")
     p.add_argument(
         "--drain-grace-s", type=float, default=30.0,
@@ -51,7 +94,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--tls-key", type=Path, help="its private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path, help="require client certificates (mTLS)")
     p.add_argument("--tokens", type=Path, help="JSON file mapping bearer token -> tenant")
-    p.add_argument("--insecure", action="store_true", help="allow plain text off loopback")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain text off loopback (gRPC without TLS, and the metrics port)",
+    )
     p.add_argument("--server-id", help="name reported in responses (default: host-pid)")
     p.add_argument("--json", action="store_true", help="print one JSON line once listening")
     p.set_defaults(func=cmd_serve)
@@ -60,38 +107,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the service until SIGTERM/SIGINT, then drain and return 0."""
     import torch
-    from pydantic import ValidationError
 
-    from tandem.cloud.config import ServeConfig
     from tandem.cloud.server import CloudServer
-    from tandem.config import settings_error
 
-    fields = {
-        "models": args.models,
-        "listen": args.listen,
-        "metrics_listen": None if args.metrics_listen == "off" else args.metrics_listen,
-        "max_batch": args.max_batch,
-        "max_delay_ms": args.max_delay_ms,
-        "max_queue": args.max_queue,
-        "workers": args.workers,
-        "compute": args.compute,
-        "torch_threads": args.torch_threads,
-        "max_message_bytes": args.max_message_bytes,
-        "cache_entries": args.cache_entries,
-        "poll_s": args.poll_s,
-        "drain_grace_s": args.drain_grace_s,
-        "tls_cert": args.tls_cert,
-        "tls_key": args.tls_key,
-        "tls_client_ca": args.tls_client_ca,
-        "tokens": args.tokens,
-        "insecure": args.insecure,
-    }
-    if args.server_id:
-        fields["server_id"] = args.server_id
-    try:
-        cfg = ServeConfig.model_validate(fields)
-    except ValidationError as exc:
-        raise settings_error("cloud serve options", exc) from exc
+    cfg = serve_config(args)
     torch.set_num_threads(cfg.torch_threads)
 
     def ready(server: CloudServer) -> None:
@@ -107,6 +126,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(CloudServer(cfg).run_until_signalled(ready))
     return 0
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    """The validated settings of a parsed ``cloud serve`` command line."""
+    from pydantic import ValidationError
+
+    from tandem.cloud.config import ServeConfig
+    from tandem.config import settings_error
+
+    fields = {
+        "models": args.models,
+        "listen": args.listen,
+        "metrics_listen": None if args.metrics_listen == "off" else args.metrics_listen,
+        "max_batch": args.max_batch,
+        "max_delay_ms": args.max_delay_ms,
+        "max_queue": args.max_queue,
+        "workers": args.workers,
+        "compute": args.compute,
+        "torch_threads": args.torch_threads,
+        "max_message_bytes": args.max_message_bytes,
+        "cache_entries": args.cache_entries,
+        "cache_max_bytes": args.cache_max_bytes,
+        "max_stream_inflight": args.max_stream_inflight,
+        "max_streams_per_connection": args.max_streams_per_connection,
+        "max_connections": args.max_connections,
+        "idle_timeout_s": args.idle_timeout_s,
+        "max_connection_age_s": args.max_connection_age_s,
+        "keepalive_s": args.keepalive_s,
+        "poll_s": args.poll_s,
+        "drain_grace_s": args.drain_grace_s,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "tls_client_ca": args.tls_client_ca,
+        "tokens": args.tokens,
+        "insecure": args.insecure,
+    }
+    if args.server_id:
+        fields["server_id"] = args.server_id
+    try:
+        return ServeConfig.model_validate(fields)
+    except ValidationError as exc:
+        raise settings_error("cloud serve options", exc) from exc
 
 
 def _ready_doc(server: CloudServer) -> dict[str, Any]:

@@ -30,12 +30,33 @@ class ServeConfig(StrictModel):
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per worker")
     max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     cache_entries: int = Field(50_000, ge=0, description="responses kept for retried ids")
+    cache_max_bytes: int = Field(
+        64 << 20, ge=0, description="bytes the kept responses may take; the oldest go first"
+    )
     poll_s: float = Field(2.0, gt=0, description="how often the repository is rescanned")
     miss_rescan_s: float = Field(
         0.2, ge=0, description="a request for an unknown model rescans at most this often"
     )
     drain_grace_s: float = Field(30.0, ge=0)
-    max_stream_inflight: int = Field(256, ge=1, description="per InferStream call")
+    max_stream_inflight: int = Field(
+        256, ge=1, description="answers of one InferStream call computed but not yet sent"
+    )
+    max_streams_per_connection: int = Field(
+        100, ge=1, description="concurrent calls on one connection; more wait their turn"
+    )
+    max_connections: int = Field(1000, ge=1, description="open connections; more are refused")
+    idle_timeout_s: float = Field(
+        300.0, gt=0, description="a connection without calls for this long is closed"
+    )
+    max_connection_age_s: float = Field(
+        3600.0,
+        gt=0,
+        description="a connection this old is closed, its calls given drain_grace_s to finish "
+        "(so no stream, not even an unauthenticated Health.Watch, is held forever)",
+    )
+    keepalive_s: float = Field(
+        60.0, gt=0, description="ping a connection silent this long; close it if no answer"
+    )
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = Field(None, description="require client certificates (mTLS)")
@@ -47,17 +68,24 @@ class ServeConfig(StrictModel):
     def _consistent(self) -> ServeConfig:
         """TLS files go together, and plain text stays on loopback unless insecure is set."""
         host, _ = parse_address(self.listen)
-        if self.metrics_listen is not None:
-            parse_address(self.metrics_listen)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
-        if self.tls_cert is None and not self.insecure and not is_loopback(host):
-            raise ValueError(
-                f"refusing plain text on {host}: give --tls-cert/--tls-key, or --insecure"
+        if self.tls_cert is None:
+            self._plain_text_allowed(host, "plain text", "give --tls-cert/--tls-key")
+        if self.metrics_listen is not None:
+            # The metrics endpoint is always plain HTTP, whatever the gRPC port uses.
+            metrics_host, _ = parse_address(self.metrics_listen)
+            self._plain_text_allowed(
+                metrics_host, "plain-HTTP metrics", "give a loopback --metrics-listen"
             )
         return self
+
+    def _plain_text_allowed(self, host: str, what: str, remedy: str) -> None:
+        """The one rule for every unencrypted port: loopback only, unless insecure is set."""
+        if not self.insecure and not is_loopback(host):
+            raise ValueError(f"refusing {what} on {host}: {remedy}, or --insecure")
 
     @property
     def tls(self) -> bool:

@@ -5,17 +5,28 @@ one, so several servers (in tests, say) can live in one process without name cla
 
 Exported series (all prefixed ``tandem_``):
 
-- ``requests_total{method,model}``: calls received;
-- ``errors_total{code}``: calls that failed, by gRPC status code name;
+- ``requests_total{method,model,code}``: every request received, refused ones included (an
+  unauthenticated call, bytes that do not parse, an unknown model, a full queue...), by its
+  final gRPC status code name (``OK`` for an answer). Each request of an ``InferStream`` call
+  counts once. ``model`` is the served model's name, or "" when the request was refused
+  before it named a loaded model (labels stay bounded whatever names clients send);
+- ``errors_total{method,model,code}``: the same requests without ``code="OK"``, so
+  ``errors_total / requests_total`` is a ratio of one population;
 - ``request_seconds{stage}``: latency of each stage: queue, decode, compute, total;
 - ``batch_size``: rows per executed batch;
 - ``received_bytes_total``: request payload bytes;
 - ``queue_depth``: requests waiting for a batch;
-- ``models_loaded``: models ready to serve.
+- ``models_loaded``: models ready to serve;
+- ``build_info{version,codec_version,python}``: always 1.
+
+Beside them come the standard ``process_*`` (CPU, memory, open files) and ``python_gc_*``
+series. No ``*_created`` series are exported: they double the series count and say only
+when the process started, which ``process_start_time_seconds`` already does.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +34,16 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
+    ProcessCollector,
+    disable_created_metrics,
     generate_latest,
     start_http_server,
 )
+
+import tandem
+from tandem import codec
 
 # From 0.1 ms (a cached decode) to 10 s (a stuck queue), about three buckets per decade.
 LATENCY_BUCKETS = (
@@ -55,14 +72,26 @@ class ServiceMetrics:
     """The service's metrics, in ``registry`` (a fresh one when None)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # A switch of prometheus_client's, for the whole process: it takes effect for the
+        # metrics created after it, so it comes first.
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        GCCollector(registry=r)
+        labels = ["method", "model", "code"]
         self.requests = Counter(
-            "tandem_requests", "Calls received.", ["method", "model"], registry=r
+            "tandem_requests", "Requests received, refused ones included.", labels, registry=r
         )
         self.errors = Counter(
-            "tandem_errors", "Calls failed, by gRPC status code.", ["code"], registry=r
+            "tandem_errors", "Requests answered with a code other than OK.", labels, registry=r
         )
+        Gauge(
+            "tandem_build_info",
+            "Versions of this server; always 1.",
+            ["version", "codec_version", "python"],
+            registry=r,
+        ).labels(tandem.__version__, str(codec.VERSION), platform.python_version()).set(1)
         self.request_seconds = Histogram(
             "tandem_request_seconds",
             "Seconds spent per request in each stage.",
@@ -81,18 +110,21 @@ class ServiceMetrics:
         # Create every stage's series up front: a dashboard sees zeros, not missing data. The
         # children are kept: looking a label up costs more than the observation itself.
         self._stages = {stage: self.request_seconds.labels(stage=stage) for stage in STAGES}
-        self._requests: dict[tuple[str, str], Any] = {}
+        self._requests: dict[tuple[str, str, str], tuple[Any, Any | None]] = {}
 
-    def observe_request(self, method: str, model: str) -> None:
-        """Count one call of ``method`` for ``model`` (a served model: labels stay bounded)."""
-        child = self._requests.get((method, model))
-        if child is None:
-            child = self._requests[method, model] = self.requests.labels(method, model)
-        child.inc()
-
-    def observe_error(self, code: str) -> None:
-        """Count one failed call; ``code`` is a gRPC status code name, e.g. "NOT_FOUND"."""
-        self.errors.labels(code=code).inc()
+    def observe_request(self, method: str, model: str, code: str) -> None:
+        """Count one request of ``method`` that ended with ``code`` (a gRPC status code name,
+        "OK" for an answer). ``model`` must be a served model's name or "": labels stay
+        bounded only if unknown names a client sends never become one."""
+        key = (method, model, code)
+        children = self._requests.get(key)
+        if children is None:
+            failed = self.errors.labels(*key) if code != "OK" else None
+            children = self._requests[key] = (self.requests.labels(*key), failed)
+        counted, failed = children
+        counted.inc()
+        if failed is not None:
+            failed.inc()
 
     def observe_stages(self, queue_s: float, decode_s: float, compute_s: float) -> None:
         """Record the queue, decode and compute seconds of one request."""

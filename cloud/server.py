@@ -1,9 +1,12 @@
 """The cloud tail service: a ``grpc.aio`` server around :class:`SplitInferenceService`.
 
-Besides ``tandem.v1.SplitInference`` it speaks ``grpc.health.v1`` and server reflection (so
-``grpcurl`` can list and call it), exports Prometheus metrics on a separate port, rescans
-its model repository on a timer, reloads its tokens file on SIGHUP and drains on SIGTERM:
-it stops accepting calls, finishes those in flight, and exits 0.
+Besides ``tandem.v1.SplitInference`` it speaks ``grpc.health.v1`` and server reflection, v1
+and v1alpha (so ``grpcurl`` can list and call it), exports Prometheus metrics on a separate
+port, rescans its model repository on a timer, reloads its tokens file on SIGHUP and drains
+on SIGTERM: it stops accepting calls, finishes those in flight, and exits 0.
+
+Every peer, with a token or without, is bounded: in connections, in calls per connection,
+in idle time and in connection age (see :func:`grpc_options`).
 """
 
 from __future__ import annotations
@@ -16,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tandem.address import format_address, parse_address
+from tandem.cloud import reflection
 from tandem.cloud.auth import AuthInterceptor, TokenStore
 from tandem.cloud.batcher import Batcher
 from tandem.cloud.compute import make_compute
@@ -29,6 +32,37 @@ from tandem.cloud.service import SERVICE_NAME, SplitInferenceService, handlers
 from tandem.tls import server_credentials
 
 log = logging.getLogger(__name__)
+
+#: How long a keepalive ping may go unanswered before the connection is closed.
+KEEPALIVE_TIMEOUT_S = 20.0
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def grpc_options(cfg: ServeConfig) -> list[tuple[str, int]]:
+    """grpc server options enforcing the message size and the per-peer limits of ``cfg``.
+
+    Streams past ``max_streams_per_connection`` wait for a free one (HTTP/2's
+    SETTINGS_MAX_CONCURRENT_STREAMS); connections past ``max_connections`` are closed as
+    they arrive. A connection without calls for ``idle_timeout_s`` is closed; so is any
+    connection ``max_connection_age_s`` old, its calls given ``drain_grace_s`` to finish: that
+    is what ends a stream held open and silent, authenticated or not (Health.Watch needs no
+    token). Keepalive pings find peers that vanished without closing.
+    """
+    return [
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", cfg.max_streams_per_connection),
+        ("grpc.max_allowed_incoming_connections", cfg.max_connections),
+        ("grpc.max_connection_idle_ms", _ms(cfg.idle_timeout_s)),
+        ("grpc.max_connection_age_ms", _ms(cfg.max_connection_age_s)),
+        ("grpc.max_connection_age_grace_ms", _ms(cfg.drain_grace_s)),
+        ("grpc.keepalive_time_ms", _ms(cfg.keepalive_s)),
+        ("grpc.keepalive_timeout_ms", _ms(KEEPALIVE_TIMEOUT_S)),
+    ]
 
 
 class CloudServer:
@@ -89,18 +123,12 @@ class CloudServer:
                 self._release()
                 raise OSError(f"cannot serve metrics on {self.cfg.metrics_listen}: {exc}") from exc
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.tokens)],
-            options=[
-                ("grpc.max_receive_message_length", self.cfg.max_message_bytes),
-                ("grpc.max_send_message_length", self.cfg.max_message_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
+            interceptors=[AuthInterceptor(self.tokens, on_refused=self._count_refused)],
+            options=grpc_options(self.cfg),
         )
         server.add_generic_rpc_handlers((handlers(self.service),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable([SERVICE_NAME, health.SERVICE_NAME], server)
         try:
             self.port = self._bind(server)
         except BaseException:
@@ -112,6 +140,11 @@ class CloudServer:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._poller = asyncio.create_task(self._poll())
         log.info("serving %d model(s) on %s", len(self.repo.models()), self.address)
+
+    def _count_refused(self, method: str) -> None:
+        """Count a call the token check refused, under its method's short name."""
+        name = method.rsplit("/", 1)[-1]
+        self.metrics.observe_request(name, "", grpc.StatusCode.UNAUTHENTICATED.name)
 
     def _bind(self, server: grpc.aio.Server) -> int:
         if self.cfg.tls_cert is not None and self.cfg.tls_key is not None:

@@ -9,10 +9,11 @@ against the bundle, and only then is the payload queued for decoding in a worker
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +62,17 @@ class RequestError(Exception):
             message = message[: MAX_DETAILS - 30] + f"... ({len(message)} chars)"
         super().__init__(message)
         self.code, self.message = code, message
+        self.model = ""  # the served model it concerned, once resolved (a metrics label)
+
+
+@contextlib.contextmanager
+def _concerning(model: str) -> Iterator[None]:
+    """Label a :class:`RequestError` raised inside with the served ``model``."""
+    try:
+        yield
+    except RequestError as exc:
+        exc.model = model
+        raise
 
 
 @dataclass(frozen=True)
@@ -105,7 +117,11 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     ) -> None:
         self.cfg, self.repo, self.batcher = cfg, repo, batcher
         self.metrics, self.tokens, self._rescan = metrics, tokens, rescan
-        self.cache: ResponseCache[pb.InferResponse] = ResponseCache(cfg.cache_entries)
+        # Answers are kept serialized: their bytes are what the byte bound counts, where a
+        # parsed message takes several times its serialized size.
+        self.cache: ResponseCache[bytes] = ResponseCache(
+            cfg.cache_entries, cfg.cache_max_bytes, len
+        )
         self.draining = False
 
     # ------------------------------------------------------------------ RPCs
@@ -142,9 +158,17 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 results.put_nowait(pb.StreamResult(request_id=request_id, error=status))
 
         async def read() -> None:
+            # The slot is taken before the next request is read, so a stream whose answers
+            # are not leaving is not read either: grpc then stops granting the client
+            # HTTP/2 window, and the client's writes block.
+            requests = aiter(request_iterator)
             try:
-                async for request in request_iterator:
+                while True:
                     await slots.acquire()
+                    try:
+                        request = await anext(requests)
+                    except StopAsyncIteration:
+                        break
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -168,18 +192,26 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         context: grpc.aio.ServicerContext[Any, Any],
         method: str,
     ) -> pb.InferResponse:
-        """Answer one request; every failure, expected or not, leaves as a RequestError."""
+        """Answer one request; every failure, expected or not, leaves as a RequestError.
+
+        Every request is counted once, under the code it ends with.
+        """
         try:
             _parsed(request)
             assert isinstance(request, pb.InferRequest)
-            return await self._answer(request, self._tenant(context), context, method)
+            response = await self._answer(request, self._tenant(context), context, method)
         except RequestError as exc:
-            self.metrics.observe_error(exc.code.name)
+            self.metrics.observe_request(method, exc.model, exc.code.name)
+            raise
+        except asyncio.CancelledError:  # the client went away, or the server is stopping
+            self.metrics.observe_request(method, "", grpc.StatusCode.CANCELLED.name)
             raise
         except Exception as exc:
             log.exception("request failed unexpectedly")
-            self.metrics.observe_error(grpc.StatusCode.INTERNAL.name)
+            self.metrics.observe_request(method, "", grpc.StatusCode.INTERNAL.name)
             raise RequestError(grpc.StatusCode.INTERNAL, "internal error") from exc
+        self.metrics.observe_request(method, response.model, grpc.StatusCode.OK.name)
+        return response
 
     def _tenant(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The caller's tenant, checked per request: a token revoked by SIGHUP stops working
@@ -193,14 +225,14 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         """Every loaded bundle version."""
+        await self._admit_listing(request, context, "ListModels")
         return pb.ListModelsResponse(models=[_model_info(e) for e in self.repo.models()])
 
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListAdaptersResponse:
         """The adapters the caller's tenant may use: its own and the shared ones."""
-        if isinstance(request, Unparsed):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error)
+        await self._admit_listing(request, context, "ListAdapters")
         tenant = tenant_of(context, self.tokens)
         infos = [
             pb.AdapterInfo(
@@ -222,6 +254,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.ServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ServerInfo:
         """Limits and identity of this server, and who the caller is."""
+        await self._admit_listing(request, context, "GetServerInfo")
         return pb.ServerInfo(
             server_id=self.cfg.server_id,
             tandem_version=tandem.__version__,
@@ -232,6 +265,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             max_message_bytes=self.cfg.max_message_bytes,
             tenant=tenant_of(context, self.tokens),
         )
+
+    async def _admit_listing(
+        self, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> None:
+        """Count a listing call, and refuse it with INVALID_ARGUMENT if it did not parse."""
+        failed = isinstance(request, Unparsed)
+        code = grpc.StatusCode.INVALID_ARGUMENT if failed else grpc.StatusCode.OK
+        self.metrics.observe_request(method, "", code.name)
+        if failed:
+            await context.abort(code, request.error)
 
     # ------------------------------------------------------------------ the request path
 
@@ -244,26 +287,30 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
     ) -> pb.InferResponse:
         start = time.perf_counter()
         self.metrics.add_bytes(request.ByteSize())
-        # Labelled with the resolved model only: a label per unknown name a client makes up
-        # would grow the metrics without bound.
-        target = await self._validate(request, tenant, context.time_remaining())
-        self.metrics.observe_request(method, target.entry.name)
-        key = (tenant, request.request_id)
-        try:
-            response, cached = await self.cache.get_or_run(
-                key, _fingerprint(request, target), lambda: self._compute(request, target)
-            )
-        except ReusedIdError as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
+        entry, deadline = await self._admit(request, context.time_remaining())
+        with _concerning(entry.name):
+            target = await self._target(entry, request, tenant, deadline)
+
+            async def run() -> bytes:
+                return (await self._compute(request, target)).SerializeToString()
+
+            key = (tenant, request.request_id)
+            try:
+                answer, cached = await self.cache.get_or_run(
+                    key, _fingerprint(request, target), run
+                )
+            except ReusedIdError as exc:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from exc
         self.metrics.observe_total(time.perf_counter() - start)
-        if cached:
-            response = pb.InferResponse.FromString(response.SerializeToString())
-            response.cached = True
+        response = pb.InferResponse.FromString(answer)
+        response.cached = cached
         return response
 
-    async def _validate(
-        self, request: pb.InferRequest, tenant: str, remaining: float | None
-    ) -> Target:
+    async def _admit(
+        self, request: pb.InferRequest, remaining: float | None
+    ) -> tuple[ModelEntry, float | None]:
+        """The checks that need no model, then the model the request names, and the
+        request's deadline (``time.monotonic()``), if any."""
         if self.draining:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "server is draining")
         if not 0 < len(request.request_id) <= MAX_REQUEST_ID:
@@ -271,7 +318,12 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, f"request_id needs 1..{MAX_REQUEST_ID} chars"
             )
         deadline = _deadline(remaining, request.deadline_ms)
-        entry = await self._resolve(request.model, request.version)
+        return await self._resolve(request.model, request.version), deadline
+
+    async def _target(
+        self, entry: ModelEntry, request: pb.InferRequest, tenant: str, deadline: float | None
+    ) -> Target:
+        """What the request asks of ``entry``, checked: adapter, width and features."""
         adapter = await self._adapter(entry, request, tenant)
         width = entry.trained_width(request.width)
         if width is None:

@@ -267,7 +267,8 @@ def test_metrics_count_requests_errors_and_batches(
     lines = dict(
         line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#")
     )
-    assert float(lines['tandem_errors_total{code="NOT_FOUND"}']) == 1
+    assert float(lines['tandem_errors_total{code="NOT_FOUND",method="Infer",model=""}']) == 1
+    assert float(lines['tandem_requests_total{code="OK",method="Infer",model="digits"}']) == 7
     assert float(lines["tandem_batch_size_count"]) >= 1
     assert float(lines["tandem_batch_size_sum"]) == 7
     assert float(lines['tandem_request_seconds_count{stage="compute"}']) == 7

@@ -7,6 +7,8 @@ attempt is still running" is a state the test holds, not a race it hopes to win.
 from __future__ import annotations
 
 import asyncio
+import random
+import tracemalloc
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -252,6 +254,58 @@ def test_max_entries_zero_stores_nothing_but_still_joins_duplicates() -> None:
 def test_negative_max_entries_is_refused() -> None:
     with pytest.raises(ValueError):
         ResponseCache(-1)
+    with pytest.raises(ValueError):
+        ResponseCache(8, -1, len)
+    with pytest.raises(ValueError, match="together"):
+        ResponseCache(8, 1024)
+
+
+def _fill(cache: ResponseCache[bytes], n: int, value_bytes: int) -> None:
+    rng = random.Random(0)
+
+    async def main() -> None:
+        for i in range(n):
+            value = rng.randbytes(value_bytes)
+            key = (f"tenant-{i % 3}", f"request-{i:06d}")
+            await cache.get_or_run(key, rng.randbytes(32), lambda v=value: _now(v))
+
+    asyncio.run(main())
+
+
+async def _now(value: bytes) -> bytes:
+    return value
+
+
+def test_byte_bound_holds_in_real_memory() -> None:
+    """Fed 8 MB of 4 KB answers, a 1 MiB cache holds under 1 MiB (tracemalloc, not its word)."""
+    cap = 1 << 20
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        cache: ResponseCache[bytes] = ResponseCache(1_000_000, cap, len)
+        _fill(cache, 2000, 4096)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert cache.nbytes <= cap
+    assert held <= cap, f"{held} bytes held"
+    # Full, not empty: the newest answers are kept, up to the bound.
+    assert len(cache) == cap // cache.cost(("tenant-0", "request-000000"), FP * 3, b"x" * 4096)
+
+
+def test_byte_bound_evicts_the_oldest_and_skips_an_oversized_answer() -> None:
+    async def main() -> None:
+        cache: ResponseCache[bytes] = ResponseCache(100, 2500, len)
+        for name in ("a", "b", "c"):
+            await cache.get_or_run(("t", name), FP, lambda: _now(b"x" * 500))
+        assert len(cache) == 2  # each costs 500 + overhead: a third does not fit
+        assert (await cache.get_or_run(("t", "b"), FP, lambda: _now(b"new")))[1]
+        assert not (await cache.get_or_run(("t", "a"), FP, lambda: _now(b"y" * 500)))[1]
+        await cache.get_or_run(("t", "huge"), FP, lambda: _now(b"z" * 5000))
+        assert ("t", "huge") not in cache._done and len(cache) == 2
+        assert cache.nbytes == sum(cache.cost(k, fp, v) for k, (fp, v) in cache._done.items())
+
+    asyncio.run(main())
 
 
 # --------------------------------------------------------------------------- cancellation

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import platform
 import socket
 import urllib.request
+from collections import Counter
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+import tandem
+from tandem import codec
 from tandem.cloud.metrics import ServiceMetrics
 
 
@@ -20,13 +24,26 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     }
 
 
+def _key(name: str, method: str, model: str, code: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return name, (("code", code), ("method", method), ("model", model))
+
+
+def _by_code(got: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for (sample, labels), value in got.items():
+        if sample == name:
+            counts[dict(labels)["code"]] += int(value)
+    return counts
+
+
 def _observe(metrics: ServiceMetrics) -> None:
-    metrics.observe_request("Infer", "digits")
-    metrics.observe_request("Infer", "digits")
-    metrics.observe_request("InferStream", "cifar")
-    metrics.observe_error("UNAUTHENTICATED")
-    metrics.observe_error("NOT_FOUND")
-    metrics.observe_error("NOT_FOUND")
+    metrics.observe_request("Infer", "digits", "OK")
+    metrics.observe_request("Infer", "digits", "OK")
+    metrics.observe_request("InferStream", "cifar", "OK")
+    metrics.observe_request("Infer", "", "UNAUTHENTICATED")
+    metrics.observe_request("Infer", "", "NOT_FOUND")
+    metrics.observe_request("Infer", "", "NOT_FOUND")
+    metrics.observe_request("InferStream", "digits", "INVALID_ARGUMENT")
     metrics.observe_stages(queue_s=0.0002, decode_s=0.003, compute_s=0.04)
     metrics.observe_total(0.05)
     for size in (1, 3, 8, 9, 300):
@@ -41,10 +58,17 @@ def test_values_in_text() -> None:
     metrics = ServiceMetrics()
     _observe(metrics)
     got = samples(metrics.text())
-    assert got[("tandem_requests_total", (("method", "Infer"), ("model", "digits")))] == 2
-    assert got[("tandem_requests_total", (("method", "InferStream"), ("model", "cifar")))] == 1
-    assert got[("tandem_errors_total", (("code", "NOT_FOUND"),))] == 2
-    assert got[("tandem_errors_total", (("code", "UNAUTHENTICATED"),))] == 1
+    assert got[_key("tandem_requests_total", "Infer", "digits", "OK")] == 2
+    assert got[_key("tandem_requests_total", "InferStream", "cifar", "OK")] == 1
+    assert got[_key("tandem_requests_total", "Infer", "", "NOT_FOUND")] == 2
+    assert got[_key("tandem_errors_total", "Infer", "", "NOT_FOUND")] == 2
+    assert got[_key("tandem_errors_total", "Infer", "", "UNAUTHENTICATED")] == 1
+    assert got[_key("tandem_errors_total", "InferStream", "digits", "INVALID_ARGUMENT")] == 1
+    # One population: the errors are exactly the requests that did not end OK.
+    requests = _by_code(got, "tandem_requests_total")
+    errors = _by_code(got, "tandem_errors_total")
+    assert sum(requests.values()) == 7
+    assert errors == {code: n for code, n in requests.items() if code != "OK"}
     assert got[("tandem_received_bytes_total", ())] == 1024
     assert got[("tandem_queue_depth", ())] == 5
     assert got[("tandem_models_loaded", ())] == 2
@@ -115,7 +139,7 @@ def test_http_exporter() -> None:
             body = response.read().decode()
         got = samples(body)
         assert got[("tandem_batch_size_bucket", (("le", "8.0"),))] == 3
-        assert got[("tandem_requests_total", (("method", "Infer"), ("model", "digits")))] == 2
+        assert got[_key("tandem_requests_total", "Infer", "digits", "OK")] == 2
         assert got[("tandem_queue_depth", ())] == 5
     finally:
         stop()
@@ -136,3 +160,19 @@ def test_several_exporters_at_once() -> None:
     finally:
         for _, stop in started:
             stop()
+
+
+def test_build_info_process_and_gc_series_and_no_created_series() -> None:
+    metrics = ServiceMetrics()
+    _observe(metrics)
+    got = samples(metrics.text())
+    build = (
+        ("codec_version", str(codec.VERSION)),
+        ("python", platform.python_version()),
+        ("version", tandem.__version__),
+    )
+    assert got[("tandem_build_info", build)] == 1
+    assert got[("process_resident_memory_bytes", ())] > 0
+    assert got[("process_start_time_seconds", ())] > 0
+    assert any(name.startswith("python_gc_") for name, _ in got)
+    assert not [name for name, _ in got if name.endswith("_created")]

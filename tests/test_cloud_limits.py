@@ -1,0 +1,345 @@
+"""Limits the service sets on its peers: streams, connections, idle time, cache bytes, ports.
+
+Each test drives a real in-process server over loopback gRPC with a limit set small, and
+observes the limit from the client side (a queued stream, a refused connection, a GOAWAY),
+or, for the response cache, measures its memory with tracemalloc rather than trusting its
+own accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+from pydantic import ValidationError
+from serving import config, make_repo, requests_for, running
+
+from tandem.cloud.config import ServeConfig
+from tandem.cloud.server import CloudServer
+from tandem.data import load_data
+from tandem.wire.v1 import split_inference_pb2 as pb
+from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
+
+TIMEOUT = 20.0  # a bound on every wait: a limit that does not hold fails, it does not hang
+Code = grpc.StatusCode
+
+
+@pytest.fixture()
+def repo(tmp_path: Path, digits_bundle: Path) -> Path:
+    return make_repo(tmp_path, digits_bundle)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def holds_for(condition: Callable[[], bool], seconds: float) -> bool:
+    """Whether ``condition`` stays true for ``seconds`` (checked every 20 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        await asyncio.sleep(0.02)
+    return condition()
+
+
+# ---------------------------------------------------------------------------- streams
+
+
+def test_stream_is_not_read_past_its_unsent_answers(repo: Path, digits_bundle: Path) -> None:
+    """While max_stream_inflight answers of a stream are unsent, no further request is read.
+
+    The client writes 64 requests and reads nothing; the answers cannot even be computed
+    (the batcher's submissions are held), so none leaves. Exactly max_stream_inflight
+    requests are taken on; the rest stay unread, in the transport.
+    """
+    inflight = 4
+    n = 64
+    base = requests_for(digits_bundle, load_data("digits").test.x[:1], 1.0, 8)[0]
+
+    async def main() -> tuple[int, int]:
+        server = CloudServer(config(repo, max_stream_inflight=inflight, drain_grace_s=0.5))
+        submitted = 0
+        try:
+            await server.start()
+
+            def held(*args: object) -> asyncio.Future[object]:
+                nonlocal submitted
+                submitted += 1
+                return asyncio.get_running_loop().create_future()  # never answered
+
+            server.batcher.submit = held  # type: ignore[method-assign]
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=60)
+                for i in range(n):
+                    request = pb.InferRequest()
+                    request.CopyFrom(base)
+                    request.request_id = f"s{i}"
+                    await call.write(request)  # 64 small requests fit the HTTP/2 window
+                await until(lambda: submitted >= inflight, "the first requests to be taken on")
+                assert await holds_for(lambda: submitted == inflight, 1.0), submitted
+                call.cancel()
+                return submitted, n
+        finally:
+            await server.drain()
+
+    submitted, written = asyncio.run(main())
+    assert (submitted, written) == (inflight, n)
+
+
+def test_streams_per_connection_are_limited(repo: Path) -> None:
+    """Past max_streams_per_connection, a further stream on that connection waits its turn."""
+
+    async def main() -> None:
+        cfg = config(repo, max_streams_per_connection=2)
+        async with (
+            running(cfg) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            stub = health_pb2_grpc.HealthStub(channel)
+            watch = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(3)]
+            first = [await asyncio.wait_for(w.read(), TIMEOUT) for w in watch[:2]]
+            assert all(m.status == health_pb2.HealthCheckResponse.SERVING for m in first)
+            third = asyncio.ensure_future(watch[2].read())
+            # The third stream is not started while the two hold the connection's streams.
+            assert await holds_for(lambda: not third.done(), 1.0)
+            watch[0].cancel()
+            message = await asyncio.wait_for(third, TIMEOUT)
+            assert message.status == health_pb2.HealthCheckResponse.SERVING
+            for w in watch:
+                w.cancel()
+
+    asyncio.run(main())
+
+
+def _check(channel: grpc.aio.Channel) -> Awaitable[health_pb2.HealthCheckResponse]:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+def _own_connection(address: str) -> grpc.aio.Channel:
+    # A local subchannel pool: channels to one address would otherwise share one connection.
+    return grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def test_connections_are_limited(repo: Path) -> None:
+    """Past max_connections, a new connection is refused until one closes."""
+
+    async def main() -> None:
+        async with running(config(repo, max_connections=2)) as server:
+            held = [_own_connection(server.address) for _ in range(2)]
+            for channel in held:
+                await _check(channel)
+            extra = _own_connection(server.address)
+            try:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await _check(extra)
+                assert refused.value.code() == Code.UNAVAILABLE
+                await held.pop().close()
+
+                async def served() -> bool:
+                    try:
+                        await _check(extra)
+                    except grpc.aio.AioRpcError:
+                        return False
+                    return True
+
+                deadline = time.monotonic() + TIMEOUT
+                while not await served():
+                    assert time.monotonic() < deadline, "a freed connection slot was not reused"
+                    await asyncio.sleep(0.1)
+            finally:
+                for channel in [*held, extra]:
+                    await channel.close()
+
+    asyncio.run(main())
+
+
+def test_idle_connection_is_closed(repo: Path) -> None:
+    """A connection with no call for idle_timeout_s is closed by the server (GOAWAY)."""
+
+    async def main() -> None:
+        async with (
+            running(config(repo, idle_timeout_s=0.3)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            await _check(channel)
+            assert channel.get_state() == grpc.ChannelConnectivity.READY
+            await until(
+                lambda: channel.get_state() != grpc.ChannelConnectivity.READY,
+                "the server to close the idle connection",
+            )
+
+    asyncio.run(main())
+
+
+def test_old_connection_with_an_idle_stream_is_closed(repo: Path) -> None:
+    """A Health.Watch held open without a token ends once the connection reaches its age."""
+
+    async def main() -> Code:
+        cfg = config(repo, max_connection_age_s=0.5, drain_grace_s=0.5)
+        async with (
+            running(cfg) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
+            await asyncio.wait_for(watch.read(), TIMEOUT)
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(watch.read(), TIMEOUT)
+            return ended.value.code()
+
+    assert asyncio.run(main()) == Code.UNAVAILABLE
+
+
+# ---------------------------------------------------------------------------- unparseable
+
+
+@pytest.mark.parametrize("method", ["ListModels", "GetServerInfo", "ListAdapters"])
+def test_unparseable_listing_requests_are_invalid_argument(repo: Path, method: str) -> None:
+    async def main() -> Code:
+        async with (
+            running(config(repo)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            raw = channel.unary_unary(f"/tandem.v1.SplitInference/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await raw(b"\xff\xff\xff", timeout=TIMEOUT)
+            return failed.value.code()
+
+    assert asyncio.run(main()) == Code.INVALID_ARGUMENT
+
+
+# ---------------------------------------------------------------------------- response cache
+
+
+def test_response_cache_is_bounded_by_bytes(repo: Path, digits_bundle: Path) -> None:
+    """Answers with big logits fill the cache up to cache_max_bytes, not past it."""
+    cap = 256 * 1024
+    x = load_data("digits").test.x[:1]
+    base = requests_for(digits_bundle, x, 1.0, 8)[0]
+    base.return_logits = True
+
+    async def main() -> tuple[int, int]:
+        async with running(config(repo, cache_max_bytes=cap)) as server:
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                stub = pb_grpc.SplitInferenceStub(channel)
+                for i in range(3000):
+                    request = pb.InferRequest()
+                    request.CopyFrom(base)
+                    request.request_id = f"c{i}-" + "k" * 100
+                    await stub.Infer(request, timeout=TIMEOUT)
+            cache = server.service.cache
+            return cache.nbytes, len(cache)
+
+    nbytes, entries = asyncio.run(main())
+    assert nbytes <= cap
+    assert 0 < entries < 3000
+
+
+# ---------------------------------------------------------------------------- listening
+
+
+@pytest.mark.parametrize("metrics", ["0.0.0.0:9464", "[::]:0", "192.0.2.10:9464"])
+def test_metrics_off_loopback_needs_insecure(repo: Path, metrics: str) -> None:
+    """The metrics port is plain HTTP: the same rule as a plain gRPC port, even under TLS."""
+    with pytest.raises(ValidationError, match="--insecure"):
+        ServeConfig(models=repo, metrics_listen=metrics)
+    assert ServeConfig(models=repo, metrics_listen=metrics, insecure=True).insecure
+
+
+def test_metrics_off_loopback_is_refused_under_tls_too(repo: Path, tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    with pytest.raises(ValidationError, match="--insecure"):
+        ServeConfig(
+            models=repo, listen="0.0.0.0:0", metrics_listen="0.0.0.0:0", tls_cert=cert, tls_key=key
+        )
+
+
+def _reflect(channel: grpc.aio.Channel, version: str) -> Callable[..., object]:
+    # v1 and v1alpha messages are the same on the wire: only the method path differs.
+    return channel.stream_stream(
+        f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+
+
+def test_reflection_v1_and_v1alpha(repo: Path) -> None:
+    async def main() -> dict[str, list[reflection_pb2.ServerReflectionResponse]]:
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="grpc.reflection.v1.ServerReflection"
+            ),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="tandem.v1.InferRequest"),
+        ]
+        async with (
+            running(config(repo)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            return {
+                v: [a async for a in _reflect(channel, v)(iter(requests), timeout=TIMEOUT)]
+                for v in ("v1", "v1alpha")
+            }
+
+    from google.protobuf import descriptor_pb2
+
+    for version, (listed, reflection_file, tandem_file) in asyncio.run(main()).items():
+        services = {s.name for s in listed.list_services_response.service}
+        assert {
+            "tandem.v1.SplitInference",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= services, version
+        (raw,) = reflection_file.file_descriptor_response.file_descriptor_proto
+        described = descriptor_pb2.FileDescriptorProto.FromString(raw)
+        assert described.package == "grpc.reflection.v1", version
+        assert [s.name for s in described.service] == ["ServerReflection"]
+        assert tandem_file.file_descriptor_response.file_descriptor_proto, version
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def test_cli_defaults_are_the_config_defaults(repo: Path) -> None:
+    """Every ``cloud serve`` option left out gives ServeConfig's own default (one default)."""
+    from tandem.cli import build_parser
+    from tandem.cloud.cli import serve_config
+
+    args = build_parser().parse_args(["cloud", "serve", "--models", str(repo)])
+    from_cli = serve_config(args).model_dump(exclude={"server_id"})
+    assert from_cli == ServeConfig(models=repo).model_dump(exclude={"server_id"})
+
+
+def test_cli_passes_the_limits_on(repo: Path) -> None:
+    from tandem.cli import build_parser
+    from tandem.cloud.cli import serve_config
+
+    given = {
+        "--cache-max-bytes": "1000",
+        "--max-stream-inflight": "3",
+        "--max-streams-per-connection": "5",
+        "--max-connections": "7",
+        "--idle-timeout-s": "1.5",
+        "--max-connection-age-s": "9",
+        "--keepalive-s": "11",
+    }
+    argv = ["cloud", "serve", "--models", str(repo)]
+    for option, value in given.items():
+        argv += [option, value]
+    cfg = serve_config(build_parser().parse_args(argv))
+    got = {option: getattr(cfg, option[2:].replace("-", "_")) for option in given}
+    assert got == {option: float(value) for option, value in given.items()}
