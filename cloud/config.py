@@ -37,6 +37,12 @@ class ServeConfig(StrictModel):
     miss_rescan_s: float = Field(
         0.2, ge=0, description="a request for an unknown model rescans at most this often"
     )
+    miss_wait_s: float = Field(
+        5.0,
+        ge=0,
+        description="how long a request for an unknown model or version waits for that rescan "
+        "before it is answered NOT_FOUND (a slow scan runs on)",
+    )
     drain_grace_s: float = Field(30.0, ge=0)
     max_stream_inflight: int = Field(
         256, ge=1, description="answers of one InferStream call computed but not yet sent"

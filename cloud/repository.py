@@ -1,29 +1,75 @@
 """The model repository: every bundle under one directory, loaded and kept current.
 
-Any directory up to two levels below the root that holds a ``manifest.json`` is a bundle,
-as ``tandem train --out`` writes it (``root/digits/`` or ``root/digits/v2/``). A bundle or a
-new version of one dropped in later is picked up by the next :meth:`ModelRepository.scan`,
-which the server runs on a timer and whenever a request names something it does not know.
-``write_bundle`` writes the manifest last, so a bundle still being copied is never half-read.
+A repository looks like ``REPO/<bundle>/manifest.json`` (or ``REPO/<bundle>/<version>/
+manifest.json``), as ``tandem train --out`` writes a bundle. A bundle or a new version of one
+dropped in later is picked up by the next :meth:`ModelRepository.scan`, which the server runs
+on a timer and whenever a request names something it does not know. ``write_bundle`` writes
+the manifest last, so a bundle still being copied is never half-read.
+
+People, scripts and federations write the repository, carelessly or with hostile intent, so
+a scan trusts little of it:
+
+- It reads regular files only, opened without blocking (``tandem.files``): a FIFO under a
+  file's name never stalls it. It holds no lock that requests take while it reads, and it
+  starts loading nothing new once ``scan_budget_s`` has passed (the rest waits for the next).
+- A bundle, file or adapter that resolves outside the repository (a link) is refused.
+- What failed is remembered with its files' stamps (size, mtime_ns, inode) and not read
+  again until one changes; each failure is logged once, in one line.
+- Sizes come before reading: a manifest is capped, and ``tail.safetensors`` must have the
+  size the manifest's architecture needs (computed on the meta device), so neither a huge
+  file nor a manifest claiming a huge model allocates anything.
+- An adapter version is served only once complete: config, weights and ``tandem.json``, the
+  owner file ``save_adapter`` writes last. A changed ``tandem.json`` is re-read: re-owning
+  takes effect on the next scan.
+- One name, one model: bundles under one name must agree on what :func:`lineage` covers
+  (architecture, classes and labels, input shape, cut); retrained versions of a model do. A
+  bundle that disagrees with one already served under its name is refused.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from tandem.adapters import Adapter, list_adapters, load_adapter, merged_state
-from tandem.bundle import MANIFEST, Manifest, TailRunner, read_manifest
+from tandem.adapters import (
+    META_FILE,
+    PUBLISHED_FILES,
+    Adapter,
+    AdapterError,
+    list_adapters,
+    load_adapter,
+    merged_state,
+    read_tenant,
+)
+from tandem.bundle import (
+    MANIFEST,
+    TAIL_FILE,
+    Manifest,
+    TailRunner,
+    read_manifest,
+    tail_bytes,
+    tensor_bytes,
+)
 from tandem.cloud.lora_batch import MixedLoRA
+from tandem.files import Stamp, resolves_inside, stamp
 
 log = logging.getLogger(__name__)
+
+SCAN_BUDGET_S = 10.0
+"""After this long, a scan starts loading nothing new; the rest waits for the next scan."""
+LAYOUT = "REPO/<bundle>/manifest.json (or REPO/<bundle>/<version>/manifest.json)"
+_VERSIONS_LISTED = 8  # versions a NOT_FOUND names (status details are short)
+_LOG_CHARS = 400  # a logged reason is one line of at most this many characters
 
 ADAPTED_COPIES = 16
 """Adapted copies of a tail kept in memory per bundle version (least recently used go)."""
@@ -31,6 +77,14 @@ ADAPTED_COPIES = 16
 
 class NotFoundError(LookupError):
     """No such model, version, adapter or adapter version."""
+
+
+class RefusedError(ValueError):
+    """A bundle or adapter the repository will not load (a link out of it, a bad file)."""
+
+
+Stamps = tuple[Stamp | None, ...]
+"""The stamps of the files one bundle or adapter version is read from, in a fixed order."""
 
 
 @dataclass
@@ -41,7 +95,9 @@ class ModelEntry:
     manifest: Manifest
     runner: TailRunner
     mtime: float
+    stamps: Stamps = ()  # of manifest.json and tail.safetensors when loaded
     adapters: dict[str, dict[str, Adapter]] = field(default_factory=dict)
+    adapter_stamps: dict[Path, Stamps] = field(default_factory=dict)
     _adapted: OrderedDict[tuple[str, str], nn.Module] = field(default_factory=OrderedDict)
     _mixed: MixedLoRA | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -117,6 +173,12 @@ class ModelEntry:
                 self._mixed = MixedLoRA(self._copy(), shapes)
             return self._mixed
 
+    def forget(self, adapter: Adapter) -> None:
+        """Drop what was built from ``adapter``'s weights: they changed on disk."""
+        with self._lock:
+            self._adapted.pop((adapter.name, adapter.version), None)
+            self._mixed = None
+
     def _copy(self) -> nn.Module:
         """A private copy of decoder + tail: built from the weights in memory, not from disk,
         which may hold a newer version by now; and not a deepcopy, which would copy hooks."""
@@ -131,88 +193,264 @@ def newest(versions: dict[str, Adapter]) -> str:
     return max(keys)
 
 
-class ModelRepository:
-    """Bundles under ``root``, keyed by (name, version); thread-safe."""
+def lineage(manifest: Manifest) -> dict[str, Any]:
+    """What every version of one model name must share: the architecture and its arguments,
+    the classes and their labels, the input shape and the cut.
 
-    def __init__(self, root: Path) -> None:
+    Retraining (new weights, widths, normalisation or codec) keeps it; a bundle trained on
+    other classes, or another architecture, under the same name does not.
+    """
+    return {
+        "arch": manifest.arch.model_dump(),
+        "classes": manifest.input.labels,
+        "input shape": list(manifest.input.shape),
+        "cut": manifest.cut,
+    }
+
+
+def _adapter_cap(entry: ModelEntry) -> int:
+    """The largest adapter weight file worth reading for ``entry``: LoRA factors of rank up
+    to min(in, out) hold at most twice the weights they adapt; twice again for float64."""
+    return 4 * tensor_bytes(entry.runner.model)[0] + (1 << 16)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line, clipped: logs stay one line per event."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= _LOG_CHARS else text[: _LOG_CHARS - 3] + "..."
+
+
+class ModelRepository:
+    """Bundles under ``root``, keyed by (name, version); thread-safe.
+
+    :meth:`resolve` and :meth:`models` never wait on a scan's file reads.
+    """
+
+    def __init__(self, root: Path, scan_budget_s: float = SCAN_BUDGET_S) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise NotADirectoryError(f"model repository {self.root} is not a directory")
+        self.scan_budget_s = scan_budget_s
         self._models: dict[tuple[str, str], ModelEntry] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _models only, and never over I/O
+        self._scanning = threading.Lock()  # one scan at a time
+        self._failed: dict[Path, Stamps] = {}  # what failed, with the stamps it failed at
+        self._manifests: dict[Path, tuple[Stamps, Manifest]] = {}
+        self._said: set[tuple[Hashable, ...]] = set()  # log lines already written
+        self._empty_warned = False
 
     def scan(self) -> int:
-        """Load bundles and adapters that appeared, drop those that vanished; return the count.
+        """Load bundles and adapters that appeared or changed, drop those that vanished;
+        return the count of bundle versions served.
 
-        A bundle that fails to load is logged and skipped: one bad upload must not take
-        the others down.
+        A bundle that fails to load is logged once and skipped until its files change: one
+        bad upload must not take the others down, nor the log. Bundles already served are
+        visited first, so a newcomer never displaces one of them.
         """
-        found: dict[tuple[str, str], ModelEntry] = {}
-        for manifest_path in self._manifests():
-            entry = self._entry_for(manifest_path.parent)
-            if entry is None:
-                continue
-            key = (entry.name, entry.version)
-            if key in found:
-                log.warning("%s duplicates %s %s; ignored", entry.path, *key)
-                continue
-            self._refresh_adapters(entry)
-            found[key] = entry
-        with self._lock:
-            self._models = found
-        return len(found)
-
-    def _manifests(self) -> list[Path]:
-        paths = [*self.root.glob(f"*/{MANIFEST}"), *self.root.glob(f"*/*/{MANIFEST}")]
-        return sorted(p for p in paths if p.is_file())
-
-    def _entry_for(self, path: Path) -> ModelEntry | None:
-        try:
-            mtime = (path / MANIFEST).stat().st_mtime
+        with self._scanning:
+            deadline = time.monotonic() + self.scan_budget_s
             with self._lock:
-                known = [e for e in self._models.values() if e.path == path and e.mtime == mtime]
-            if known:
-                return known[0]
-            manifest = read_manifest(path)
-            entry = ModelEntry(path, manifest, TailRunner.from_bundle(path), mtime)
-        except Exception as exc:  # an unknown architecture, a bad cut, unreadable files...
-            log.error("skipping bundle %s: %s", path, exc)
-            return None
-        log.info("loaded %s version %s from %s", manifest.name, manifest.version, path)
-        return entry
+                held = {e.path: e for e in self._models.values()}
+            paths = self._bundle_dirs()
+            found: dict[tuple[str, str], ModelEntry] = {}
+            for path in sorted(paths, key=lambda p: (p not in held, p)):
+                entry = self._entry_for(path, held.get(path), found, deadline)
+                if entry is not None:
+                    self._refresh_adapters(entry, deadline)
+                    found[(entry.name, entry.version)] = entry
+            self._forget_all_but(set(paths))
+            with self._lock:
+                self._models = found
+            self._check_layout(bool(paths))
+            return len(found)
 
-    def _refresh_adapters(self, entry: ModelEntry) -> None:
-        adapters: dict[str, dict[str, Adapter]] = {}
+    def _bundle_dirs(self) -> list[Path]:
+        """Every directory one or two levels down with a manifest (only stat, no reads)."""
+        manifests = [*self.root.glob(f"*/{MANIFEST}"), *self.root.glob(f"*/*/{MANIFEST}")]
+        return sorted({m.parent for m in manifests})
+
+    def _entry_for(
+        self,
+        path: Path,
+        held: ModelEntry | None,
+        found: dict[tuple[str, str], ModelEntry],
+        deadline: float,
+    ) -> ModelEntry | None:
+        """The entry to serve from ``path``: the held one while its files are unchanged,
+        else a fresh load, or None (failed, refused, or left for the next scan)."""
+        stamps = tuple(stamp(path / name) for name in (MANIFEST, TAIL_FILE))
+        if held is not None and held.stamps == stamps:
+            return held if self._admits(path, held.manifest, found) else None
+        if self._failed.get(path) == stamps:
+            return None
+        manifest = self._manifest(path, stamps)
+        if manifest is None or not self._admits(path, manifest, found):
+            return None
+        if time.monotonic() > deadline:
+            self._say(("deferred", path, stamps), log.info, "loading %s waits for the next "
+                      "scan: this one ran past %.0f s", path, self.scan_budget_s)  # fmt: skip
+            return held
         try:
-            found = list_adapters(entry.path)
+            runner = TailRunner.from_bundle(path, manifest)
+        except Exception as exc:  # a bad cut, wrong sizes or hashes, unreadable weights...
+            return self._fail(path, stamps, "skipping bundle %s: %s", exc)
+        assert stamps[0] is not None  # the manifest was read
+        log.info("loaded %s version %s from %s", manifest.name, manifest.version, path)
+        return ModelEntry(path, manifest, runner, stamps[0].mtime_ns / 1e9, stamps)
+
+    def _manifest(self, path: Path, stamps: Stamps) -> Manifest | None:
+        """``path``'s manifest, read once per state of its files; None when it fails."""
+        known = self._manifests.get(path)
+        if known is not None and known[0] == stamps:
+            return known[1]
+        try:
+            for name in (MANIFEST, TAIL_FILE):
+                self._inside(path / name)
+            manifest = read_manifest(path)
+            tail_bytes(manifest)  # the architecture must build (on the meta device)
+        except Exception as exc:  # a link out, an invalid manifest, an unknown architecture
+            return self._fail(path, stamps, "skipping bundle %s: %s", exc)
+        self._manifests[path] = (stamps, manifest)
+        return manifest
+
+    def _admits(
+        self, path: Path, manifest: Manifest, found: dict[tuple[str, str], ModelEntry]
+    ) -> bool:
+        """Whether ``manifest`` may join ``found``: no second copy of a version, and no
+        bundle whose :func:`lineage` differs from the one served under its name."""
+        same = found.get((manifest.name, manifest.version))
+        if same is not None:
+            self._say(("duplicate", path, same.path), log.warning,
+                      "%s duplicates %s (%s version %s); ignored", path, same.path,
+                      manifest.name, manifest.version)  # fmt: skip
+            return False
+        mine = lineage(manifest)
+        for other in found.values():
+            theirs = lineage(other.manifest)
+            if other.name == manifest.name and theirs != mine:
+                differ = ", ".join(k for k in mine if mine[k] != theirs[k])
+                self._say(("unrelated", path, other.path, differ), log.error,
+                          "refusing %s: model %r is served from %s, and this is another model "
+                          "under the same name (%s differ); rename one (tandem train --set "
+                          "name=...)", path, manifest.name, other.path, differ)  # fmt: skip
+                return False
+        return True
+
+    def _refresh_adapters(self, entry: ModelEntry, deadline: float) -> None:
+        """Serve the entry's complete adapter versions, re-reading owners that changed."""
+        try:
+            listed = list_adapters(entry.path)
         except OSError as exc:  # e.g. a directory removed while it was listed: keep what we had
-            log.error("cannot list adapters of %s: %s", entry.path, exc)
+            self._say(("list", entry.path), log.error, "cannot list adapters of %s: %s",
+                      entry.path, _one_line(exc))  # fmt: skip
             return
-        for name, version, path in found:
-            known = entry.adapters.get(name, {}).get(version)
-            if known is None:
-                try:
-                    known = load_adapter(path, name, version)
-                    merged_state(entry.runner.model, known)  # refuse one that does not fit
-                except Exception as exc:  # one bad adapter must not hide the others
-                    log.error("skipping adapter %s: %s", path, exc)
-                    continue
-                log.info("loaded adapter %s/%s for %s", name, version, entry.name)
-            adapters.setdefault(name, {})[version] = known
-        entry.adapters = adapters
+        adapters: dict[str, dict[str, Adapter]] = {}
+        stamps: dict[Path, Stamps] = {}
+        for name, version, path in listed:
+            served = self._adapter(entry, name, version, path, deadline)
+            if served is not None:
+                adapters.setdefault(name, {})[version], stamps[path] = served
+        entry.adapters, entry.adapter_stamps = adapters, stamps
+
+    def _adapter(
+        self, entry: ModelEntry, name: str, version: str, path: Path, deadline: float
+    ) -> tuple[Adapter, Stamps] | None:
+        """The adapter to serve from ``path`` and the stamps of the files it was read from
+        (older than the files' when it waits for the next scan), or None."""
+        now = tuple(stamp(path / f) for f in PUBLISHED_FILES)
+        held = entry.adapters.get(name, {}).get(version)
+        before = entry.adapter_stamps.get(path, ())
+        if held is not None and before == now:
+            return held, now
+        if self._failed.get(path) == now:
+            return None
+        if now[-1] is None:  # the owner file is written last: without it, not complete
+            self._say(("unowned", path), log.warning, "adapter %s is not served until it has "
+                      "%s, written last (its owner; {\"tenant\": \"\"} shares it)", path,
+                      META_FILE)  # fmt: skip
+            return None
+        try:
+            for f in (path, *(path / f for f in PUBLISHED_FILES)):
+                self._inside(f)
+            if held is not None and before[:-1] == now[:-1]:
+                # Only the owner file changed: re-own, keep the weights and what they built.
+                return dataclasses.replace(held, tenant=read_tenant(path)), now
+            if time.monotonic() > deadline:  # the old files' adapter, if any; reloaded next scan
+                return None if held is None else (held, before)
+            adapter = load_adapter(path, name, version, max_bytes=_adapter_cap(entry))
+            merged_state(entry.runner.model, adapter)  # refuse one that does not fit
+        except (AdapterError, RefusedError, OSError) as exc:
+            return self._fail(path, now, "skipping adapter %s: %s", exc)
+        if held is not None:
+            entry.forget(held)
+        log.info("loaded adapter %s/%s for %s", name, version, entry.name)
+        return adapter, now
+
+    def _inside(self, path: Path) -> None:
+        """Raise :class:`RefusedError` when ``path`` resolves outside the repository."""
+        if not resolves_inside(path, self.root):
+            raise RefusedError(f"{path} resolves outside the model repository {self.root}")
+
+    def _fail(self, path: Path, stamps: Stamps, message: str, exc: BaseException) -> None:
+        """Remember that ``path`` failed at ``stamps``, and say so once, in one line."""
+        self._failed[path] = stamps
+        log.error(message, path, _one_line(exc))
+
+    def _say(self, key: tuple[Hashable, ...], emit: Callable[..., None], *args: Any) -> None:
+        """Log ``args`` with ``emit`` the first time ``key`` comes up (keys name paths, and are
+        forgotten with them)."""
+        if key not in self._said:
+            self._said.add(key)
+            emit(*args)
+
+    def _forget_all_but(self, bundles: set[Path]) -> None:
+        """Drop what is remembered about paths no longer in the repository: a bundle put
+        back later is read, and said, afresh; the memory stays as small as the repository."""
+
+        def live(path: Path) -> bool:
+            return any(path == b or path.is_relative_to(b) for b in bundles)
+
+        self._failed = {p: s for p, s in self._failed.items() if live(p)}
+        self._manifests = {p: m for p, m in self._manifests.items() if p in bundles}
+        self._said = {k for k in self._said if isinstance(k[1], Path) and live(k[1])}
+
+    def _check_layout(self, any_bundle: bool) -> None:
+        """Warn, once until bundles appear, when the root holds none, saying what a
+        repository looks like (and when the root is itself a bundle, to serve its parent)."""
+        if any_bundle:
+            self._empty_warned = False
+            return
+        if self._empty_warned:
+            return
+        self._empty_warned = True
+        if (self.root / MANIFEST).exists():
+            log.warning("%s is a bundle, not a model repository: serve its parent %s (a "
+                        "repository looks like %s)", self.root, self.root.resolve().parent,
+                        LAYOUT)  # fmt: skip
+        else:
+            log.warning("no bundle in model repository %s: a repository looks like %s",
+                        self.root, LAYOUT)  # fmt: skip
 
     def resolve(self, name: str, version: str = "") -> ModelEntry:
-        """A model by name: the given version, or the one whose manifest appeared last."""
+        """A model by name: the given version, or the one whose manifest appeared last.
+
+        A version not held is a :class:`NotFoundError` that names the versions held, newest
+        first.
+        """
         with self._lock:
             candidates = [e for (n, _), e in self._models.items() if n == name]
         if not candidates:
             raise NotFoundError(f"unknown model {name!r}")
+        candidates.sort(key=lambda e: (e.mtime, e.version), reverse=True)
         if not version:
-            return max(candidates, key=lambda e: (e.mtime, e.version))
+            return candidates[0]
         for entry in candidates:
             if entry.version == version:
                 return entry
-        raise NotFoundError(f"model {name!r} has no version {version!r}")
+        held = ", ".join(e.version for e in candidates[:_VERSIONS_LISTED])
+        more = len(candidates) - _VERSIONS_LISTED
+        held += f" and {more} more" if more > 0 else ""
+        raise NotFoundError(f"model {name!r} has no version {version!r}; it has {held}")
 
     def models(self) -> list[ModelEntry]:
         """Every loaded bundle version, by name then version."""

@@ -339,11 +339,22 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         try:
             return self.repo.resolve(name, version)
         except NotFoundError:
-            await self._rescan()  # perhaps it was dropped in since the last scan
+            await self._rescan_briefly()  # perhaps it was dropped in since the last scan
         try:
             return self.repo.resolve(name, version)
         except NotFoundError as exc:
             raise RequestError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+
+    async def _rescan_briefly(self) -> None:
+        """Rescan for a request that named something unknown, waiting at most miss_wait_s.
+
+        A slow scan (a big bundle loading, a slow disk) must not hold a NOT_FOUND back until
+        the request's deadline; the scan itself runs on, and serves the next request.
+        """
+        scan = asyncio.ensure_future(self._rescan())
+        scan.add_done_callback(lambda t: t.cancelled() or t.exception())  # never unretrieved
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(scan), self.cfg.miss_wait_s)
 
     async def _adapter(
         self, entry: ModelEntry, request: pb.InferRequest, tenant: str
@@ -362,7 +373,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         try:
             adapter = entry.adapter(name, version, usable)
         except NotFoundError:
-            await self._rescan()
+            await self._rescan_briefly()
             try:
                 adapter = self.repo.resolve(entry.name, entry.version).adapter(
                     name, version, usable

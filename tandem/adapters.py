@@ -4,10 +4,14 @@ Layout inside a bundle::
 
     adapters/<name>/<version>/adapter_config.json       PEFT's LoraConfig, as JSON
     adapters/<name>/<version>/adapter_model.safetensors lora_A / lora_B weights
-    adapters/<name>/<version>/tandem.json               optional: {"tenant": "acme", ...}
+    adapters/<name>/<version>/tandem.json               {"tenant": "acme", ...}, written last
     head-adapters/<name>/<version>/...                  the same, for the head (encoder)
 
-An adapter without ``tandem.json`` (or with tenant "") is shared by every tenant. Adapters
+``tandem.json`` names the owning tenant; tenant "" shares the adapter with every tenant. The
+cloud serves a version only once it has all three files: ``tandem.json`` is written last
+and marks it complete, so a version copied in file by file (``cp -r``) is never served
+before its owner is known. (:func:`load_adapter` itself, as a device uses it, reads a
+missing ``tandem.json`` as shared.) Adapters
 under ``adapters/`` target the decoder + tail and the cloud service serves them; those under
 ``head-adapters/`` target the encoder and an edge device merges one into its head
 (``HeadRunner.from_bundle(bundle, adapter=...)``); the cloud never reads them. A head part's
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import tempfile
@@ -42,14 +47,22 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
+from tandem.files import read_regular
+
 ADAPTERS_DIR = "adapters"
+MAX_ADAPTER_BYTES = 1 << 30
+"""The largest adapter weight file read unless the caller bounds it more tightly."""
 HEAD_ADAPTERS_DIR = "head-adapters"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "tandem.json"
+PUBLISHED_FILES = (CONFIG_FILE, WEIGHTS_FILE, META_FILE)
+"""The files of a complete adapter version; :func:`save_adapter` writes META_FILE last."""
+MAX_JSON_BYTES = 1 << 20  # an adapter's config or metadata is a few hundred bytes
 KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 
@@ -112,9 +125,9 @@ class Adapter:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    """Parsed JSON of ``path``, or an AdapterError naming ``what``."""
+    """Parsed JSON of the regular file ``path``, or an AdapterError naming ``what``."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_regular(path, MAX_JSON_BYTES).decode("utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -186,7 +199,7 @@ def _parse_config(path: Path) -> tuple[int, float, float, str | list[str]]:
 def read_metadata(directory: Path) -> dict[str, Any]:
     """``tandem.json`` of the adapter in ``directory``: {} when it has none."""
     path = Path(directory) / META_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         return {}
     meta = _read_json(path, "adapter metadata")
     if not isinstance(meta, dict):
@@ -194,7 +207,7 @@ def read_metadata(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_tenant(directory: Path) -> str:
+def read_tenant(directory: Path) -> str:
     """The owning tenant from ``tandem.json``: "" (shared) when it names none."""
     tenant = read_metadata(directory).get("tenant", "")
     if not isinstance(tenant, str):
@@ -233,18 +246,24 @@ def _factors(a: torch.Tensor, b: torch.Tensor, scale: float) -> LoraFactors:
     return LoraFactors(a.to(torch.float32).contiguous(), up)
 
 
-def load_adapter(path: Path, name: str, version: str) -> Adapter:
-    """Load and validate the adapter in directory ``path``; raises :class:`AdapterError`."""
+def load_adapter(
+    path: Path, name: str, version: str, max_bytes: int = MAX_ADAPTER_BYTES
+) -> Adapter:
+    """Load and validate the adapter in directory ``path``; raises :class:`AdapterError`.
+
+    Only regular files are read (a FIFO never blocks it); a weight file over ``max_bytes``
+    is refused unread.
+    """
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
     rank, alpha, scale, target_modules = _parse_config(path / CONFIG_FILE)
-    tenant = _read_tenant(path)
+    tenant = read_tenant(path)
     weights_path = path / WEIGHTS_FILE
-    if not weights_path.is_file():
-        raise AdapterError(f"adapter weights {weights_path} do not exist")
     try:
-        tensors = load_file(weights_path)
+        tensors = load_safetensors(read_regular(weights_path, max_bytes))
+    except FileNotFoundError:
+        raise AdapterError(f"adapter weights {weights_path} do not exist") from None
     except (SafetensorError, OSError) as e:
         raise AdapterError(f"adapter weights {weights_path} are unreadable: {e}") from None
 
@@ -352,8 +371,8 @@ def save_adapter(
     """Publish an adapter as directory ``path``, in PEFT's format, all at once.
 
     ``lora`` maps a module path to its (lora_A, lora_B) weights, shaped as described in the
-    module docstring. ``tandem.json`` holds ``tenant`` and ``metadata`` (JSON values), and is
-    written only when either is set. The files are
+    module docstring. ``tandem.json`` holds ``tenant`` ("" for shared) and ``metadata`` (JSON
+    values), and is written last. The files are
     written to a hidden sibling directory that is then renamed to ``path``: a server scanning
     meanwhile sees the whole adapter or nothing, never weights without their owner (which it
     would take for a shared adapter). ``path`` must not exist yet: versions are immutable.
@@ -391,9 +410,8 @@ def save_adapter(
         staging.chmod(0o755)  # mkdtemp's 0700 would outlive the rename
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
-        meta = {**(metadata or {}), **({"tenant": tenant} if tenant else {})}
-        if meta:
-            (staging / META_FILE).write_text(json.dumps(meta) + "\n")
+        meta = {**(metadata or {}), "tenant": tenant}
+        (staging / META_FILE).write_text(json.dumps(meta) + "\n")
         staging.rename(path)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -36,11 +37,19 @@ from tandem.adapters import AdapterError, load_adapter, merged_state
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
 from tandem.config import ArchConfig, BottleneckConfig, StrictModel
 from tandem.data import normalize
+from tandem.files import open_regular, read_regular
 from tandem.models import build_model
 from tandem.split import split_model
 
 MANIFEST = "manifest.json"
 HEAD_FILE, TAIL_FILE, FULL_FILE = "head.safetensors", "tail.safetensors", "full.safetensors"
+MAX_MANIFEST_BYTES = 4 << 20
+"""A manifest is a few KB (tens for a model with 20,000 labels); a larger one is refused unread."""
+_CHUNK = 1 << 20  # weight files are hashed in pieces this big, never held whole to be hashed
+# A safetensors file is 8 bytes, a JSON header, then the tensors' bytes; the header takes
+# about 100 bytes per tensor, so this much per tensor (plus a margin) is generous.
+_HEADER_BYTES_PER_TENSOR = 512
+_HEADER_MARGIN = 64 << 10
 
 
 class BundleError(ValueError):
@@ -129,29 +138,90 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(bundle: Path) -> Manifest:
-    """Read and validate a bundle's manifest."""
+    """Read and validate a bundle's manifest; a :class:`BundleError` says why in one line.
+
+    Only a regular file of at most :data:`MAX_MANIFEST_BYTES` is read (never a FIFO).
+    """
     path = Path(bundle) / MANIFEST
-    if not path.is_file():
-        raise BundleError(f"{bundle} is not a bundle: no {MANIFEST}")
     try:
-        return Manifest.model_validate_json(path.read_bytes())
+        data = read_regular(path, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise BundleError(f"{bundle} is not a bundle: no {MANIFEST}") from None
+    except OSError as exc:
+        raise BundleError(f"{path} is unreadable: {exc}") from None
+    try:
+        return Manifest.model_validate_json(data)
     except ValidationError as exc:
-        raise BundleError(f"{path} is invalid:\n{exc}") from exc
+        raise BundleError(f"{path} is invalid: {validation_summary(exc)}") from None
 
 
-def _load_verified(bundle: Path, manifest: Manifest, name: str) -> dict[str, torch.Tensor]:
+def validation_summary(exc: ValidationError, shown: int = 3) -> str:
+    """A pydantic error in one line: the first ``shown`` problems, and how many more."""
+    errors = exc.errors()
+    parts = [f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in errors[:shown]]
+    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
+    return "; ".join(parts) + more
+
+
+def tensor_bytes(module: nn.Module) -> tuple[int, int]:
+    """(bytes, count) of the tensors in ``module``'s state dict: what its weight file holds.
+
+    Works on the meta device, where building a module allocates nothing.
+    """
+    state = module.state_dict()
+    return sum(t.numel() * t.element_size() for t in state.values()), len(state)
+
+
+def _load_verified(
+    bundle: Path, manifest: Manifest, name: str, expected: tuple[int, int] | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of weight file ``name``, checked against the manifest's sha256.
+
+    With ``expected`` (tensor bytes and count, from :func:`tensor_bytes`), a file whose size
+    cannot hold exactly those tensors is refused before any of it is read. The file is hashed
+    as a stream, in chunks, so a wrong file is never held whole; only a match is then read,
+    from the same open file, which must not have changed meanwhile.
+    """
     path = Path(bundle) / name
-    expected = manifest.files.get(name)
-    if expected is None or not path.is_file():
+    digest = manifest.files.get(name)
+    if digest is None:
         raise BundleError(f"{bundle}: {name} is missing")
-    # Hash and parse the same bytes, so the file cannot change between check and use.
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest")
+    try:
+        with open_regular(path) as f:
+            before = os.fstat(f.fileno())
+            if expected is not None:
+                _check_size(bundle, name, before.st_size, *expected)
+            hasher = hashlib.sha256()
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                hasher.update(chunk)
+            if hasher.hexdigest() != digest:
+                raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest")
+            f.seek(0)
+            data = f.read(before.st_size + 1)
+            after = os.fstat(f.fileno())
+    except FileNotFoundError:
+        raise BundleError(f"{bundle}: {name} is missing") from None
+    except OSError as exc:  # not a regular file, unreadable
+        raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from None
+    if len(data) != before.st_size or (after.st_size, after.st_mtime_ns) != (
+        before.st_size,
+        before.st_mtime_ns,
+    ):
+        raise BundleError(f"{bundle}: {name} changed while it was read")
     try:
         return load_safetensors(data)
     except SafetensorError as exc:
         raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from exc
+
+
+def _check_size(bundle: Path, name: str, size: int, tensors: int, count: int) -> None:
+    low = 8 + tensors
+    high = low + _HEADER_MARGIN + _HEADER_BYTES_PER_TENSOR * count
+    if not low <= size <= high:
+        raise BundleError(
+            f"{bundle}: {name} has {size} bytes; the manifest's architecture needs "
+            f"{tensors} bytes of weights ({low}..{high} with the header)"
+        )
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -222,7 +292,7 @@ class HeadRunner:
         m = read_manifest(bundle)
         b = m.bottleneck
         encoder = BottleneckEncoder(m.input.shape[0], b.encoder, b.channels, b.widths)
-        _load_into(encoder, _load_verified(bundle, m, HEAD_FILE), "head")
+        _load_into(encoder, _load_verified(bundle, m, HEAD_FILE, tensor_bytes(encoder)), "head")
         if adapter is not None:
             loaded = load_adapter(adapter, Path(adapter).parent.name, Path(adapter).name)
             try:
@@ -285,10 +355,15 @@ class TailRunner:
         self.max_elements = max(math.prod(shape) for shape in self.accepted)
 
     @classmethod
-    def from_bundle(cls, bundle: Path) -> TailRunner:
-        """Rebuild decoder + tail from the manifest and load ``tail.safetensors`` only."""
-        m = read_manifest(bundle)
-        return cls.from_state(m, _load_verified(bundle, m, TAIL_FILE))
+    def from_bundle(cls, bundle: Path, manifest: Manifest | None = None) -> TailRunner:
+        """Rebuild decoder + tail from the manifest and load ``tail.safetensors`` only.
+
+        ``manifest`` is the bundle's, when the caller has read it already. The weight file's
+        size is checked against the architecture before the file is read or a model is
+        allocated, so a manifest claiming a huge model, or a huge file, costs nothing.
+        """
+        m = read_manifest(bundle) if manifest is None else manifest
+        return cls.from_state(m, _load_verified(bundle, m, TAIL_FILE, tail_bytes(m)))
 
     @classmethod
     def from_state(cls, manifest: Manifest, state: dict[str, torch.Tensor]) -> TailRunner:
@@ -317,8 +392,24 @@ class TailRunner:
         return self.model(self.unpack(payloads)).numpy()
 
 
+def tail_bytes(manifest: Manifest) -> tuple[int, int]:
+    """(bytes, count) of the tensors in ``manifest``'s decoder + tail, computed on the meta
+    device: what ``tail.safetensors`` must hold, known without allocating the model."""
+    b = manifest.bottleneck
+    with torch.device("meta"):
+        decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
+    (dec_bytes, dec_count), (tail, count) = (
+        tensor_bytes(decoder),
+        tensor_bytes(_traced_tail(manifest)),
+    )
+    return dec_bytes + tail, dec_count + count
+
+
 _TRACE_LOCK = threading.Lock()
-_TRACED: dict[str, nn.Module] = {}
+_TRACED: OrderedDict[str, nn.Module] = OrderedDict()
+_TRACED_KEPT = (
+    16  # architectures; a repository fed manifests with ever new arguments must not grow it
+)
 
 
 def _traced_tail(manifest: Manifest) -> nn.Module:
@@ -339,6 +430,9 @@ def _traced_tail(manifest: Manifest) -> nn.Module:
             with torch.device("meta"):
                 model = build_arch(manifest)
             _TRACED[key] = split_model(model, manifest.cut).tail
+        _TRACED.move_to_end(key)
+        while len(_TRACED) > _TRACED_KEPT:
+            _TRACED.popitem(last=False)
         return _TRACED[key]
 
 
@@ -348,7 +442,7 @@ def load_full(bundle: Path) -> nn.Module | None:
     if FULL_FILE not in m.files:
         return None
     model = build_arch(m)
-    _load_into(model, _load_verified(bundle, m, FULL_FILE), "full model")
+    _load_into(model, _load_verified(bundle, m, FULL_FILE, tensor_bytes(model)), "full model")
     return model.eval()
 
 

@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -319,7 +320,8 @@ async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
         )
     )
     (tmp / "repo").mkdir()
-    (tmp / "repo" / "digits").symlink_to(bundle.resolve())
+    # A copy, not a link: the repository refuses links that lead out of it.
+    shutil.copytree(bundle, tmp / "repo" / "digits", ignore=shutil.ignore_patterns("checkpoint"))
     server = CloudServer(
         ServeConfig(models=tmp / "repo", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
     )

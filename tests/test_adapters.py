@@ -113,9 +113,10 @@ def test_factors_keep_the_unmerged_pair(tmp_path: Path) -> None:
         torch.testing.assert_close(factors.b, b.flatten(1).T * (ALPHA / RANK))
 
 
-def test_shared_adapter_has_no_tenant_file(tmp_path: Path) -> None:
+def test_shared_adapter_has_an_owner_file_naming_no_tenant(tmp_path: Path) -> None:
+    # tandem.json is always written, last: the cloud serves a version only once it exists.
     _save(tmp_path / "a", Net())
-    assert not (tmp_path / "a" / "tandem.json").exists()
+    assert json.loads((tmp_path / "a" / "tandem.json").read_text()) == {"tenant": ""}
     assert load_adapter(tmp_path / "a", "n", "1").tenant == ""
 
 
