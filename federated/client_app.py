@@ -2,7 +2,9 @@
 
 Every setting arrives in the message's config (the server validated it); the node itself
 contributes only its ``partition-id`` and ``num-partitions`` (node config), which pick its rows
-and its domain. Replies leave through :func:`federated.updates.compress_updates`.
+and its domain. What the server sends arrives codec-encoded and is decoded first
+(:func:`federated.updates.decode_down`); replies leave through
+:func:`federated.updates.compress_updates`.
 
 Message contents, by key: ``arrays`` the adapter weights to start from and train (their keys
 are what comes back), ``frozen`` weights to load but keep fixed (FFA-LoRA's A), ``base`` an
@@ -49,6 +51,7 @@ from tandem.federated.updates import (
     CONFIG_KEY,
     METRICS_KEY,
     compress_updates,
+    decode_down,
     from_record,
     number,
     to_record,
@@ -174,7 +177,7 @@ def clip_if_asked(msg: Message, context: Context, call_next: ClientAppCallable) 
 
 def make_client_app(extra_mods: Sequence[Mod] = ()) -> ClientApp:
     """The ClientApp, with ``extra_mods`` innermost (tests inject faults there)."""
-    client = ClientApp(mods=[compress_updates, clip_if_asked, *extra_mods])
+    client = ClientApp(mods=[decode_down, compress_updates, clip_if_asked, *extra_mods])
     client.train()(_train)
     client.evaluate()(_evaluate)
     return client

@@ -6,8 +6,8 @@ Flower's ``Strategy.start`` runs rounds too; this loop adds what a fleet of devi
 - with fewer than ``min-replies`` good replies the round is skipped: the global adapter stays;
 - failures are counted per round: error replies, replies that do not decode, and nodes that
   never answered;
-- every reply is decoded from ``tandem.codec`` bytes (``federated.updates``), and the bytes
-  each client sent and received are logged;
+- the adapter goes down and every reply comes back as ``tandem.codec`` bytes
+  (``federated.updates``), and the bytes each client received and sent are logged;
 - after the last round, an optional personalisation round fine-tunes the global adapter on
   each client's own data.
 """
@@ -27,11 +27,11 @@ from tandem.federated.config import FedConfig
 from tandem.federated.lora import Arrays
 from tandem.federated.strategies import LoraStrategy
 from tandem.federated.updates import (
-    ARRAYS_KEY,
     METRICS_KEY,
     UpdateError,
+    compress_down,
     decode_reply,
-    from_record,
+    down_bytes,
     number,
 )
 
@@ -71,6 +71,16 @@ class RoundLog:
         """A JSON-ready dict."""
         return asdict(self)
 
+    def bytes_per_client(self) -> tuple[int, int]:
+        """Mean encoded bytes (down, up) per replying client; (0, 0) with no replies."""
+        if not self.clients:
+            return 0, 0
+        n = len(self.clients)
+        return (
+            round(sum(c.bytes_down for c in self.clients) / n),
+            round(sum(c.bytes_up for c in self.clients) / n),
+        )
+
 
 @dataclass
 class Outcome:
@@ -78,12 +88,6 @@ class Outcome:
 
     replies: list[Message]
     log: RoundLog
-
-
-def _content_bytes(message: Message) -> int:
-    return sum(
-        arr.numpy().nbytes for rec in message.content.array_records.values() for arr in rec.values()
-    )
 
 
 def _client(reply: Message, down: int) -> ClientRound:
@@ -99,10 +103,9 @@ def _client(reply: Message, down: int) -> ClientRound:
 def exchange(grid: Grid, messages: list[Message], cfg: FedConfig, server_round: int) -> Outcome:
     """Send one round's train messages; decode, check and count what comes back in time."""
     start = time.monotonic()
-    sent = {
-        m.metadata.dst_node_id: from_record(m.content.array_records[ARRAYS_KEY]) for m in messages
-    }
-    down = {m.metadata.dst_node_id: _content_bytes(m) for m in messages}
+    # What each client will decode is what it trains from, so it is what the server sent.
+    sent = compress_down(messages, cfg.update_bits, cfg.update_zstd)
+    down = {m.metadata.dst_node_id: down_bytes(m) for m in messages}
     replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
     good, errors, clients = [], [], []
     for reply in replies:
@@ -157,9 +160,12 @@ def run_rounds(
             log.warning("round %d skipped: %d good replies, %d needed", rnd,
                         outcome.log.replies, cfg.min_replies)  # fmt: skip
         outcome.log.accuracy = evaluate(strategy.global_adapter(arrays), strategy.scale)
-        log.info("round %d: %d replies, %d failures, %d missing, accuracy %.4f", rnd,
-                 outcome.log.replies, outcome.log.failures, outcome.log.missing,
-                 outcome.log.accuracy)  # fmt: skip
+        down, up = outcome.log.bytes_per_client()
+        log.info(
+            "round %d: %d replies, %d failures, %d missing, accuracy %.4f, "
+            "%d bytes down and %d up per client", rnd, outcome.log.replies,
+            outcome.log.failures, outcome.log.missing, outcome.log.accuracy, down, up,
+        )  # fmt: skip
         logs.append(outcome.log)
         on_round(rnd, arrays, outcome.log)
     return arrays, logs

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +165,21 @@ def _publish(cfg: FedConfig, arrays: Arrays, scale: float, suffix: str = "") -> 
     return [str(p) for p in paths]
 
 
+def log_to_stderr() -> None:
+    """Send this package's federation log (INFO and up) to stderr, which Flower streams to
+    ``flwr run --stream``, in Flower's ``LEVEL : message`` form; once per process, and not
+    also to the root logger, which would print each line a second time."""
+    logger = logging.getLogger("tandem.federated")
+    if any(getattr(h, "tandem_stderr", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s : %(message)s"))
+    handler.tandem_stderr = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     """The ServerApp; ``overrides`` take precedence over the run config (for in-process runs,
     whose run config is empty)."""
@@ -171,6 +187,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        log_to_stderr()
         cfg = FedConfig.from_run_config({**context.run_config, **(overrides or {})})
         run_federation(grid, cfg)
 

@@ -9,6 +9,13 @@ coarse quantiser good enough for them.
 
 Before encoding, each tensor is laid out rank-major as ``(r, 1, rest)``: the codec keeps one
 scale per plane of the last two axes, so every rank-1 component gets its own scale.
+
+The way down takes the same codec path: :func:`compress_down` replaces every array record of
+the server's messages (the adapter to train, FFA-LoRA's frozen A, FLoRA's base) with its
+codec bytes, at the run's ``update-bits`` and ``update-zstd``, and the client mod
+:func:`decode_down` restores them before anything else reads the message. The server keeps
+what the client will decode as what it sent, so ``sent + update`` is exactly what the client
+trained. Frozen and base records reach clients to within half a codec step.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ from tandem.federated.lora import Arrays
 from tandem.federated.rank import truncate_tensor
 
 UPDATE_KEY = "update"  # the reply's ConfigRecord of encoded tensors, bytes by array key
+DOWN_PREFIX = "codec:"  # a down message's record KEY travels encoded as "codec:KEY"
+SHAPE_SUFFIX = "#shape"  # ...with each tensor's shape beside its bytes
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 CONFIG_KEY = "config"
@@ -112,6 +121,76 @@ def compress_updates(msg: Message, context: Context, call_next: ClientAppCallabl
     metrics["bytes-up"] = sum(len(b) for b in encoded.values() if isinstance(b, bytes))
     reply.content = RecordDict({UPDATE_KEY: ConfigRecord(encoded), METRICS_KEY: metrics})
     return reply
+
+
+def encode_arrays(arrays: Mapping[str, np.ndarray], bits: int, compress: bool) -> ConfigRecord:
+    """Adapter tensors as one ConfigRecord: each key's codec bytes (as :func:`encode_update`
+    writes them) and, under ``KEY#shape``, its shape."""
+    record: dict[str, ConfigRecordValues] = {}
+    for key, value in arrays.items():
+        record[key] = encode_update(key, value, bits, compress)
+        record[key + SHAPE_SUFFIX] = [int(d) for d in value.shape]
+    return ConfigRecord(record)
+
+
+def decode_arrays(record: ConfigRecord) -> Arrays:
+    """The tensors of an :func:`encode_arrays` record; UpdateError if one does not decode."""
+    arrays: Arrays = {}
+    for key in record:
+        if key.endswith(SHAPE_SUFFIX):
+            continue
+        data, shape = record[key], record.get(key + SHAPE_SUFFIX)
+        if not isinstance(data, bytes) or not isinstance(shape, list):
+            raise UpdateError(f"{key}: expected codec bytes and a shape")
+        arrays[key] = decode_update(key, data, np.empty([int(d) for d in shape], np.float32))
+    return arrays
+
+
+def compress_down(messages: list[Message], bits: int, compress: bool) -> dict[int, Arrays]:
+    """Replace, in place, each message's array records with their codec encoding (see the
+    module docstring); return, by destination node, the ``arrays`` record as the client will
+    decode it: what the server must take as sent. A record shared by several messages is
+    encoded once."""
+    encoded: dict[int, tuple[ConfigRecord, Arrays]] = {}
+    held: dict[int, Arrays] = {}
+    for message in messages:
+        content = RecordDict()
+        for key, record in message.content.items():
+            if not isinstance(record, ArrayRecord):
+                content[key] = record
+                continue
+            if id(record) not in encoded:
+                down = encode_arrays(from_record(record), bits, compress)
+                encoded[id(record)] = (down, decode_arrays(down))
+            down, decoded = encoded[id(record)]
+            content[DOWN_PREFIX + key] = down
+            if key == ARRAYS_KEY:
+                held[message.metadata.dst_node_id] = decoded
+        message.content = content
+    return held
+
+
+def down_bytes(message: Message) -> int:
+    """The encoded tensor bytes a :func:`compress_down` message carries."""
+    return sum(
+        len(value)
+        for key, record in message.content.config_records.items()
+        if key.startswith(DOWN_PREFIX)
+        for value in record.values()
+        if isinstance(value, bytes)
+    )
+
+
+def decode_down(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod (outermost): the server's encoded records back as array records."""
+    content = RecordDict()
+    for key, record in msg.content.items():
+        if key.startswith(DOWN_PREFIX) and isinstance(record, ConfigRecord):
+            content[key.removeprefix(DOWN_PREFIX)] = to_record(decode_arrays(record))
+        else:
+            content[key] = record
+    msg.content = content
+    return call_next(msg, context)
 
 
 def _start(key: str, trained: np.ndarray, sent: Mapping[str, np.ndarray]) -> np.ndarray:

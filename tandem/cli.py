@@ -553,4 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m tandem.cli` runs this file as __main__, a second copy of the module: run the
+    # one other modules import, so that exceptions they raise (CommandError) are its classes.
+    from tandem.cli import main as canonical_main
+
+    sys.exit(canonical_main())

@@ -62,18 +62,34 @@ class DataSet:
         return int(c), int(h), int(w)
 
 
-def load_data(spec: str) -> DataSet:
-    """Load the data set named by ``spec`` (see the module docstring for the forms)."""
+def check_spec(spec: str) -> None:
+    """Check, without reading any data, that ``spec`` has one of the forms and that the file
+    or directory it names exists; DataSpecError says what is wrong."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
-        return _load_digits(spec)
+        return
     if kind == "npz" and arg:
-        return _load_npz(spec, Path(arg))
+        if not Path(arg).is_file():
+            raise DataSpecError(f"{spec}: no such file {arg}")
+        return
     if kind == "imagefolder" and arg:
-        return _load_imagefolder(spec, Path(arg))
+        if not Path(arg).is_dir():
+            raise DataSpecError(f"{spec}: no such directory {arg}")
+        return
     raise DataSpecError(
         f"unknown data spec {spec!r}: expected 'digits', 'npz:PATH' or 'imagefolder:DIR'"
     )
+
+
+def load_data(spec: str) -> DataSet:
+    """Load the data set named by ``spec`` (see the module docstring for the forms)."""
+    check_spec(spec)
+    kind, _, arg = spec.partition(":")
+    if kind == "npz":
+        return _load_npz(spec, Path(arg))
+    if kind == "imagefolder":
+        return _load_imagefolder(spec, Path(arg))
+    return _load_digits(spec)
 
 
 def _as_nchw(x: np.ndarray) -> np.ndarray:
@@ -107,8 +123,6 @@ def _load_digits(spec: str) -> DataSet:
 
 
 def _load_npz(spec: str, path: Path) -> DataSet:
-    if not path.is_file():
-        raise DataSpecError(f"{spec}: no such file {path}")
     try:
         with np.load(path, allow_pickle=False) as archive:
             x, y = archive["x"], archive["y"]
@@ -188,8 +202,6 @@ def _is_grey(image: np.ndarray) -> bool:
 
 
 def _load_imagefolder(spec: str, root: Path) -> DataSet:
-    if not root.is_dir():
-        raise DataSpecError(f"{spec}: no such directory {root}")
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     class_root = root / "train" if has_splits else root
     classes = [p.name for p in _class_dirs(class_root)]
