@@ -152,7 +152,7 @@ def forward(line: str) -> None:
     text = ANSI.sub("", line).strip()
     match = LEVEL.match(text)
     level, message = (logging.INFO, text) if match is None else (
-        logging.getLevelName(match.group(1)), match.group(2).strip()
+        logging.getLevelNamesMapping()[match.group(1)], match.group(2).strip()
     )  # fmt: skip
     if any(moot in message for moot in MOOT_WARNINGS):
         level = logging.INFO

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 from tqdm import tqdm
 
@@ -360,7 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="tandem", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tandem {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # The roles' register() take argparse's own type; Parser only changes how errors leave.
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"),
+    )
 
     p = sub.add_parser("train", help="run a distillation recipe and write a bundle")
     p.add_argument("recipe", help="built-in recipe name (digits, mnist) or a TOML file")
