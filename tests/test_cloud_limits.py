@@ -102,15 +102,21 @@ def test_streams_per_connection_are_limited(repo: Path) -> None:
     """Past max_streams_per_connection, a further stream on that connection waits its turn."""
 
     async def main() -> None:
-        cfg = config(repo, max_streams_per_connection=2)
+        cfg = config(repo, max_streams_per_connection=2, drain_grace_s=0.5)
         async with (
             running(cfg) as server,
             grpc.aio.insecure_channel(server.address) as channel,
         ):
             stub = health_pb2_grpc.HealthStub(channel)
-            watch = [stub.Watch(health_pb2.HealthCheckRequest(), timeout=60) for _ in range(3)]
-            first = [await asyncio.wait_for(w.read(), TIMEOUT) for w in watch[:2]]
-            assert all(m.status == health_pb2.HealthCheckResponse.SERVING for m in first)
+            # Connected first, so the client knows the limit (from the server's SETTINGS)
+            # before it opens the streams; then one stream at a time.
+            await _check(channel)
+            watch = []
+            for _ in range(2):
+                watch.append(stub.Watch(health_pb2.HealthCheckRequest(), timeout=60))
+                first = await asyncio.wait_for(watch[-1].read(), TIMEOUT)
+                assert first.status == health_pb2.HealthCheckResponse.SERVING
+            watch.append(stub.Watch(health_pb2.HealthCheckRequest(), timeout=60))
             third = asyncio.ensure_future(watch[2].read())
             # The third stream is not started while the two hold the connection's streams.
             assert await holds_for(lambda: not third.done(), 1.0)
