@@ -34,8 +34,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a run-config setting, as in pyproject's [tool.flwr.app.config], e.g. "
-        "--set num-rounds=10 --set strategy=ffa",
+        help="a run-config setting (FedConfig's keys, - or _ alike), VALUE a TOML literal or "
+        "plain text as for tandem train --set, e.g. --set num-rounds=10 --set strategy=ffa "
+        "(repeatable)",
     )
     p.add_argument("--out", type=Path, help="keep result.json here (default: a temp directory)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON document")
