@@ -367,10 +367,11 @@ def _from_row(row: Any) -> SpoolEntry:
     # where a list belongs, a blob where a number does).
     except (ValueError, TypeError, RecursionError) as exc:
         log.error("spool entry %s (input %s) is corrupt, quarantined: %s", request_id, index, exc)
+        known = _int_or_none(index)
         return SpoolEntry(
             request_id=str(request_id),
-            input_index=_int_or(index, -1),
-            label=_int_or(label, None),
+            input_index=-1 if known is None else known,
+            label=_int_or_none(label),
             data=b"",
             shape=(),
             width=None,
@@ -387,9 +388,9 @@ def _blob(value: Any) -> bytes:
     return value
 
 
-def _int_or(value: Any, default: int | None) -> int | None:
-    """``value`` as an int, or ``default`` when it is missing or not a number."""
+def _int_or_none(value: Any) -> int | None:
+    """``value`` as an int, or None when it is missing or not a number."""
     try:
         return int(value)
     except (ValueError, TypeError):
-        return default
+        return None
