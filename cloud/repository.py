@@ -220,6 +220,19 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= _LOG_CHARS else text[: _LOG_CHARS - 3] + "..."
 
 
+@dataclass
+class _Budget:
+    """One scan's time. Once past ``deadline`` nothing new is loaded, except that the first
+    load of a scan always runs: every scan makes progress, however slow the loads."""
+
+    deadline: float
+    loads: int = 0
+
+    def spent(self) -> bool:
+        """Whether the scan must leave further loads to the next one."""
+        return self.loads > 0 and time.monotonic() > self.deadline
+
+
 class ModelRepository:
     """Bundles under ``root``, keyed by (name, version); thread-safe.
 
@@ -248,15 +261,15 @@ class ModelRepository:
         visited first, so a newcomer never displaces one of them.
         """
         with self._scanning:
-            deadline = time.monotonic() + self.scan_budget_s
+            budget = _Budget(time.monotonic() + self.scan_budget_s)
             with self._lock:
                 held = {e.path: e for e in self._models.values()}
             paths = self._bundle_dirs()
             found: dict[tuple[str, str], ModelEntry] = {}
             for path in sorted(paths, key=lambda p: (p not in held, p)):
-                entry = self._entry_for(path, held.get(path), found, deadline)
+                entry = self._entry_for(path, held.get(path), found, budget)
                 if entry is not None:
-                    self._refresh_adapters(entry, deadline)
+                    self._refresh_adapters(entry, budget)
                     found[(entry.name, entry.version)] = entry
             self._forget_all_but(set(paths))
             with self._lock:
@@ -274,7 +287,7 @@ class ModelRepository:
         path: Path,
         held: ModelEntry | None,
         found: dict[tuple[str, str], ModelEntry],
-        deadline: float,
+        budget: _Budget,
     ) -> ModelEntry | None:
         """The entry to serve from ``path``: the held one while its files are unchanged,
         else a fresh load, or None (failed, refused, or left for the next scan)."""
@@ -286,14 +299,16 @@ class ModelRepository:
         manifest = self._manifest(path, stamps)
         if manifest is None or not self._admits(path, manifest, found):
             return None
-        if time.monotonic() > deadline:
+        if budget.spent():
             self._say(("deferred", path, stamps), log.info, "loading %s waits for the next "
                       "scan: this one ran past %.0f s", path, self.scan_budget_s)  # fmt: skip
             return held
+        budget.loads += 1
         try:
             runner = TailRunner.from_bundle(path, manifest)
         except Exception as exc:  # a bad cut, wrong sizes or hashes, unreadable weights...
-            return self._fail(path, stamps, "skipping bundle %s: %s", exc)
+            self._fail(path, stamps, "skipping bundle %s: %s", exc)
+            return None
         assert stamps[0] is not None  # the manifest was read
         log.info("loaded %s version %s from %s", manifest.name, manifest.version, path)
         return ModelEntry(path, manifest, runner, stamps[0].mtime_ns / 1e9, stamps)
@@ -309,7 +324,8 @@ class ModelRepository:
             manifest = read_manifest(path)
             tail_bytes(manifest)  # the architecture must build (on the meta device)
         except Exception as exc:  # a link out, an invalid manifest, an unknown architecture
-            return self._fail(path, stamps, "skipping bundle %s: %s", exc)
+            self._fail(path, stamps, "skipping bundle %s: %s", exc)
+            return None
         self._manifests[path] = (stamps, manifest)
         return manifest
 
@@ -336,7 +352,7 @@ class ModelRepository:
                 return False
         return True
 
-    def _refresh_adapters(self, entry: ModelEntry, deadline: float) -> None:
+    def _refresh_adapters(self, entry: ModelEntry, budget: _Budget) -> None:
         """Serve the entry's complete adapter versions, re-reading owners that changed."""
         try:
             listed = list_adapters(entry.path)
@@ -347,13 +363,13 @@ class ModelRepository:
         adapters: dict[str, dict[str, Adapter]] = {}
         stamps: dict[Path, Stamps] = {}
         for name, version, path in listed:
-            served = self._adapter(entry, name, version, path, deadline)
+            served = self._adapter(entry, name, version, path, budget)
             if served is not None:
                 adapters.setdefault(name, {})[version], stamps[path] = served
         entry.adapters, entry.adapter_stamps = adapters, stamps
 
     def _adapter(
-        self, entry: ModelEntry, name: str, version: str, path: Path, deadline: float
+        self, entry: ModelEntry, name: str, version: str, path: Path, budget: _Budget
     ) -> tuple[Adapter, Stamps] | None:
         """The adapter to serve from ``path`` and the stamps of the files it was read from
         (older than the files' when it waits for the next scan), or None."""
@@ -375,12 +391,14 @@ class ModelRepository:
             if held is not None and before[:-1] == now[:-1]:
                 # Only the owner file changed: re-own, keep the weights and what they built.
                 return dataclasses.replace(held, tenant=read_tenant(path)), now
-            if time.monotonic() > deadline:  # the old files' adapter, if any; reloaded next scan
+            if budget.spent():  # the old files' adapter, if any; loaded next scan
                 return None if held is None else (held, before)
+            budget.loads += 1
             adapter = load_adapter(path, name, version, max_bytes=_adapter_cap(entry))
             merged_state(entry.runner.model, adapter)  # refuse one that does not fit
         except (AdapterError, RefusedError, OSError) as exc:
-            return self._fail(path, now, "skipping adapter %s: %s", exc)
+            self._fail(path, now, "skipping adapter %s: %s", exc)
+            return None
         if held is not None:
             entry.forget(held)
         log.info("loaded adapter %s/%s for %s", name, version, entry.name)

@@ -123,6 +123,16 @@ def test_a_fifo_does_not_block_the_scan(
     assert _adapters(repository) == {}
 
 
+def test_a_scan_past_its_budget_leaves_further_loads_to_the_next(
+    repo: Path, digits_bundle: Path
+) -> None:
+    for v in ("v2", "v3"):
+        _copy_as(digits_bundle, repo / f"digits-{v}", version=v)
+    repository = ModelRepository(repo, scan_budget_s=0)  # spent as soon as one load is done
+    counts = [repository.scan() for _ in range(4)]
+    assert counts == [1, 2, 3, 3]
+
+
 # ------------------------------------------------------------------ failures remembered
 
 
