@@ -1,13 +1,18 @@
-"""The Flower app end to end in Flower's simulation engine (in-process, Ray backend)."""
+"""The Flower app end to end in Flower's simulation engine (in-process, Ray backend, so that
+fault-injecting client mods can be passed in)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 from federation import simulate
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
@@ -16,6 +21,23 @@ from tandem.cloud.repository import ModelRepository
 from tandem.federated.client_app import make_client_app
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ray_sessions_kept_apart() -> Iterator[None]:
+    """Ray's session directories in a temporary directory of this module's, removed after,
+    not left under /tmp/ray (short: Ray's socket paths must fit in 107 bytes)."""
+    saved = os.environ.get("RAY_TMPDIR")
+    with tempfile.TemporaryDirectory(prefix="tray-", ignore_cleanup_errors=True) as tmp:
+        os.environ["RAY_TMPDIR"] = tmp
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            if saved is None:
+                del os.environ["RAY_TMPDIR"]
+            else:
+                os.environ["RAY_TMPDIR"] = saved
 
 
 def _federate(
