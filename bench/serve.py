@@ -42,7 +42,7 @@ import grpc
 import numpy as np
 import torch
 
-from tandem.bundle import HeadRunner, TailRunner, read_manifest
+from tandem.bundle import HeadRunner, TailRunner, copy_bundle, read_manifest
 from tandem.data import load_data
 from tandem.protocol import to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
@@ -264,9 +264,8 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
     best_bs = max(raw, key=lambda bs: raw[bs])
 
     repo = tmp / "repo"
-    repo.mkdir(exist_ok=True)
     if not (repo / manifest.name).exists():
-        (repo / manifest.name).symlink_to(bundle.resolve())
+        copy_bundle(bundle, repo, manifest.name)
     service, edge = {}, 0.0
     for compute in ("threads", "processes"):
         with process(_serve_command(repo, compute)) as ready:

@@ -87,6 +87,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--poll-s", type=float, default=2.0, help="repository rescan interval")
     p.add_argument(
+        "--scan-budget-s", type=float, default=10.0,
+        help="a rescan starts no new bundle load after this long; the rest waits for the next",
+    )  # fmt: skip
+    p.add_argument(
+        "--miss-wait-s", type=float, default=5.0,
+        help="a request naming an unknown model or version waits this long for a rescan, then "
+        "is answered NOT_FOUND",
+    )  # fmt: skip
+    p.add_argument(
         "--drain-grace-s", type=float, default=30.0,
         help="on SIGTERM, time for calls in flight to finish",
     )  # fmt: skip
@@ -155,6 +164,8 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "max_connection_age_s": args.max_connection_age_s,
         "keepalive_s": args.keepalive_s,
         "poll_s": args.poll_s,
+        "scan_budget_s": args.scan_budget_s,
+        "miss_wait_s": args.miss_wait_s,
         "drain_grace_s": args.drain_grace_s,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

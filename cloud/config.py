@@ -37,6 +37,12 @@ class ServeConfig(StrictModel):
     miss_rescan_s: float = Field(
         0.2, ge=0, description="a request for an unknown model rescans at most this often"
     )
+    scan_budget_s: float = Field(
+        10.0,
+        gt=0,
+        description="a repository scan starts no new load after this long (each scan loads "
+        "at least one); the rest waits for the next scan",
+    )
     miss_wait_s: float = Field(
         5.0,
         ge=0,

@@ -60,12 +60,13 @@ from tandem.bundle import (
     tail_bytes,
     tensor_bytes,
 )
+from tandem.cloud.config import ServeConfig
 from tandem.cloud.lora_batch import MixedLoRA
 from tandem.files import Stamp, resolves_inside, stamp
 
 log = logging.getLogger(__name__)
 
-SCAN_BUDGET_S = 10.0
+SCAN_BUDGET_S: float = ServeConfig.model_fields["scan_budget_s"].default
 """After this long, a scan starts loading nothing new; the rest waits for the next scan."""
 LAYOUT = "REPO/<bundle>/manifest.json (or REPO/<bundle>/<version>/manifest.json)"
 _VERSIONS_LISTED = 8  # versions a NOT_FOUND names (status details are short)

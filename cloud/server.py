@@ -71,7 +71,7 @@ class CloudServer:
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
         self.tokens = TokenStore(cfg.tokens)
-        self.repo = ModelRepository(cfg.models)
+        self.repo = ModelRepository(cfg.models, cfg.scan_budget_s)
         self.metrics = ServiceMetrics()
         # Repository scans read files: one thread of their own keeps them off the loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")

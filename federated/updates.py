@@ -10,12 +10,13 @@ coarse quantiser good enough for them.
 Before encoding, each tensor is laid out rank-major as ``(r, 1, rest)``: the codec keeps one
 scale per plane of the last two axes, so every rank-1 component gets its own scale.
 
-The way down takes the same codec path: :func:`compress_down` replaces every array record of
-the server's messages (the adapter to train, FFA-LoRA's frozen A, FLoRA's base) with its
-codec bytes, at the run's ``update-bits`` and ``update-zstd``, and the client mod
-:func:`decode_down` restores them before anything else reads the message. The server keeps
-what the client will decode as what it sent, so ``sent + update`` is exactly what the client
-trained. Frozen and base records reach clients to within half a codec step.
+The way down takes the same codec path for the adapter to train: :func:`compress_down`
+replaces that record of the server's messages with its codec bytes, at the run's
+``update-bits`` and ``update-zstd``, and the client mod :func:`decode_down` restores it before
+anything else reads the message. The server keeps what the client will decode as what it
+sent, so ``sent + update`` is exactly what the client trained, rounding and all. Records the
+clients do not train (FFA-LoRA's frozen A, FLoRA's base) travel as float32: the server
+evaluates and publishes with exactly those, and no reply could correct a rounded copy.
 """
 
 from __future__ import annotations
@@ -147,16 +148,16 @@ def decode_arrays(record: ConfigRecord) -> Arrays:
 
 
 def compress_down(messages: list[Message], bits: int, compress: bool) -> dict[int, Arrays]:
-    """Replace, in place, each message's array records with their codec encoding (see the
-    module docstring); return, by destination node, the ``arrays`` record as the client will
-    decode it: what the server must take as sent. A record shared by several messages is
-    encoded once."""
+    """Replace, in place, each message's adapter to train (its ``arrays`` record) with its
+    codec encoding (see the module docstring); return, by destination node, that record as the
+    client will decode it: what the server must take as sent. Other records are left as they
+    are. A record shared by several messages is encoded once."""
     encoded: dict[int, tuple[ConfigRecord, Arrays]] = {}
     held: dict[int, Arrays] = {}
     for message in messages:
         content = RecordDict()
         for key, record in message.content.items():
-            if not isinstance(record, ArrayRecord):
+            if key != ARRAYS_KEY or not isinstance(record, ArrayRecord):
                 content[key] = record
                 continue
             if id(record) not in encoded:
@@ -164,8 +165,7 @@ def compress_down(messages: list[Message], bits: int, compress: bool) -> dict[in
                 encoded[id(record)] = (down, decode_arrays(down))
             down, decoded = encoded[id(record)]
             content[DOWN_PREFIX + key] = down
-            if key == ARRAYS_KEY:
-                held[message.metadata.dst_node_id] = decoded
+            held[message.metadata.dst_node_id] = decoded
         message.content = content
     return held
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tandem.bundle import copy_bundle
 from tandem.sim.des import Device, Strategy, simulate
 from tandem.sim.emulator import LinkEmulator
 from tandem.sim.link import Link
@@ -63,10 +64,8 @@ async def run_real(
 ) -> Measured:
     """Serve ``x`` (uint8 inputs, fed at ``fps``) through the emulated link; see the module."""
     repo = workdir / "repo"
-    repo.mkdir(parents=True, exist_ok=True)
-    link = repo / bundle.name
-    if not link.exists():
-        link.symlink_to(bundle.resolve())
+    if not (repo / bundle.name).exists():
+        copy_bundle(bundle, repo)
     async with _process(
         *TANDEM, "cloud", "serve", "--json", "--models", str(repo), "--listen", "127.0.0.1:0",
         "--metrics-listen", "off", *SERVE_FLAGS,

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -258,6 +259,18 @@ def write_bundle(
     tmp.write_text(json.dumps(manifest.model_dump(mode="json"), indent=1))
     os.replace(tmp, out / MANIFEST)
     return manifest
+
+
+def copy_bundle(bundle: Path, repo: Path, name: str | None = None) -> Path:
+    """Copy ``bundle`` into the model repository ``repo`` as ``repo/NAME`` (default: its
+    directory name), leaving out training state (``checkpoint/``); return the copy's path.
+
+    A copy, never a link: the service refuses links that leave its repository.
+    """
+    dest = repo / (name or bundle.name)
+    repo.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(bundle, dest, ignore=shutil.ignore_patterns("checkpoint"))
+    return dest
 
 
 def build_arch(manifest: Manifest) -> nn.Module:

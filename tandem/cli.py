@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -305,6 +304,7 @@ def _sim_text(doc: dict[str, Any]) -> str:
 
 async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
     """A cloud service on 127.0.0.1, and the edge daemon sending it the digits test split."""
+    from tandem.bundle import copy_bundle
     from tandem.cloud.config import ServeConfig
     from tandem.cloud.server import CloudServer
     from tandem.data import load_data
@@ -319,9 +319,7 @@ async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
             for x, y in zip(test.x, test.y, strict=True)
         )
     )
-    (tmp / "repo").mkdir()
-    # A copy, not a link: the repository refuses links that lead out of it.
-    shutil.copytree(bundle, tmp / "repo" / "digits", ignore=shutil.ignore_patterns("checkpoint"))
+    copy_bundle(bundle, tmp / "repo", "digits")
     server = CloudServer(
         ServeConfig(models=tmp / "repo", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
     )

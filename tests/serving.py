@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from tandem.bundle import HeadRunner
+from tandem.bundle import HeadRunner, copy_bundle
 from tandem.cloud.config import ServeConfig
 from tandem.cloud.server import CloudServer
 from tandem.protocol import to_message
@@ -30,8 +29,7 @@ TANDEM = [sys.executable, "-m", "tandem.cli"]
 def make_repo(tmp: Path, bundle: Path, name: str = "digits") -> Path:
     """A model repository holding a copy of ``bundle`` under ``name``."""
     repo = tmp / "repo"
-    repo.mkdir(exist_ok=True)
-    shutil.copytree(bundle, repo / name, ignore=shutil.ignore_patterns("checkpoint"))
+    copy_bundle(bundle, repo, name)
     return repo
 
 

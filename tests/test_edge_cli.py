@@ -197,3 +197,16 @@ def test_an_unreachable_cloud_without_fallback_is_reported_and_given_up(
     assert summary["pending"] == 5 and summary["served"] == 0
     with Spool(spool) as held:
         assert len(held) == 5
+
+
+def test_cli_defaults_are_the_config_defaults(digits_bundle: Path) -> None:
+    """Every ``edge run`` option left out gives DaemonConfig's own default: the parser repeats
+    them only so --help can show them without importing the daemon."""
+    from tandem.cli import build_parser
+    from tandem.edge.cli import _config
+    from tandem.edge.config import DaemonConfig
+
+    base = ["--bundle", str(digits_bundle), "--cloud", "127.0.0.1:1", "--source", "digits"]
+    from_cli = _config(build_parser().parse_args(["edge", "run", *base]))
+    plain = DaemonConfig(bundle=digits_bundle, cloud="127.0.0.1:1", source="digits")
+    assert from_cli.model_dump() == plain.model_dump()

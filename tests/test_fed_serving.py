@@ -60,6 +60,9 @@ def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
             result = await asyncio.to_thread(simulate, settings, client_app, NODES)
             requests = requests_for(digits_bundle, x, width, bits)
             async with grpc.aio.insecure_channel(server.address) as channel:
+                # Connected first: calls opened before the server's HTTP/2 settings arrive may
+                # exceed its --max-streams-per-connection and be refused (retryable UNAVAILABLE).
+                await channel.channel_ready()
                 stub = pb_grpc.SplitInferenceStub(channel)
                 for r in requests:
                     r.adapter = cfg.adapter_name
