@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
-REPORT_EVERY_S = 30.0
+from tandem.progress import HEARTBEAT_S
+
+REPORT_EVERY_S = HEARTBEAT_S
 """How often a condition that lasts (the cloud not answering) is reported again, and how often
 a run off a terminal prints its heartbeat."""
 

@@ -10,11 +10,12 @@ import argparse
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from tandem.progress import bar as progress_bar
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _bar(args: argparse.Namespace, total: int, desc: str) -> tqdm[Any]:
-    return tqdm(total=total, desc=desc, leave=False, disable=args.json or not sys.stderr.isatty())
+    return progress_bar(total=total, desc=desc, show=not args.json)
 
 
 def profile_bundle(args: argparse.Namespace) -> int:

@@ -7,14 +7,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from tandem import __version__
 from tandem.bundle import HeadRunner, Manifest, TailRunner, bottleneck_shapes, write_bundle
 from tandem.config import Recipe
 from tandem.data import DataSet
 from tandem.evaluate import measure_points
 from tandem.profile import model_flops, profile_cuts
+from tandem.progress import bar as progress_bar
 from tandem.train import DistilledModels, Distiller, accuracy, batched_outputs
 
 log = logging.getLogger(__name__)
@@ -67,7 +66,7 @@ def build_bundle(
     fields["profile"] = [p.to_dict() for p in profile_cuts(teacher, data.input_shape, repeats=3)]
     provisional = Manifest.model_validate({**fields, "version": "unsaved", "files": {}})
     total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
-    with tqdm(total=total, desc="measuring", disable=not progress, leave=False) as bar:
+    with progress_bar(total=total, desc="measuring", show=progress) as bar:
         points = measure_points(
             HeadRunner(trained.encoder, provisional),
             TailRunner(trained.cloud_tail, provisional),

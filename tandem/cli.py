@@ -22,9 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, cast
 
-from tqdm import tqdm
-
 from tandem import __version__
+from tandem.progress import bar as progress_bar
 
 log = logging.getLogger("tandem")
 
@@ -125,7 +124,7 @@ def _show_progress(args: argparse.Namespace) -> bool:
 def _bar(
     args: argparse.Namespace, total: int | None, desc: str
 ) -> Iterator[Callable[[int], object]]:
-    with tqdm(total=total, desc=desc, disable=not _show_progress(args), leave=False) as bar:
+    with progress_bar(total=total, desc=desc, show=_show_progress(args)) as bar:
         yield bar.update
 
 

@@ -29,7 +29,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from tqdm import tqdm
 
 from tandem.bottleneck import (
     BottleneckEncoder,
@@ -41,6 +40,7 @@ from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, Recipe, RecipeError
 from tandem.data import DataSet, Split, channel_stats, normalize
 from tandem.models import build_model
+from tandem.progress import bar as progress_bar
 from tandem.split import split_model
 
 log = logging.getLogger(__name__)
@@ -150,12 +150,11 @@ class PhaseRunner:
         steps_per_epoch = math.ceil(n_samples / cfg.batch_size)
         for m in modules.values():
             m.train()
-        bar = tqdm(
+        bar = progress_bar(
             _batches(n_samples, cfg.batch_size, gen),
             total=steps_per_epoch,
             desc=f"{phase} {epoch + 1}/{cfg.epochs}",
-            disable=not self.show_progress,
-            leave=False,
+            show=self.show_progress,
         )
         running = 0.0
         for i, idx in enumerate(bar):
@@ -167,7 +166,8 @@ class PhaseRunner:
             opt.step()
             value = float(loss.detach())
             running = 0.9 * running + 0.1 * value if i else value
-            bar.set_postfix(loss=f"{running:.4f}")
+            # No redraw of its own: the next step's update draws it, at the bar's own pace.
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
         return running
 
 

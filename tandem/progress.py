@@ -1,0 +1,76 @@
+"""Progress for long work: a bar on a terminal, a heartbeat off one.
+
+On a terminal, :func:`bar` is an ordinary tqdm bar on stderr (hidden when ``show`` is false,
+as in ``--json`` mode). Off a terminal (a log file, a pipe, a service manager) a bar's
+carriage returns would make noise, and showing nothing would make a long run look hung, so
+the same tqdm object writes one plain line instead when it starts, then at most every
+:data:`HEARTBEAT_S` seconds: ``teacher 3/60: 120/450 [00:30<01:02, loss=0.1234]``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable
+from typing import IO, Any
+
+from tqdm import tqdm
+
+HEARTBEAT_S = 30.0
+"""The shortest time between two heartbeat lines of a long command off a terminal."""
+
+LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
+
+
+class _Lines:
+    """A text stream for tqdm that turns its carriage-return redraws into whole lines, drops
+    the blank ones it writes to clear itself, and lets through at most one line every
+    ``every_s`` seconds across every bar of the process (a new bar per epoch must not make
+    the heartbeat any faster)."""
+
+    last_line_at = -math.inf  # shared by all bars: one heartbeat for the whole process
+
+    def __init__(self, out: IO[str], every_s: float) -> None:
+        self.out = out
+        self.every_s = every_s
+
+    def write(self, text: str) -> int:
+        for line in text.replace("\r", "\n").split("\n"):
+            now = time.monotonic()
+            if line.strip() and now - _Lines.last_line_at >= self.every_s:
+                _Lines.last_line_at = now
+                self.out.write(line.rstrip() + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def bar(
+    iterable: Iterable[Any] | None = None,
+    *,
+    total: int | None = None,
+    desc: str = "",
+    show: bool = True,
+    out: IO[str] | None = None,
+    every_s: float = HEARTBEAT_S,
+) -> tqdm[Any]:
+    """A tqdm bar over ``iterable`` (or driven by ``update``) writing to ``out`` (stderr).
+
+    On a terminal it is a bar, hidden unless ``show``; elsewhere it is a heartbeat whatever
+    ``show`` says: a line at the start, then at most one every ``every_s`` seconds.
+    """
+    stream = out if out is not None else sys.stderr
+    options: dict[str, Any] = {"total": total, "desc": desc, "leave": False}
+    if stream.isatty():
+        return tqdm(iterable, file=stream, disable=not show, **options)
+    return tqdm(
+        iterable,
+        file=_Lines(stream, every_s),
+        mininterval=every_s,
+        bar_format=LINE_FORMAT,
+        ascii=True,
+        dynamic_ncols=False,
+        **options,
+    )
