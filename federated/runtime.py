@@ -36,6 +36,7 @@ from typing import Any
 from tandem import __version__
 from tandem.cli import CommandError
 from tandem.federated.config import FedConfig
+from tandem.progress import beat
 
 log = logging.getLogger("tandem.federated.flower")
 
@@ -147,8 +148,9 @@ def local_superlink(root: Path, env: dict[str, str]) -> Iterator[None]:
         _stop(proc)
 
 
-def forward(line: str) -> None:
-    """One line of Flower's output to our log, once, at its level, without colour codes."""
+def forward(line: str) -> str:
+    """One line of Flower's output to our log, once, at its level, without colour codes;
+    returns the message as logged ("" for an empty line)."""
     text = ANSI.sub("", line).strip()
     match = LEVEL.match(text)
     level, message = (logging.INFO, text) if match is None else (
@@ -158,6 +160,7 @@ def forward(line: str) -> None:
         level = logging.INFO
     if message:
         log.log(level, "%s", message)
+    return message
 
 
 def flower_env(root: Path) -> dict[str, str]:
@@ -205,7 +208,9 @@ def run_federation(cfg: FedConfig, clients: int) -> None:
             assert run.stdout is not None
             try:
                 for line in run.stdout:
-                    forward(line)
+                    message = forward(line)
+                    if message:
+                        beat(f"fed simulate: {message}")
             finally:
                 _stop_run(run)
         if run.returncode != 0:

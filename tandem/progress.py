@@ -74,3 +74,11 @@ def bar(
         dynamic_ncols=False,
         **options,
     )
+
+
+def beat(line: str, out: IO[str] | None = None, every_s: float = HEARTBEAT_S) -> None:
+    """Off a terminal, write ``line`` to ``out`` (stderr) as a heartbeat, unless another
+    heartbeat line went out less than ``every_s`` seconds ago; on a terminal, nothing."""
+    stream = out if out is not None else sys.stderr
+    if not stream.isatty():
+        _Lines(stream, every_s).write(line)

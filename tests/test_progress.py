@@ -74,3 +74,13 @@ def test_train_off_a_terminal_says_it_is_alive(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stderr
     assert done.stderr.splitlines()[0].startswith("teacher 1/1: 0/")
+
+
+def test_a_beat_is_a_throttled_line_off_a_terminal_and_nothing_on_one() -> None:
+    out = _Pipe()
+    progress.beat("fed simulate: round 1", out=out, every_s=3600)
+    progress.beat("fed simulate: round 2", out=out, every_s=3600)
+    assert out.getvalue() == "fed simulate: round 1\n"
+    terminal = _Terminal()
+    progress.beat("fed simulate: round 3", out=terminal, every_s=0)
+    assert terminal.getvalue() == ""
