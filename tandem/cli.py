@@ -482,7 +482,8 @@ def error_line(exc: BaseException) -> str:
     if isinstance(exc, ValidationError):
         return f"invalid {exc.title}: {problems(exc)}"
     text = str(exc)
-    if isinstance(exc.__cause__, ValidationError):
+    if isinstance(exc.__cause__, ValidationError) and "\n" in text.strip():
+        # A message that embeds pydantic's dump: its first line, then the problems in one.
         text = f"{text.partition(chr(10))[0].rstrip(': ')}: {problems(exc.__cause__)}"
     return " ".join(text.split())
 

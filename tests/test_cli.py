@@ -215,6 +215,16 @@ def test_a_manifest_validation_error_is_one_line(
     assert "num_classes" in err
 
 
+def test_a_settings_error_says_its_problem_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, the problem was said twice: once in the message, once more from its cause."""
+    argv = ["cloud", "serve", "--models", str(tmp_path), "--metrics-listen", "0.0.0.0:9999"]
+    assert main(argv) == 2
+    err = _one_line_error(capsys)
+    assert err.count("refusing plain-HTTP metrics") == 1, err
+
+
 def test_json_failure_is_a_json_error_object(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", "/nonexistent", "--data", "digits", "--json"]) == 2
     captured = capsys.readouterr()
