@@ -186,4 +186,9 @@ def summary_text(s: dict[str, Any]) -> str:
 
 
 def _left(s: dict[str, Any]) -> str:
-    return f"{s['pending']} inputs left pending in spool {s['spool']}: run again to serve them"
+    # The spool named explicitly: with the stdout sink it was a temporary one, which a plain
+    # rerun would not find (for stdin, it holds the inputs' only copy).
+    return (
+        f"{s['pending']} inputs left pending in spool {s['spool']}: serve them with "
+        f"--spool {s['spool']}"
+    )

@@ -156,10 +156,12 @@ class EdgeDaemon:
                     pending = _count(spool)
         finally:
             await self.client.close()
-            if temporary and pending == 0:
+            # Nothing pending, or the run never got to accept an input: nothing to keep.
+            if temporary and not pending:
                 shutil.rmtree(path.parent, ignore_errors=True)
             elif temporary:
-                log.warning("temporary spool %s kept: %s inputs left pending", path, pending)
+                log.warning("temporary spool %s kept: %d inputs left pending (--spool %s "
+                            "serves them)", path, pending, path)  # fmt: skip
         summary = self.stats.summary(time.monotonic() - started, has_labels=source.has_labels)
         return {**summary, "pending": pending, "spool": str(path), "gave_up": self._gave_up}
 

@@ -4,8 +4,10 @@ work is announced, failures are counted in the summary and the exit status."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sqlite3
+import tempfile
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
@@ -146,15 +148,45 @@ def test_the_stdout_sink_gets_only_result_lines_and_leaves_no_spool(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    work = tmp_path / "work"
+    work, temp = tmp_path / "work", tmp_path / "temp"
     work.mkdir()
+    temp.mkdir()
     monkeypatch.chdir(work)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
     assert main(_edge(digits_bundle, source, "--fallback-after-s", "0.2")) == 0
     out, err = capsys.readouterr()
     records = [json.loads(line) for line in out.splitlines()]
     assert len(records) == 5 and all("request_id" in r for r in records)
     assert "inputs 5: 5 served" in err
     assert list(work.iterdir()) == []
+    assert list(temp.iterdir()) == []  # the temporary spool went with the run
+
+
+def test_inputs_left_in_a_temporary_spool_are_served_by_the_command_it_names(
+    tmp_path: Path,
+    digits_bundle: Path,
+    source: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before, the summary said "run again", and a rerun made a new temporary spool: the
+    inputs left in the old one (for stdin, their only copy) were never served."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    args = _edge(digits_bundle, source, "--no-fallback", "--give-up-after-s", "0.5")
+    args[args.index("127.0.0.1:1")] = f"127.0.0.1:{_free_port()}"
+    assert main(args) == 3
+    err = capsys.readouterr().err
+    match = re.search(r"--spool (\S+)", err)
+    assert match, err
+    spool = Path(match.group(1))
+    with Spool(spool) as held:
+        assert len(held) == 5
+    # The command it names serves them (locally, the cloud still being away).
+    assert (
+        main(_edge(digits_bundle, source, "--spool", str(spool), "--fallback-after-s", "0.2")) == 0
+    )
+    out = capsys.readouterr().out
+    assert sorted(json.loads(line)["input_index"] for line in out.splitlines()) == list(range(5))
 
 
 def test_a_run_with_failed_inputs_exits_1_and_counts_them(
