@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-streams-per-connection",
         type=int,
         default=100,
-        help="concurrent calls on one connection; more wait their turn",
+        help="concurrent calls on one connection; the server refuses more (UNAVAILABLE, "
+        "which clients retry)",
     )
     p.add_argument(
         "--max-connections", type=int, default=1000, help="open connections; more are refused"

@@ -54,7 +54,7 @@ class ServeConfig(StrictModel):
         256, ge=1, description="answers of one InferStream call computed but not yet sent"
     )
     max_streams_per_connection: int = Field(
-        100, ge=1, description="concurrent calls on one connection; more wait their turn"
+        100, ge=1, description="concurrent calls on one connection; more are refused"
     )
     max_connections: int = Field(1000, ge=1, description="open connections; more are refused")
     idle_timeout_s: float = Field(

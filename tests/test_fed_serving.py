@@ -18,6 +18,7 @@ from tandem.edge.daemon import EdgeDaemon
 from tandem.federated.client_app import app as client_app
 from tandem.federated.config import FedConfig
 from tandem.federated.task import Wire, domain_inputs, resolved
+from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
@@ -60,13 +61,18 @@ def test_published_adapter_is_hot_loaded_and_matches_the_reported_accuracy(
             result = await asyncio.to_thread(simulate, settings, client_app, NODES)
             requests = requests_for(digits_bundle, x, width, bits)
             async with grpc.aio.insecure_channel(server.address) as channel:
-                # Connected first: calls opened before the server's HTTP/2 settings arrive may
-                # exceed its --max-streams-per-connection and be refused (retryable UNAVAILABLE).
-                await channel.channel_ready()
                 stub = pb_grpc.SplitInferenceStub(channel)
                 for r in requests:
                     r.adapter = cfg.adapter_name
-                answers = await asyncio.gather(*(stub.Infer(r) for r in requests))
+                # At most 32 calls at once, as the edge daemon sends: past the server's
+                # --max-streams-per-connection, calls are refused (UNAVAILABLE) to be retried.
+                gate = asyncio.Semaphore(32)
+
+                async def infer(r: pb.InferRequest) -> pb.InferResponse:
+                    async with gate:
+                        return await stub.Infer(r)
+
+                answers = await asyncio.gather(*(infer(r) for r in requests))
         return result, list(answers)
 
     result, answers = asyncio.run(scenario())
