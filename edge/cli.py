@@ -73,7 +73,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--key", type=Path, help="client private key for mTLS")
     p.add_argument("--token-file", type=Path, help="file holding a bearer token")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON document")
-    p.set_defaults(func=cmd_run)
+    p.set_defaults(func=cmd_run, stdout_taken=results_on_stdout)
+
+
+def results_on_stdout(args: argparse.Namespace) -> bool:
+    """Whether the run's result lines go to stdout (the stdout sink)."""
+    from tandem.edge.sinks import STDOUT_SINKS
+
+    return bool(args.sink in STDOUT_SINKS)
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -123,7 +130,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run the daemon over the source; print its summary (on stderr when the results go to
     stdout); return the exit status documented in the parser's description."""
     from tandem.edge.daemon import EdgeDaemon
-    from tandem.edge.sinks import STDOUT_SINKS
     from tandem.edge.stats import REPORT_EVERY_S
 
     cfg = _config(args)
@@ -144,7 +150,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = asyncio.run(main())
     # Results on stdout are JSON lines, one per input: the summary must not be one of them.
-    out = sys.stderr if cfg.sink in STDOUT_SINKS else sys.stdout
+    out = sys.stderr if results_on_stdout(args) else sys.stdout
     print(json.dumps(summary) if args.json else summary_text(summary), file=out, flush=True)
     if summary["gave_up"]:
         print(f"tandem: error: {summary['gave_up']}; {_left(summary)}", file=sys.stderr)

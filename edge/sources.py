@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from tandem.data import IMAGE_SUFFIXES, DataSpecError, load_data
+from tandem.files import open_regular
 
 __all__ = [
     "HeldOutSource",
@@ -202,7 +202,8 @@ class ImageDirSource:
         from PIL import Image
 
         try:
-            with _regular_file(path) as fh, Image.open(fh) as opened:
+            # Only regular files: a FIFO named *.png would block this index on every run.
+            with open_regular(path) as fh, Image.open(fh) as opened:
                 # The header gives the size: refuse before decoding a single pixel.
                 w, h = opened.size
                 if w * h > self._max_pixels:
@@ -342,24 +343,6 @@ class JsonlSource:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             return None, "'input' values must be in 0..255"
         return arr.astype(np.uint8), None
-
-
-def _regular_file(path: Path) -> BinaryIO:
-    """``path`` opened for reading, if it is a regular file; OSError otherwise.
-
-    O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, forever, and
-    the daemon would stop at that index on every restart. The check is on the opened file
-    (fstat), so a file swapped after listing cannot slip through.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path.name} is not a regular file")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def _lines_of(path: Path) -> Iterator[bytes]:

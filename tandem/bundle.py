@@ -36,7 +36,7 @@ from torch import nn
 from tandem import codec
 from tandem.adapters import AdapterError, load_adapter, merged_state
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
-from tandem.config import ArchConfig, BottleneckConfig, StrictModel
+from tandem.config import ArchConfig, BottleneckConfig, StrictModel, problems
 from tandem.data import normalize
 from tandem.files import open_regular, read_regular
 from tandem.models import build_model
@@ -153,15 +153,7 @@ def read_manifest(bundle: Path) -> Manifest:
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as exc:
-        raise BundleError(f"{path} is invalid: {validation_summary(exc)}") from None
-
-
-def validation_summary(exc: ValidationError, shown: int = 3) -> str:
-    """A pydantic error in one line: the first ``shown`` problems, and how many more."""
-    errors = exc.errors()
-    parts = [f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in errors[:shown]]
-    more = f" (and {len(errors) - shown} more)" if len(errors) > shown else ""
-    return "; ".join(parts) + more
+        raise BundleError(f"{path} is invalid: {problems(exc, shown=3)}") from None
 
 
 def tensor_bytes(module: nn.Module) -> tuple[int, int]:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TextIO, cast
 
 from tandem import __version__
 from tandem.progress import bar as progress_bar
@@ -488,12 +488,24 @@ def error_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _fail(json_mode: bool, kind: str, message: str, status: int = 2) -> int:
-    """Report a failure: one line on stderr and, for a ``--json`` caller, a JSON object."""
+def _fail(
+    json_mode: bool, kind: str, message: str, status: int = 2, documents: TextIO | None = None
+) -> int:
+    """Report a failure: one line on stderr and, for a ``--json`` caller, a JSON object on
+    ``documents`` (stdout unless the command's results go there)."""
     print(f"tandem: error: {message}", file=sys.stderr)
     if json_mode:
-        print(json.dumps({"error": message, "type": kind}), flush=True)
+        print(
+            json.dumps({"error": message, "type": kind}), file=documents or sys.stdout, flush=True
+        )
     return status
+
+
+def _documents(args: argparse.Namespace) -> TextIO:
+    """Where a command's JSON document goes: stdout, or stderr when the command writes its
+    results to stdout (``edge run`` with the stdout sink), so no stray line joins them."""
+    taken = getattr(args, "stdout_taken", None)
+    return sys.stderr if taken is not None and taken(args) else sys.stdout
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -504,19 +516,20 @@ def _run(args: argparse.Namespace) -> int:
     except _known_errors() as exc:
         if args.verbose:
             raise
-        return _fail(args.json, type(exc).__name__, error_line(exc))
+        return _fail(args.json, type(exc).__name__, error_line(exc), documents=_documents(args))
     except ModuleNotFoundError as exc:
         hint = missing_extra(exc)
         if hint is None or args.verbose:
             raise
-        return _fail(args.json, type(exc).__name__, hint)
+        return _fail(args.json, type(exc).__name__, hint, documents=_documents(args))
     except KeyboardInterrupt:
         note = " (run it again to resume from the last epoch)" if args.command == "train" else ""
-        return _fail(args.json, "KeyboardInterrupt", f"interrupted{note}", status=130)
+        return _fail(args.json, "KeyboardInterrupt", f"interrupted{note}", 130, _documents(args))
     except Exception as exc:
         # A bug: its traceback follows, but a --json caller still gets a document to read.
         if args.json:
-            print(json.dumps({"error": error_line(exc), "type": type(exc).__name__}), flush=True)
+            doc = {"error": error_line(exc), "type": type(exc).__name__}
+            print(json.dumps(doc), file=_documents(args), flush=True)
         raise
 
 

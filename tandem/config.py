@@ -206,18 +206,21 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
         raise RecipeError(f"recipe {name_or_path!r} is invalid: {problems(exc)}") from None
 
 
-def problems(exc: ValidationError, dashed: bool = False) -> str:
+def problems(exc: ValidationError, dashed: bool = False, shown: int | None = None) -> str:
     """A validation error as one line: ``field.path: problem`` for each problem, joined by
     ``; `` (never pydantic's multi-line dump). ``dashed`` spells field names with ``-``, as
-    Flower's run config does."""
+    Flower's run config does; ``shown`` keeps the first problems only, and says how many more
+    there were."""
+    errors = exc.errors()
     parts = []
-    for err in exc.errors():
+    for err in errors[:shown]:
         where = ".".join(str(p) for p in err["loc"])
         if dashed:
             where = where.replace("_", "-")
         message = " ".join(err["msg"].removeprefix("Value error, ").split())
         parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(parts)
+    more = f" (and {len(errors) - len(parts)} more)" if len(errors) > len(parts) else ""
+    return "; ".join(parts) + more
 
 
 def settings_error(what: str, exc: ValidationError) -> ValueError:

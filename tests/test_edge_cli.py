@@ -242,3 +242,15 @@ def test_cli_defaults_are_the_config_defaults(digits_bundle: Path) -> None:
     from_cli = _config(build_parser().parse_args(["edge", "run", *base]))
     plain = DaemonConfig(bundle=digits_bundle, cloud="127.0.0.1:1", source="digits")
     assert from_cli.model_dump() == plain.model_dump()
+
+
+def test_a_json_failure_with_results_on_stdout_goes_to_stderr(
+    tmp_path: Path, source: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stdout sink's lines are results only: the error document goes to stderr."""
+    assert main(_edge(tmp_path / "no-bundle", source, "--json")) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert json.loads(err.splitlines()[-1])["type"]
+    code = main(_edge(tmp_path / "no-bundle", source, "--json", "--sink", str(tmp_path / "o")))
+    assert code == 2 and json.loads(capsys.readouterr().out)["type"]
