@@ -14,6 +14,7 @@ from serving import config, connected, make_repo
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 HUNG_SCAN_S = 120.0  # how long the stuck scan waits at most, if nothing releases it
+MISS_WAIT_S = 0.5  # how long an unknown name waits for the stuck scan
 PROMPT_S = 10.0  # NOT_FOUND must come well before the request's own deadline
 DEADLINE_S = 60.0
 
@@ -39,7 +40,8 @@ def test_an_unknown_model_is_not_found_promptly_while_a_scan_hangs(repo: Path) -
     entered, release = threading.Event(), threading.Event()
 
     async def main() -> tuple[grpc.StatusCode, float]:
-        async with connected(config(repo, poll_s=3600, miss_rescan_s=0)) as (server, stub):
+        settings = config(repo, poll_s=3600, miss_rescan_s=0, miss_wait_s=MISS_WAIT_S)
+        async with connected(settings) as (server, stub):
             real_scan = server.repo.scan
 
             def hung_scan() -> int:  # a scan stuck on I/O (a slow disk, a file that blocks)
