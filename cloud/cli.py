@@ -72,7 +72,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--idle-timeout-s",
         type=float,
         default=300.0,
-        help="close a connection without calls for this long",
+        help="close a connection without calls for this long; end a Health.Watch call after "
+        "this long (watchers watch again)",
     )
     p.add_argument(
         "--max-connection-age-s",

@@ -58,7 +58,10 @@ class ServeConfig(StrictModel):
     )
     max_connections: int = Field(1000, ge=1, description="open connections; more are refused")
     idle_timeout_s: float = Field(
-        300.0, gt=0, description="a connection without calls for this long is closed"
+        300.0,
+        gt=0,
+        description="a connection without calls for this long is closed, and a Health.Watch "
+        "call ends after this long (watchers watch again)",
     )
     max_connection_age_s: float = Field(
         3600.0,

@@ -26,6 +26,7 @@ from tandem.cloud.auth import AuthInterceptor, TokenStore
 from tandem.cloud.batcher import Batcher
 from tandem.cloud.compute import make_compute
 from tandem.cloud.config import ServeConfig
+from tandem.cloud.health import BoundedHealth
 from tandem.cloud.metrics import ServiceMetrics
 from tandem.cloud.repository import ModelRepository
 from tandem.cloud.service import SERVICE_NAME, SplitInferenceService, handlers
@@ -83,7 +84,7 @@ class CloudServer:
         self._last_scan = 0.0
         self._poller: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = BoundedHealth(watch_s=cfg.idle_timeout_s)
 
     @property
     def address(self) -> str:

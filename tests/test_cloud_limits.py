@@ -349,3 +349,54 @@ def test_cli_passes_the_limits_on(repo: Path) -> None:
     cfg = serve_config(build_parser().parse_args(argv))
     got = {option: getattr(cfg, option[2:].replace("-", "_")) for option in given}
     assert got == {option: float(value) for option, value in given.items()}
+
+
+# ---------------------------------------------------------------------------- health watchers
+
+
+def test_a_silent_watch_ends_after_the_idle_timeout(repo: Path) -> None:
+    """A Health.Watch without a token, on a connection that stays young, ends by itself."""
+
+    async def main() -> None:
+        cfg = config(repo, idle_timeout_s=0.5)
+        async with (
+            running(cfg) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            watch = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(), timeout=60
+            )
+            first = await asyncio.wait_for(watch.read(), TIMEOUT)
+            assert first.status == health_pb2.HealthCheckResponse.SERVING
+            assert await asyncio.wait_for(watch.read(), TIMEOUT) is grpc.aio.EOF
+            assert await watch.code() == Code.OK
+
+    asyncio.run(main())
+
+
+def test_every_watcher_hears_the_drain_after_another_left(repo: Path) -> None:
+    """grpc's stock servicer dropped a service's watchers when any one of them left."""
+
+    async def main() -> int:
+        async with (
+            running(config(repo, drain_grace_s=1.0)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            stub = health_pb2_grpc.HealthStub(channel)
+            leaving = stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            staying = stub.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            for watch in (leaving, staying):
+                await asyncio.wait_for(watch.read(), TIMEOUT)
+            leaving.cancel()
+            await until(lambda: leaving.done(), "the first watcher to leave")
+            # Give the server a moment to see it go (only the old bug needed that ordering to
+            # show; the check below holds either way).
+            await asyncio.sleep(0.1)
+            draining = asyncio.ensure_future(server.drain())
+            try:
+                heard = await asyncio.wait_for(staying.read(), TIMEOUT)
+            finally:
+                await draining
+            return heard.status
+
+    assert asyncio.run(main()) == health_pb2.HealthCheckResponse.NOT_SERVING
