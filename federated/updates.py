@@ -171,14 +171,21 @@ def compress_down(messages: list[Message], bits: int, compress: bool) -> dict[in
 
 
 def down_bytes(message: Message) -> int:
-    """The encoded tensor bytes a :func:`compress_down` message carries."""
-    return sum(
+    """The tensor bytes a :func:`compress_down` message carries: the adapter's codec bytes and
+    the float32 records sent as they are (FFA-LoRA's frozen A, FLoRA's base)."""
+    encoded = sum(
         len(value)
         for key, record in message.content.config_records.items()
         if key.startswith(DOWN_PREFIX)
         for value in record.values()
         if isinstance(value, bytes)
     )
+    plain = sum(
+        array.numpy().nbytes
+        for record in message.content.array_records.values()
+        for array in record.values()
+    )
+    return encoded + plain
 
 
 def decode_down(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

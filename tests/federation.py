@@ -9,6 +9,7 @@ directory.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -60,4 +61,13 @@ def simulate(settings: dict[str, Any], client_app: ClientApp, nodes: int) -> dic
         run_simulation(make_server_app(run), client_app, nodes, backend_config=BACKEND)
         return dict(json.loads((out / "result.json").read_text()))
 
-    return retrying_ray_start(attempt)
+    # Flower's Ray backend sets PYTHONPATH to this process's sys.path for Ray's workers, in
+    # os.environ: every process a later test starts would inherit it.
+    saved = os.environ.get("PYTHONPATH")
+    try:
+        return retrying_ray_start(attempt)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved

@@ -36,7 +36,15 @@ NOT_ON_A_DEVICE = {
 }
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment less what would let a child see the development
+    environment's packages (PYTHONPATH, which Flower's Ray backend sets in-process, say)."""
+    keep = ("PATH", "HOME", "LANG", "LC_", "TMPDIR", "PIP_", "SSL_", "REQUESTS_CA_BUNDLE")
+    return {k: v for k, v in os.environ.items() if k.startswith(keep)}
+
+
 def _run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    kwargs.setdefault("env", _clean_env())
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, **kwargs)  # type: ignore[call-overload]
     assert done.returncode == 0, (
         f"{command[:4]} failed:\n{done.stdout[-2000:]}{done.stderr[-4000:]}"
@@ -104,7 +112,7 @@ def test_an_edge_only_install_serves_against_a_service(
     assert not installed & NOT_ON_A_DEVICE, installed & NOT_ON_A_DEVICE
 
     tandem = str(venv / "bin" / "tandem")
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = _clean_env()
     # The server role is not there, and says which extra brings it.
     refused = subprocess.run(
         [tandem, "cloud", "serve", "--models", str(tmp_path)],
