@@ -3,13 +3,14 @@
 On a terminal, :func:`bar` is an ordinary tqdm bar on stderr (hidden when ``show`` is false,
 as in ``--json`` mode). Off a terminal (a log file, a pipe, a service manager) a bar's
 carriage returns would make noise, and showing nothing would make a long run look hung, so
-the same tqdm object writes one plain line instead when it starts, then at most every
-:data:`HEARTBEAT_S` seconds: ``teacher 3/60: 120/450 [00:30<01:02, loss=0.1234]``.
+the same tqdm object writes plain lines instead, at most one every :data:`HEARTBEAT_S`
+seconds, the first that long after the process started (a short command prints none):
+``teacher 3/60: 120/450 [00:30<01:02, loss=0.1234]``.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -17,8 +18,19 @@ from typing import IO, Any
 
 from tqdm import tqdm
 
-HEARTBEAT_S = 30.0
-"""The shortest time between two heartbeat lines of a long command off a terminal."""
+DEFAULT_HEARTBEAT_S = 30.0
+
+
+def _heartbeat_s() -> float:
+    try:
+        return max(0.0, float(os.environ.get("TANDEM_HEARTBEAT_S", DEFAULT_HEARTBEAT_S)))
+    except ValueError:
+        return DEFAULT_HEARTBEAT_S
+
+
+HEARTBEAT_S = _heartbeat_s()
+"""The shortest time between two heartbeat lines of a long command off a terminal (also its
+first line's delay): 30 s, or the environment's ``TANDEM_HEARTBEAT_S``."""
 
 LINE_FORMAT = "{desc}: {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]"
 
@@ -29,7 +41,9 @@ class _Lines:
     ``every_s`` seconds across every bar of the process (a new bar per epoch must not make
     the heartbeat any faster)."""
 
-    last_line_at = -math.inf  # shared by all bars: one heartbeat for the whole process
+    # Shared by all bars: one heartbeat for the whole process, whose first line comes one
+    # interval after start, so a short command prints none.
+    last_line_at = time.monotonic()
 
     def __init__(self, out: IO[str], every_s: float) -> None:
         self.out = out

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,8 @@ class _Terminal(io.StringIO):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+def _heartbeat_due(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a process that has run longer than the interval: the next line is due."""
     monkeypatch.setattr(progress._Lines, "last_line_at", float("-inf"))
 
 
@@ -62,6 +65,15 @@ def test_on_a_terminal_a_hidden_bar_writes_nothing() -> None:
     assert out.getvalue() == ""
 
 
+def test_a_short_command_prints_no_heartbeat() -> None:
+    out = _Pipe()
+    progress.beat("too early", out=out, every_s=0)  # due: the fixture says so
+    progress._Lines.last_line_at = time.monotonic()  # as a process just started
+    with bar(total=2, desc="profiling", out=out, every_s=3600) as b:
+        b.update(2)
+    assert out.getvalue() == "too early\n"
+
+
 def test_train_off_a_terminal_says_it_is_alive(tmp_path: Path) -> None:
     """Before, ``tandem train`` with stderr in a file printed nothing until it finished."""
     done = subprocess.run(
@@ -70,10 +82,12 @@ def test_train_off_a_terminal_says_it_is_alive(tmp_path: Path) -> None:
          "--set", "distill.head.epochs=1", "--set", "distill.finetune.epochs=1",
          "--set", "eval_bits=[4]", "--set", "default_bits=4"],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "TANDEM_HEARTBEAT_S": "0.5"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stderr
-    assert done.stderr.splitlines()[0].startswith("teacher 1/1: 0/")
+    lines = done.stderr.splitlines()
+    assert lines and all(": " in line and "/" in line for line in lines), done.stderr
 
 
 def test_a_beat_is_a_throttled_line_off_a_terminal_and_nothing_on_one() -> None:
