@@ -16,11 +16,10 @@ stock servicer, both for the same peers:
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from grpc_health.v1 import health, health_pb2
-
-Status = health_pb2.HealthCheckResponse.ServingStatus
 
 
 class BoundedHealth(health.aio.HealthServicer):
@@ -32,7 +31,9 @@ class BoundedHealth(health.aio.HealthServicer):
         self._changed = asyncio.Condition()
         self._changes = 0  # counts set() calls, so a watcher knows what it has not seen
 
-    async def _set(self, service: str, status: Status) -> None:
+    async def _set(
+        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus
+    ) -> None:
         async with self._changed:
             self._server_status[service] = status
             self._changes += 1
@@ -60,8 +61,9 @@ class BoundedHealth(health.aio.HealthServicer):
                 return
             async with self._changed:
                 try:
-                    await asyncio.wait_for(
-                        self._changed.wait_for(lambda seen=seen: self._changes != seen), left
-                    )
+                    await asyncio.wait_for(self._changed.wait_for(self._changed_since(seen)), left)
                 except TimeoutError:
                     return
+
+    def _changed_since(self, seen: int) -> Callable[[], bool]:
+        return lambda: self._changes != seen
