@@ -91,25 +91,28 @@ def app_pyproject() -> str:
     )
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the process group, SIGKILL what is left after the grace period."""
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = STOP_GRACE_S) -> None:
+    """SIGTERM the process group of ``proc`` (started with ``start_new_session``), SIGKILL what
+    is left after ``grace_s``."""
     if proc.poll() is not None:
         return
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(STOP_GRACE_S)
+        proc.wait(grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(STOP_GRACE_S)
+        proc.wait(grace_s)
 
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], logfile: Path) -> None:
+def wait_listening(port: int, proc: subprocess.Popen[bytes], logfile: Path) -> None:
+    """Return once something listens on 127.0.0.1:``port``; CommandError, with the tail of
+    ``logfile``, if ``proc`` exits first or nothing listens within the start-up bound."""
     deadline = time.monotonic() + READY_TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -126,7 +129,7 @@ def _wait_listening(port: int, proc: subprocess.Popen[bytes], logfile: Path) -> 
 def local_superlink(root: Path, env: dict[str, str]) -> Iterator[None]:
     """A SuperLink in simulation mode on 127.0.0.1, for the connection :data:`CONNECTION`
     written to ``env``'s FLWR_HOME; stopped, with its children, on exit."""
-    port = _free_port()
+    port = free_port()
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -142,10 +145,10 @@ def local_superlink(root: Path, env: dict[str, str]) -> Iterator[None]:
         proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     try:
-        _wait_listening(port, proc, logfile)
+        wait_listening(port, proc, logfile)
         yield
     finally:
-        _stop(proc)
+        stop_group(proc)
 
 
 def forward(line: str) -> str:

@@ -9,24 +9,15 @@ chosen free on 127.0.0.1 just before use; Flower's binaries take no port 0.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+from tandem.federated.runtime import free_port, stop_group, wait_listening
+
 BIN = Path(sys.executable).parent
-READY_TIMEOUT_S = 60
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -48,31 +39,7 @@ def _process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subpro
     try:
         yield proc
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace_s``."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(grace_s)
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited {proc.returncode}:\n{log.read_text()[-2000:]}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on {port} after {READY_TIMEOUT_S} s")
+        stop_group(proc)
 
 
 def _connection(home: Path, port: int) -> None:
@@ -96,7 +63,7 @@ def simulation_link(root: Path) -> Iterator[tuple[str, dict[str, str], list[int]
     ]  # fmt: skip
     log = root / "superlink.log"
     with _process(args, env, log) as link:
-        _wait_listening(port, link, log)
+        wait_listening(port, link, log)
         yield "test", env, [link.pid]
 
 
@@ -116,7 +83,7 @@ def deployment(root: Path, nodes: int) -> Iterator[tuple[str, dict[str, str], li
             "--host", "127.0.0.1", "--port", str(link_port), "--database", str(root / "link.db"),
         ]  # fmt: skip
         link = stack.enter_context(_process(link_args, env, log))
-        _wait_listening(link_port, link, log)
+        wait_listening(link_port, link, log)
         pids = [link.pid]
         for i in range(nodes):
             node_args = [
