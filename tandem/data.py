@@ -2,7 +2,8 @@
 
 A spec is one of:
 
-- ``digits``: scikit-learn's bundled 8x8 digits (1,797 images), the embedded default;
+- ``digits``: the 8x8 hand-written digits (1,797 images) shipped as ``tandem/digits.npz``, the
+  embedded default;
 - ``npz:PATH``: a NumPy archive with arrays ``x`` (uint8 images, ``(N, H, W)`` or
   ``(N, H, W, C)``) and ``y`` (integer labels). With more than 10,000 rows the last 10,000 are
   the test split (the layout of MNIST-style train + test archives); a smaller archive holds
