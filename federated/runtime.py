@@ -126,9 +126,9 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], logfile: Path) -> N
 
 
 @contextmanager
-def local_superlink(root: Path, env: dict[str, str]) -> Iterator[None]:
+def local_superlink(root: Path, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """A SuperLink in simulation mode on 127.0.0.1, for the connection :data:`CONNECTION`
-    written to ``env``'s FLWR_HOME; stopped, with its children, on exit."""
+    written to ``env``'s FLWR_HOME; yields its process, stopped with its children on exit."""
     port = free_port()
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
@@ -146,7 +146,7 @@ def local_superlink(root: Path, env: dict[str, str]) -> Iterator[None]:
                                 start_new_session=True)  # fmt: skip
     try:
         wait_listening(port, proc, logfile)
-        yield
+        yield proc
     finally:
         stop_group(proc)
 

@@ -15,7 +15,13 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from tandem.federated.runtime import free_port, stop_group, wait_listening
+from tandem.federated.runtime import (
+    CONNECTION,
+    free_port,
+    local_superlink,
+    stop_group,
+    wait_listening,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -51,20 +57,12 @@ def _connection(home: Path, port: int) -> None:
 
 @contextmanager
 def simulation_link(root: Path) -> Iterator[tuple[str, dict[str, str], list[int]]]:
-    """A SuperLink running the simulation runtime (Ray); yields (connection, env, pids)."""
+    """The runtime's own local SuperLink (simulation, Ray); yields (connection, env, pids)."""
     home = root / "flwr-home"
     home.mkdir(parents=True)
-    env, port = flower_env(home), free_port()
-    _connection(home, port)
-    args = [
-        str(BIN / "flower-superlink"), "--insecure", "--simulation",
-        "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
-        "--database", str(root / "link.db"),
-    ]  # fmt: skip
-    log = root / "superlink.log"
-    with _process(args, env, log) as link:
-        wait_listening(port, link, log)
-        yield "test", env, [link.pid]
+    env = flower_env(home)
+    with local_superlink(root, env) as link:
+        yield CONNECTION, env, [link.pid]
 
 
 @contextmanager
