@@ -143,18 +143,22 @@ async def stream_load(
         async with grpc.aio.insecure_channel(address) as channel:
             call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=600)
             slots, sent = asyncio.Semaphore(depth), dict[str, float]()
+            read = 0  # answers read, reported in each request (the server's stream window)
 
-            async def read() -> None:
+            async def reader_loop() -> None:
+                nonlocal read
                 async for result in call:
                     if not result.HasField("response"):
                         raise RuntimeError(f"stream request failed: {result.error}")
                     latencies.append(time.perf_counter() - sent.pop(result.request_id))
+                    read += 1
                     slots.release()
 
-            reader = asyncio.create_task(read())
+            reader = asyncio.create_task(reader_loop())
             for request in pending:
                 await slots.acquire()
                 sent[request.request_id] = time.perf_counter()
+                request.answers_read = read
                 await call.write(request)
             await call.done_writing()
             await reader

@@ -55,8 +55,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--max-stream-inflight",
         type=int,
         default=256,
-        help="answers of one InferStream call computed but not yet sent; past them the "
-        "call's next request is not read",
+        help="requests one InferStream call may have taken on whose answers the client has "
+        "not read (it reports InferRequest.answers_read); a request past them ends the call",
     )
     p.add_argument(
         "--max-streams-per-connection",

@@ -51,7 +51,10 @@ class ServeConfig(StrictModel):
     )
     drain_grace_s: float = Field(30.0, ge=0)
     max_stream_inflight: int = Field(
-        256, ge=1, description="answers of one InferStream call computed but not yet sent"
+        256,
+        ge=1,
+        description="requests one InferStream may have taken on whose answers its client has "
+        "not read (InferRequest.answers_read)",
     )
     max_streams_per_connection: int = Field(
         100, ge=1, description="concurrent calls on one connection; more are refused"

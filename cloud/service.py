@@ -34,10 +34,12 @@ from tandem.cloud.batcher import (
 )
 from tandem.cloud.compute import ComputeFailedError
 from tandem.cloud.config import ServeConfig
+from tandem.cloud.errors import RequestError
 from tandem.cloud.idempotency import ResponseCache, ReusedIdError
 from tandem.cloud.inference import BadFeatures, Scores, Target
 from tandem.cloud.metrics import ServiceMetrics
 from tandem.cloud.repository import ModelEntry, ModelRepository, NotFoundError
+from tandem.cloud.stream_window import StreamWindow
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
@@ -46,23 +48,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
 MAX_REQUEST_ID = 128
-MAX_DETAILS = 300
-
-
-class RequestError(Exception):
-    """A request fails with ``code``; the message goes back to the client.
-
-    Messages may quote what the client sent, so they are clipped: status details travel as
-    metadata, and an echoed 20 KB model name would overflow grpc's metadata limit and turn
-    the intended code into RESOURCE_EXHAUSTED.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        if len(message) > MAX_DETAILS:
-            message = message[: MAX_DETAILS - 30] + f"... ({len(message)} chars)"
-        super().__init__(message)
-        self.code, self.message = code, message
-        self.model = ""  # the served model it concerned, once resolved (a metrics label)
 
 
 @contextlib.contextmanager
@@ -141,12 +126,16 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         request_iterator: AsyncIterator[pb.InferRequest],
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[pb.StreamResult]:
-        """Pipelined requests; answers in completion order, each failure on its own."""
+        """Pipelined requests; answers in completion order, each failure on its own.
+
+        The stream's window (:mod:`tandem.cloud.stream_window`) is checked as each request
+        is read. A request that breaks it is not taken on: reading stops, the answers of the
+        requests already taken on are sent, and then the stream ends with the window's status.
+        """
+        window = StreamWindow(self.cfg.max_stream_inflight)
         results: asyncio.Queue[pb.StreamResult | None] = asyncio.Queue()
-        # A slot is freed when its answer has been sent, not when it is ready: a client that
-        # writes without reading holds at most max_stream_inflight answers here.
-        slots = asyncio.Semaphore(self.cfg.max_stream_inflight)
         tasks: set[asyncio.Task[None]] = set()
+        refused: list[RequestError] = []
 
         async def one(request: pb.InferRequest | Unparsed) -> None:
             request_id = "" if isinstance(request, Unparsed) else request.request_id
@@ -158,16 +147,15 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 results.put_nowait(pb.StreamResult(request_id=request_id, error=status))
 
         async def read() -> None:
-            # The slot is taken before the next request is read, so a stream whose answers
-            # are not leaving is not read either: grpc then stops granting the client
-            # HTTP/2 window, and the client's writes block.
-            requests = aiter(request_iterator)
             try:
-                while True:
-                    await slots.acquire()
+                async for request in request_iterator:
                     try:
-                        request = await anext(requests)
-                    except StopAsyncIteration:
+                        # An unparsed request reports nothing read; it still takes a place.
+                        read_so_far = 0 if isinstance(request, Unparsed) else request.answers_read
+                        window.take(read_so_far)
+                    except RequestError as exc:
+                        self.metrics.observe_request("InferStream", "", exc.code.name)
+                        refused.append(exc)
                         break
                     task = asyncio.create_task(one(request))
                     tasks.add(task)
@@ -179,12 +167,14 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         reader = asyncio.create_task(read())
         try:
             while (item := await results.get()) is not None:
+                window.sent += 1  # counted before the client can have read it
                 yield item
-                slots.release()
             await reader
         finally:
             for task in [reader, *tasks]:
                 task.cancel()
+        if refused:
+            await context.abort(refused[0].code, refused[0].message)
 
     async def _guarded(
         self,
@@ -263,6 +253,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
             max_delay_ms=self.cfg.max_delay_ms,
             max_queue=self.cfg.max_queue,
             max_message_bytes=self.cfg.max_message_bytes,
+            max_stream_inflight=self.cfg.max_stream_inflight,
             tenant=tenant_of(context, self.tokens),
         )
 

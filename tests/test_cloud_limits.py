@@ -9,6 +9,7 @@ own accounting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -57,45 +58,116 @@ async def holds_for(condition: Callable[[], bool], seconds: float) -> bool:
 # ---------------------------------------------------------------------------- streams
 
 
-def test_stream_is_not_read_past_its_unsent_answers(repo: Path, digits_bundle: Path) -> None:
-    """While max_stream_inflight answers of a stream are unsent, no further request is read.
+def _stream_request(base: pb.InferRequest, i: int, answers_read: int = 0) -> pb.InferRequest:
+    request = pb.InferRequest()
+    request.CopyFrom(base)
+    request.request_id, request.answers_read = f"s{i}", answers_read
+    return request
 
-    The client writes 64 requests and reads nothing; the answers cannot even be computed
-    (the batcher's submissions are held), so none leaves. Exactly max_stream_inflight
-    requests are taken on; the rest stay unread, in the transport.
+
+def test_a_stream_that_never_reads_has_at_most_its_window_computed(
+    repo: Path, digits_bundle: Path
+) -> None:
+    """A client that writes 2,000 requests and reads nothing has max_stream_inflight answers
+    computed, not thousands: the request past the window ends the stream.
+
+    The client's HTTP/2 window is left to grow as gRPC grows it (bandwidth-delay probing on),
+    which is what let a non-reading client take on thousands of answers before. Once writing
+    stops, the client reads what the stream delivered: the answers of the requests taken on,
+    then RESOURCE_EXHAUSTED naming the window. The refused request is counted.
     """
-    inflight = 4
-    n = 64
+    inflight, n = 4, 2000
     base = requests_for(digits_bundle, load_data("digits").test.x[:1], 1.0, 8)[0]
 
-    async def main() -> tuple[int, int]:
+    async def main() -> tuple[int, list[pb.StreamResult], grpc.aio.AioRpcError, float]:
         server = CloudServer(config(repo, max_stream_inflight=inflight, drain_grace_s=0.5))
         submitted = 0
         try:
             await server.start()
+            submit = server.batcher.submit
 
-            def held(*args: object) -> asyncio.Future[object]:
+            def counted(*args: object, **kwargs: object) -> object:
                 nonlocal submitted
                 submitted += 1
-                return asyncio.get_running_loop().create_future()  # never answered
+                return submit(*args, **kwargs)  # type: ignore[arg-type]
 
-            server.batcher.submit = held  # type: ignore[method-assign]
+            server.batcher.submit = counted  # type: ignore[method-assign,assignment]
             async with grpc.aio.insecure_channel(server.address) as channel:
-                call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=60)
-                for i in range(n):
-                    request = pb.InferRequest()
-                    request.CopyFrom(base)
-                    request.request_id = f"s{i}"
-                    await call.write(request)  # 64 small requests fit the HTTP/2 window
-                await until(lambda: submitted >= inflight, "the first requests to be taken on")
-                assert await holds_for(lambda: submitted == inflight, 1.0), submitted
-                call.cancel()
-                return submitted, n
+                call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=TIMEOUT)
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    for i in range(n):  # writes fail once the server has ended the call
+                        await asyncio.wait_for(call.write(_stream_request(base, i)), TIMEOUT)
+                results: list[pb.StreamResult] = []
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    async for result in call:
+                        results.append(result)
+                refused = server.metrics.errors.labels("InferStream", "", "RESOURCE_EXHAUSTED")
+                return submitted, results, ended.value, refused._value.get()
         finally:
             await server.drain()
 
-    submitted, written = asyncio.run(main())
-    assert (submitted, written) == (inflight, n)
+    submitted, results, ended, refused = asyncio.run(main())
+    assert submitted == inflight
+    assert sorted(r.request_id for r in results) == [f"s{i}" for i in range(inflight)]
+    assert all(r.HasField("response") for r in results)
+    assert ended.code() == Code.RESOURCE_EXHAUSTED
+    assert f"max_stream_inflight={inflight}" in (ended.details() or "")
+    assert refused == 1
+
+
+def test_a_client_that_reports_its_reads_streams_past_the_window(
+    repo: Path, digits_bundle: Path
+) -> None:
+    """Ten windows' worth of requests on one stream, never more than the window unread, each
+    request carrying the count read: every one is answered and the stream ends OK."""
+    inflight, n = 4, 40
+    base = requests_for(digits_bundle, load_data("digits").test.x[:1], 1.0, 8)[0]
+
+    async def main() -> list[pb.StreamResult]:
+        async with (
+            running(config(repo, max_stream_inflight=inflight)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=TIMEOUT)
+            results: list[pb.StreamResult] = []
+            for i in range(n):
+                if i - len(results) == inflight:  # the window is full: read one first
+                    results.append(await call.read())
+                await call.write(_stream_request(base, i, answers_read=len(results)))
+            await call.done_writing()
+            while (result := await call.read()) is not grpc.aio.EOF:
+                results.append(result)
+            assert await call.code() == Code.OK
+            return results
+
+    results = asyncio.run(main())
+    assert sorted(r.request_id for r in results) == sorted(f"s{i}" for i in range(n))
+    assert all(r.HasField("response") for r in results)
+
+
+def test_claiming_answers_never_sent_ends_the_stream(repo: Path, digits_bundle: Path) -> None:
+    """A first request that says 5 answers were read, when none was sent, is a lie: the
+    stream ends with INVALID_ARGUMENT and the request is not computed."""
+    base = requests_for(digits_bundle, load_data("digits").test.x[:1], 1.0, 8)[0]
+
+    async def main() -> tuple[list[pb.StreamResult], grpc.aio.AioRpcError]:
+        async with (
+            running(config(repo)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            call = pb_grpc.SplitInferenceStub(channel).InferStream(
+                iter([_stream_request(base, 0, answers_read=5)]), timeout=TIMEOUT
+            )
+            results: list[pb.StreamResult] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for result in call:
+                    results.append(result)
+            return results, ended.value
+
+    results, ended = asyncio.run(main())
+    assert results == []
+    assert ended.code() == Code.INVALID_ARGUMENT
+    assert "answers_read 5 exceeds the 0 answers sent" in (ended.details() or "")
 
 
 def test_streams_per_connection_are_limited(repo: Path) -> None:

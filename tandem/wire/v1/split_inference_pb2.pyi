@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "adapter", "adapter_version", "width", "features", "top_k", "return_logits", "deadline_ms")
+    __slots__ = ("request_id", "model", "version", "adapter", "adapter_version", "width", "features", "top_k", "return_logits", "deadline_ms", "answers_read")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class InferRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERS_READ_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -30,7 +31,8 @@ class InferRequest(_message.Message):
     top_k: int
     return_logits: bool
     deadline_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., width: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.EncodedTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., deadline_ms: _Optional[int] = ...) -> None: ...
+    answers_read: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., width: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.EncodedTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., answers_read: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -171,7 +173,7 @@ class ServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("server_id", "tandem_version", "codec_version", "max_batch", "max_delay_ms", "max_queue", "max_message_bytes", "tenant")
+    __slots__ = ("server_id", "tandem_version", "codec_version", "max_batch", "max_delay_ms", "max_queue", "max_message_bytes", "tenant", "max_stream_inflight")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     TANDEM_VERSION_FIELD_NUMBER: _ClassVar[int]
     CODEC_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,7 @@ class ServerInfo(_message.Message):
     MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAM_INFLIGHT_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     tandem_version: str
     codec_version: int
@@ -188,4 +191,5 @@ class ServerInfo(_message.Message):
     max_queue: int
     max_message_bytes: int
     tenant: str
-    def __init__(self, server_id: _Optional[str] = ..., tandem_version: _Optional[str] = ..., codec_version: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+    max_stream_inflight: int
+    def __init__(self, server_id: _Optional[str] = ..., tandem_version: _Optional[str] = ..., codec_version: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queue: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., tenant: _Optional[str] = ..., max_stream_inflight: _Optional[int] = ...) -> None: ...

@@ -75,7 +75,10 @@ class SplitInferenceServicer:
     def InferStream(self, request_iterator, context):
         """Pipelined: many requests on one stream, answered as they finish (not necessarily in
         order); each answer carries the request_id it belongs to, and a failed request fails
-        alone, as a StreamResult holding its status.
+        alone, as a StreamResult holding its status. A client keeps at most
+        ServerInfo.max_stream_inflight requests whose answers it has not read, and says how many
+        it has read in each request (InferRequest.answers_read); a stream that takes on more ends
+        with RESOURCE_EXHAUSTED once the answers already taken on are sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
