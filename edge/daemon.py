@@ -175,10 +175,12 @@ class EdgeDaemon:
         if cfg.width is not None and cfg.bits is not None:
             self.device.head.check_width(cfg.width)  # fail at start-up, not per batch
             return None
+        # The daemon sends quantise+zstd payloads; rate points are not yet among its choices.
         table = [
             p.model_dump()
             for p in m.table
-            if (cfg.width is None or p.width == cfg.width)
+            if p.codec == "quantize"
+            and (cfg.width is None or p.width == cfg.width)
             and (cfg.bits is None or p.bits == cfg.bits)
         ]
         if not table:

@@ -94,3 +94,38 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+_BASELINE_NAMES = {"png": "PNG", "zstd19": "zstd-19", "webp_lossless": "WebP lossless"}
+
+
+def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
+    """A ``tandem eval`` report as a rate-accuracy chart: bytes per sample (log axis) against
+    accuracy, one line per codec of the bottleneck (each rate point, each bit depth) across
+    its widths, the teacher as a line, and the lossless input codecs as marks at its
+    accuracy (sending the input loses nothing)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    series: dict[str, list[tuple[float, float]]] = {}
+    for p in report["points"]:
+        if p.get("codec") == "entropy":
+            name = f"entropy-coded, β={p['beta']:g}"
+        else:
+            name = f"{p['bits']}-bit + zstd"
+        series.setdefault(name, []).append((p["bytes_per_sample"], 100 * p["accuracy"]))
+    for name, xy in series.items():
+        xs, ys = zip(*sorted(xy), strict=True)
+        style = "-o" if name.startswith("entropy") else "--s"
+        ax.plot(xs, ys, style, markersize=4, label=name)
+    teacher = report["teacher"]["accuracy"]
+    if teacher is not None:
+        ax.axhline(100 * teacher, color="black", linewidth=1, label="teacher")
+        for key, label in _BASELINE_NAMES.items():
+            if key in report["baselines"]:
+                x = report["baselines"][key]
+                ax.plot([x], [100 * teacher], "k^", markersize=7)
+                ax.annotate(f"input as {label}", (x, 100 * teacher), textcoords="offset points",
+                            xytext=(0, -14), ha="center", fontsize="x-small")  # fmt: skip
+    ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")
+    ax.set_title("Accuracy against bytes per sample")
+    save(plt, fig, ax, path)

@@ -179,7 +179,7 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
         input_bytes=baselines["raw"],
         png_bytes=baselines["png"],
         full_accuracy=m.teacher_accuracy or 0.0,
-        table=[p.model_dump() for p in m.table],
+        table=[p.model_dump() for p in m.table if p.codec == "quantize"],
         request_overhead_bytes=float(np.mean(overheads)),
     )  # fmt: skip
 

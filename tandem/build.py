@@ -41,6 +41,7 @@ def _manifest_fields(recipe: Recipe, data: DataSet, trained: DistilledModels) ->
         "teacher_flops": model_flops(trained.teacher, data.input_shape),
         "head_flops": model_flops(trained.encoder, data.input_shape),
         "recipe": {**recipe.model_dump(mode="json"), "tandem_version": __version__},
+        **({"format_version": 2, "entropy": {"betas": recipe.rate.betas}} if trained.rates else {}),
     }
 
 
@@ -65,14 +66,17 @@ def build_bundle(
     fields["teacher_accuracy"] = teacher_acc
     fields["profile"] = [p.to_dict() for p in profile_cuts(teacher, data.input_shape, repeats=3)]
     provisional = Manifest.model_validate({**fields, "version": "unsaved", "files": {}})
-    total = len(recipe.bottleneck.widths) * len(recipe.eval_bits)
+    rate_points = trained.rates.export() if trained.rates is not None else []
+    total = len(recipe.bottleneck.widths) * (len(recipe.eval_bits) + len(rate_points))
     with progress_bar(total=total, desc="measuring", show=progress) as bar:
         points = measure_points(
-            HeadRunner(trained.encoder, provisional),
-            TailRunner(trained.cloud_tail, provisional),
+            HeadRunner(trained.encoder, provisional, rate_points),
+            TailRunner(trained.cloud_tail, provisional, rate_points),
             data.test,
             recipe.eval_bits,
             progress=bar.update,
         )
     fields["table"] = [asdict(p) for p in points]
-    return write_bundle(out, fields, trained.encoder, trained.cloud_tail, trained.teacher)
+    return write_bundle(
+        out, fields, trained.encoder, trained.cloud_tail, trained.teacher, rate_points
+    )

@@ -6,6 +6,8 @@ Layout::
     head.safetensors     the bottleneck encoder (device side)
     tail.safetensors     the decoder and the original model's tail (cloud side)
     full.safetensors     optional: the whole original model, a local fallback
+    entropy.safetensors  with rate points (format 2): their gains, medians and quantized
+                         tables, read by both sides (:mod:`tandem.entropy_points`)
 
 No pickle is involved anywhere. Each side loads, and hash-checks, only its own file: a
 device holding a bundle never reads tail weights, so the two directories may differ.
@@ -33,11 +35,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from tandem import codec
+from tandem import codec, entropy_codec
 from tandem.adapters import AdapterError, load_adapter, merged_state
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
 from tandem.config import ArchConfig, BottleneckConfig, StrictModel, problems
 from tandem.data import normalize
+from tandem.entropy_points import ENTROPY_FILE, RatePoint, points_from_bytes, save_points
 from tandem.files import open_regular, read_regular
 from tandem.models import build_model
 from tandem.split import split_model
@@ -82,18 +85,42 @@ class CodecDefaults(StrictModel):
 
 
 class TablePoint(StrictModel):
-    """One measured operating point of the bundle."""
+    """One measured operating point of the bundle.
+
+    ``codec`` "quantize" is the quantise+zstd codec at ``bits``; "entropy" is rate point
+    ``point`` (its β in ``beta``), range-coded, with the prior's own estimate of a sample's
+    bits in ``entropy_bits`` (so the coder's overhead over it shows).
+    """
 
     width: float
-    bits: int
+    codec: Literal["quantize", "entropy"] = "quantize"
+    bits: int | None = None
+    point: int | None = Field(default=None, ge=0)
+    beta: float | None = None
     accuracy: float = Field(ge=0, le=1)
     bytes_per_sample: float = Field(ge=0)
+    entropy_bits: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_codec(self) -> TablePoint:
+        """A quantize point names its bits, an entropy point its rate point; not both."""
+        if self.codec == "quantize" and (self.bits is None or self.point is not None):
+            raise ValueError("a quantize point needs bits and no point")
+        if self.codec == "entropy" and (self.point is None or self.bits is not None):
+            raise ValueError("an entropy point needs a point and no bits")
+        return self
+
+
+class EntropySpec(StrictModel):
+    """The rate points of the learned entropy model; their tables are in entropy.safetensors."""
+
+    betas: list[float] = Field(min_length=1, max_length=16)
 
 
 class Manifest(StrictModel):
     """The validated content of ``manifest.json``."""
 
-    format_version: Literal[1] = 1
+    format_version: Literal[1, 2] = 1
     name: str
     version: str
     arch: ArchConfig
@@ -102,6 +129,7 @@ class Manifest(StrictModel):
     input: InputSpec
     bottleneck: BottleneckSpec
     codec: CodecDefaults
+    entropy: EntropySpec | None = None
     teacher_accuracy: float | None = Field(default=None, ge=0, le=1)
     teacher_flops: int = Field(gt=0)
     head_flops: int = Field(ge=0, description="encoder FLOPs per sample at full width")
@@ -121,11 +149,16 @@ class Manifest(StrictModel):
         expected = {str(w): width_channels(b.channels, w) for w in b.widths}
         if {k: s[0] for k, s in b.shapes.items()} != expected:
             raise ValueError(f"bottleneck.shapes must give {expected} channels per width")
-        for bits in [self.codec.bits, *(p.bits for p in self.table)]:
+        for bits in [self.codec.bits, *(p.bits for p in self.table if p.bits is not None)]:
             if bits not in codec.SUPPORTED_BITS:
                 raise ValueError(f"bits {bits} not among {codec.SUPPORTED_BITS}")
         if any(p.width not in b.widths for p in self.table):
             raise ValueError("the table names a width the bottleneck was not trained for")
+        if (self.format_version == 2) != (self.entropy is not None):
+            raise ValueError("format_version 2 goes with an entropy section, and only with one")
+        points = len(self.entropy.betas) if self.entropy is not None else 0
+        if any(p.point is not None and p.point >= points for p in self.table):
+            raise ValueError(f"the table names a rate point beyond the {points} the bundle has")
         return self
 
 
@@ -171,9 +204,24 @@ def _load_verified(
     """The tensors of weight file ``name``, checked against the manifest's sha256.
 
     With ``expected`` (tensor bytes and count, from :func:`tensor_bytes`), a file whose size
-    cannot hold exactly those tensors is refused before any of it is read. The file is hashed
-    as a stream, in chunks, so a wrong file is never held whole; only a match is then read,
-    from the same open file, which must not have changed meanwhile.
+    cannot hold exactly those tensors is refused before any of it is read.
+    """
+    low, high = (0, None) if expected is None else _size_range(*expected)
+    data = _verified_bytes(bundle, manifest, name, low, high)
+    try:
+        return load_safetensors(data)
+    except SafetensorError as exc:
+        raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from exc
+
+
+def _verified_bytes(
+    bundle: Path, manifest: Manifest, name: str, low: int, high: int | None
+) -> bytes:
+    """The bytes of file ``name``, checked against the manifest's sha256.
+
+    A file whose size is outside ``low..high`` is refused before any of it is read. The file
+    is hashed as a stream, in chunks, so a wrong file is never held whole; only a match is
+    then read, from the same open file, which must not have changed meanwhile.
     """
     path = Path(bundle) / name
     digest = manifest.files.get(name)
@@ -182,8 +230,11 @@ def _load_verified(
     try:
         with open_regular(path) as f:
             before = os.fstat(f.fileno())
-            if expected is not None:
-                _check_size(bundle, name, before.st_size, *expected)
+            if before.st_size < low or (high is not None and before.st_size > high):
+                raise BundleError(
+                    f"{bundle}: {name} has {before.st_size} bytes; the manifest allows "
+                    f"{low}..{high}"
+                )
             hasher = hashlib.sha256()
             for chunk in iter(lambda: f.read(_CHUNK), b""):
                 hasher.update(chunk)
@@ -201,20 +252,34 @@ def _load_verified(
         before.st_mtime_ns,
     ):
         raise BundleError(f"{bundle}: {name} changed while it was read")
+    return data
+
+
+def load_rate_points(bundle: Path, manifest: Manifest) -> list[RatePoint]:
+    """The bundle's rate points, hash-checked ([] for a bundle without an entropy model).
+
+    The file's size is bounded before it is read: every point's tables at the coder's
+    longest alphabet for each bottleneck channel, plus the safetensors header.
+    """
+    if manifest.entropy is None:
+        return []
+    count, channels = len(manifest.entropy.betas), manifest.bottleneck.channels
+    per_point = channels * (4 * entropy_codec.MAX_TABLE_LENGTH + 16)
+    high = 8 + _HEADER_MARGIN + count * (per_point + 5 * _HEADER_BYTES_PER_TENSOR)
+    data = _verified_bytes(bundle, manifest, ENTROPY_FILE, 8, high)
     try:
-        return load_safetensors(data)
-    except SafetensorError as exc:
-        raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from exc
+        points = points_from_bytes(data, count)
+    except ValueError as exc:
+        raise BundleError(f"{bundle}: {ENTROPY_FILE} {exc}") from None
+    if any(len(p.tables.offset) != channels for p in points):
+        raise BundleError(f"{bundle}: {ENTROPY_FILE} does not have {channels} channels a point")
+    return points
 
 
-def _check_size(bundle: Path, name: str, size: int, tensors: int, count: int) -> None:
+def _size_range(tensors: int, count: int) -> tuple[int, int]:
+    """The sizes a safetensors file holding ``count`` tensors of ``tensors`` bytes can have."""
     low = 8 + tensors
-    high = low + _HEADER_MARGIN + _HEADER_BYTES_PER_TENSOR * count
-    if not low <= size <= high:
-        raise BundleError(
-            f"{bundle}: {name} has {size} bytes; the manifest's architecture needs "
-            f"{tensors} bytes of weights ({low}..{high} with the header)"
-        )
+    return low, low + _HEADER_MARGIN + _HEADER_BYTES_PER_TENSOR * count
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -234,8 +299,12 @@ def write_bundle(
     encoder: nn.Module,
     cloud_tail: nn.Module,
     full: nn.Module | None = None,
+    points: Sequence[RatePoint] = (),
 ) -> Manifest:
-    """Write weights and hashes, then the manifest last: a half-written bundle is invalid."""
+    """Write weights and hashes, then the manifest last: a half-written bundle is invalid.
+
+    ``points`` are the rate points of an entropy model, written to ``entropy.safetensors``.
+    """
     out.mkdir(parents=True, exist_ok=True)
     weights = {HEAD_FILE: encoder, TAIL_FILE: cloud_tail}
     if full is not None:
@@ -244,6 +313,9 @@ def write_bundle(
     for name, module in weights.items():
         save_file(_state(module), str(out / name))
         files[name] = sha256_file(out / name)
+    if points:
+        save_points(points, out / ENTROPY_FILE)
+        files[ENTROPY_FILE] = sha256_file(out / ENTROPY_FILE)
     # The version names the weights: any retrain that changes them gets a new one.
     version = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:12]
     manifest = Manifest.model_validate({"version": version, **manifest_fields, "files": files})
@@ -281,9 +353,12 @@ def build_arch(manifest: Manifest) -> nn.Module:
 class HeadRunner:
     """Device side: uint8 inputs to encoded bottleneck payloads."""
 
-    def __init__(self, encoder: BottleneckEncoder, manifest: Manifest) -> None:
+    def __init__(
+        self, encoder: BottleneckEncoder, manifest: Manifest, points: Sequence[RatePoint] = ()
+    ) -> None:
         self.encoder = encoder.eval()
         self.manifest = manifest
+        self.points = list(points)
 
     @classmethod
     def from_bundle(cls, bundle: Path, adapter: Path | None = None) -> HeadRunner:
@@ -308,7 +383,7 @@ class HeadRunner:
                     f"head-adapters/, tail ones under adapters/): {e}"
                 ) from None
             encoder.load_state_dict(merged, strict=False)
-        return cls(encoder, m)
+        return cls(encoder, m, load_rate_points(bundle, m))
 
     def check_input(self, x: np.ndarray) -> None:
         """Raise ValueError unless ``x`` is uint8 ``(N, *input shape)`` for this bundle."""
@@ -348,13 +423,31 @@ class HeadRunner:
             self.features(x, width), self.manifest.codec.bits if bits is None else bits
         )
 
+    def rate_point(self, point: int) -> RatePoint:
+        """Rate point ``point`` of the bundle's entropy model; ValueError if it has none."""
+        if not 0 <= point < len(self.points):
+            raise ValueError(f"rate point {point} not in this bundle ({len(self.points)} points)")
+        return self.points[point]
+
+    def pack_entropy(self, z: np.ndarray, point: int) -> list[bytes]:
+        """Range-code each sample's bottleneck tensor at rate point ``point``."""
+        rate = self.rate_point(point)
+        return [rate.encode(sample, point) for sample in z]
+
+    def encode_entropy(self, x: np.ndarray, width: float, point: int) -> list[bytes]:
+        """Entropy-coded payloads for uint8 inputs at ``width`` and rate point ``point``."""
+        return self.pack_entropy(self.features(x, width), point)
+
 
 class TailRunner:
     """Cloud side: encoded payloads to logits."""
 
-    def __init__(self, cloud_tail: CloudTail, manifest: Manifest) -> None:
+    def __init__(
+        self, cloud_tail: CloudTail, manifest: Manifest, points: Sequence[RatePoint] = ()
+    ) -> None:
         self.model = cloud_tail.eval()
         self.manifest = manifest
+        self.points = list(points)
         b = manifest.bottleneck
         self.accepted = {tuple(shape) for shape in b.shapes.values()}
         self.max_elements = max(math.prod(shape) for shape in self.accepted)
@@ -368,20 +461,29 @@ class TailRunner:
         allocated, so a manifest claiming a huge model, or a huge file, costs nothing.
         """
         m = read_manifest(bundle) if manifest is None else manifest
-        return cls.from_state(m, _load_verified(bundle, m, TAIL_FILE, tail_bytes(m)))
+        state = _load_verified(bundle, m, TAIL_FILE, tail_bytes(m))
+        return cls.from_state(m, state, load_rate_points(bundle, m))
 
     @classmethod
-    def from_state(cls, manifest: Manifest, state: dict[str, torch.Tensor]) -> TailRunner:
+    def from_state(
+        cls, manifest: Manifest, state: dict[str, torch.Tensor], points: Sequence[RatePoint] = ()
+    ) -> TailRunner:
         """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict)."""
         b = manifest.bottleneck
         decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
         tail = copy.deepcopy(_traced_tail(manifest)).to_empty(device="cpu")
         cloud = CloudTail(decoder, tail)
         _load_into(cloud, state, "tail")
-        return cls(cloud, manifest)
+        return cls(cloud, manifest, points)
 
-    def unpack(self, payloads: Sequence[bytes]) -> torch.Tensor:
-        """Decode payloads into one batch, rejecting shapes the decoder was not trained for."""
+    def unpack(self, payloads: Sequence[bytes], width: float | None = None) -> torch.Tensor:
+        """Decode payloads into one batch, rejecting shapes the decoder was not trained for.
+
+        Entropy-coded (v2) payloads carry no shape: ``width`` says which the sender used,
+        and the bundle gives its shape; each payload's header names its rate point.
+        """
+        if payloads and all(entropy_codec.is_v2(p) for p in payloads):
+            return torch.from_numpy(np.stack([self._entropy_decode(p, width) for p in payloads]))
         # Headers first: a payload whose shape the decoder cannot take is refused before any
         # of the batch is decompressed, so a hostile batch costs no more than a valid one.
         shapes = {codec.read_header(p, max_elements=self.max_elements).shape for p in payloads}
@@ -391,10 +493,21 @@ class TailRunner:
         # The codec only ever yields finite values, so no NaN check is needed here.
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 
+    def _entropy_decode(self, payload: bytes, width: float | None) -> np.ndarray:
+        shapes = self.manifest.bottleneck.shapes
+        if width is None or str(width) not in shapes:
+            raise ValueError(f"an entropy-coded payload needs one of the widths {sorted(shapes)}")
+        point = entropy_codec.point_of(payload)
+        if point >= len(self.points):
+            raise codec.CodecError(f"rate point {point} not in this bundle")
+        c, h, w = shapes[str(width)]
+        return self.points[point].decode(payload, (c, h, w))
+
     @torch.inference_mode()
-    def infer(self, payloads: Sequence[bytes]) -> np.ndarray:
-        """Logits ``(N, classes)`` for payloads that all have the same width."""
-        return self.model(self.unpack(payloads)).numpy()
+    def infer(self, payloads: Sequence[bytes], width: float | None = None) -> np.ndarray:
+        """Logits ``(N, classes)`` for payloads that all have the same width (which
+        entropy-coded payloads need stated)."""
+        return self.model(self.unpack(payloads, width)).numpy()
 
 
 def tail_bytes(manifest: Manifest) -> tuple[int, int]:

@@ -133,12 +133,19 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[], str]
 
 
 def _points_table(points: list[dict[str, Any]], teacher_acc: float | None) -> str:
-    lines = [f"{'width':>6} {'bits':>4} {'accuracy':>9} {'vs teacher':>10} {'bytes/sample':>13}"]
+    lines = [
+        f"{'width':>6} {'codec':>14} {'accuracy':>9} {'vs teacher':>10} {'bytes/sample':>13} "
+        f"{'model bits':>10}"
+    ]
     for p in points:
         delta = f"{100 * (p['accuracy'] - teacher_acc):+.2f} pp" if teacher_acc is not None else "-"
+        if p.get("codec", "quantize") == "entropy":
+            codec, bits = f"entropy β={p['beta']:g}", f"{p['entropy_bits']:.1f}"
+        else:
+            codec, bits = f"{p['bits']}-bit+zstd", "-"
         lines.append(
-            f"{p['width']:>6.2f} {p['bits']:>4d} {100 * p['accuracy']:>8.2f}% {delta:>10} "
-            f"{p['bytes_per_sample']:>13.1f}"
+            f"{p['width']:>6.2f} {codec:>14} {100 * p['accuracy']:>8.2f}% {delta:>10} "
+            f"{p['bytes_per_sample']:>13.1f} {bits:>10}"
         )
     return "\n".join(lines)
 
@@ -149,7 +156,8 @@ def _eval_text(report: dict[str, Any]) -> str:
     head = [
         f"bundle {report['bundle']} on {report['samples']} test samples",
         f"teacher accuracy {100 * teacher:.2f}%" if teacher is not None else "teacher: n/a",
-        "input bytes/sample: raw {raw:.0f}, PNG {png:.1f}, zstd-19 {zstd19:.1f}".format(**base),
+        "input bytes/sample: raw {raw:.0f}, PNG {png:.1f}, zstd-19 {zstd19:.1f}, "
+        "WebP lossless {webp_lossless:.1f}".format(**base),
         f"head FLOPs share {report['head_flops_share']:.4f}",
         "",
     ]
@@ -192,13 +200,21 @@ def _evaluate(args: argparse.Namespace, bundle: Path, data_spec: str) -> dict[st
     manifest = read_manifest(bundle)
     split = load_data(data_spec).test
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
-    with _bar(args, len(manifest.bottleneck.widths) * len(bits), "evaluating") as on_point:
+    rates = len(manifest.entropy.betas) if manifest.entropy is not None else 0
+    total = len(manifest.bottleneck.widths) * (len(bits) + rates)
+    with _bar(args, total, "evaluating") as on_point:
         return evaluate_bundle(bundle, split, bits, progress=on_point)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """``tandem eval BUNDLE --data SPEC``: accuracy and bytes per (width, bits) point."""
+    """``tandem eval BUNDLE --data SPEC``: accuracy and bytes at every operating point, next
+    to the lossless input codecs; ``--plot`` draws them."""
     report = _evaluate(args, Path(args.bundle), args.data)
+    if args.plot is not None:
+        from tandem.sim.charts import plot_rate_accuracy
+
+        plot_rate_accuracy(report, args.plot)
+        report["plot"] = str(args.plot)
     _emit(args, report, lambda: _eval_text(report))
     return 0
 
@@ -382,7 +398,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="the bundle directory")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
     p.add_argument(
-        "--bits", type=int, nargs="+", help="bit depths to measure (default: the recipe's)"
+        "--bits",
+        type=int,
+        nargs="+",
+        help="quantise+zstd bit depths to measure, next to every rate point (default: the "
+        "recipe's)",
+    )
+    p.add_argument(
+        "--plot",
+        type=Path,
+        metavar="FILE.png",
+        help="also draw accuracy against bytes per sample to this PNG (needs tandem[sim])",
     )
     p.set_defaults(func=cmd_eval)
 

@@ -110,6 +110,28 @@ class DistillConfig(StrictModel):
     _quant_bits_valid = field_validator("quant_bits")(_check_bits)
 
 
+class RateConfig(StrictModel):
+    """The learned entropy model: one rate point per β (none: the quantise+zstd codec only).
+
+    Head distillation minimises feature distortion + β · bits per input pixel at each point;
+    fine-tuning then trains decoder and tail on the rounded, coded features.
+    """
+
+    betas: list[float] = Field(
+        default_factory=list, max_length=16, description="rate weights, one point each"
+    )
+    quantile_weight: float = Field(
+        default=1.0, gt=0, description="weight of the prior's quantile (tail) loss"
+    )
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_valid(cls, betas: list[float]) -> list[float]:
+        if any(b < 0 for b in betas) or len(set(betas)) != len(betas):
+            raise ValueError(f"betas must be distinct and non-negative, got {betas}")
+        return betas
+
+
 class Recipe(StrictModel):
     """Everything ``tandem train`` needs besides the data."""
 
@@ -119,6 +141,7 @@ class Recipe(StrictModel):
     teacher: TeacherConfig
     bottleneck: BottleneckConfig
     distill: DistillConfig
+    rate: RateConfig = Field(default_factory=RateConfig)
     eval_bits: list[int] = Field(default_factory=lambda: [16, 8, 4, 2])
     default_bits: int = 4
 

@@ -19,6 +19,7 @@ from PIL import Image
 
 from tandem.bundle import HeadRunner, TailRunner, load_full, read_manifest
 from tandem.data import Split, normalize
+from tandem.entropy_points import information_bits
 from tandem.train import accuracy, batched_outputs
 
 Progress = Callable[[int], object]
@@ -26,29 +27,37 @@ Progress = Callable[[int], object]
 
 @dataclass(frozen=True)
 class Point:
-    """Accuracy and mean payload size at one (width, bits) setting."""
+    """Accuracy and mean payload size at one operating point: a width with the quantise+zstd
+    codec at ``bits``, or with rate point ``point`` of the entropy model (see
+    :class:`tandem.bundle.TablePoint`)."""
 
     width: float
-    bits: int
     accuracy: float
     bytes_per_sample: float
+    codec: str = "quantize"
+    bits: int | None = None
+    point: int | None = None
+    beta: float | None = None
+    entropy_bits: float | None = None
 
 
-def _png_bytes(image: np.ndarray) -> int:
+def _image_bytes(image: np.ndarray, **save: Any) -> int:
     buf = io.BytesIO()
-    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(
-        buf, format="PNG", optimize=True
-    )
+    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, **save)
     return buf.tell()
 
 
 def input_baselines(x: np.ndarray) -> dict[str, float]:
-    """Mean bytes per sample of the raw uint8 input, of PNG and of zstd level 19."""
+    """Mean bytes per sample of the raw uint8 input and of three lossless codecs for it: PNG
+    (optimized), zstd level 19 and WebP lossless (Pillow, best effort)."""
     zstd19 = zstandard.ZstdCompressor(level=19)
     return {
         "raw": float(x[0].nbytes),
-        "png": float(np.mean([_png_bytes(img) for img in x])),
+        "png": float(np.mean([_image_bytes(img, format="PNG", optimize=True) for img in x])),
         "zstd19": float(np.mean([len(zstd19.compress(img.tobytes())) for img in x])),
+        "webp_lossless": float(
+            np.mean([_image_bytes(img, format="WEBP", lossless=True, method=6) for img in x])
+        ),
     }
 
 
@@ -63,22 +72,39 @@ def measure_points(
 ) -> list[Point]:
     """Accuracy and mean payload bytes for every trained width and each of ``bits_list``."""
     points = []
+    betas = head.manifest.entropy.betas if head.manifest.entropy is not None else []
     for width in head.manifest.bottleneck.widths:
         z = head.features(split.x, width)
         for bits in bits_list:
             payloads = head.pack(z, bits)
-            logits = np.concatenate(
-                [
-                    tail.infer(payloads[i : i + batch_size])
-                    for i in range(0, len(payloads), batch_size)
-                ]
+            acc, size = _measured(tail, payloads, split.y, width, batch_size)
+            points.append(Point(width, acc, size, bits=bits))
+            if progress:
+                progress(1)
+        for index, beta in enumerate(betas):
+            rate = head.rate_point(index)
+            payloads = head.pack_entropy(z, index)
+            acc, size = _measured(tail, payloads, split.y, width, batch_size)
+            estimate = float(np.mean([information_bits(rate, rate.quantize(s)) for s in z]))
+            points.append(
+                Point(width, acc, size, "entropy", point=index, beta=beta, entropy_bits=estimate)
             )
-            acc = accuracy(logits, split.y)
-            size = float(np.mean([len(p) for p in payloads]))
-            points.append(Point(width, bits, acc, size))
             if progress:
                 progress(1)
     return points
+
+
+def _measured(
+    tail: TailRunner, payloads: list[bytes], labels: np.ndarray, width: float, batch_size: int
+) -> tuple[float, float]:
+    """Accuracy of the tail on ``payloads``, and their mean size in bytes."""
+    logits = np.concatenate(
+        [
+            tail.infer(payloads[i : i + batch_size], width)
+            for i in range(0, len(payloads), batch_size)
+        ]
+    )
+    return accuracy(logits, labels), float(np.mean([len(p) for p in payloads]))
 
 
 def evaluate_bundle(

@@ -7,6 +7,13 @@
    (cross-entropy + KL), through the codec's quantization at randomly drawn bit depths, so
    that 8-, 4- and 2-bit transmission keep their accuracy.
 
+With rate points (``rate.betas``, :mod:`tandem.entropy`), stage 2 trains the encoder with a
+learned prior per β: feature distortion + β · bits per input pixel, through additive uniform
+noise (and, drawn as one more point, the plain features that the quantise+zstd codec sends).
+Stage 3 then freezes encoder and priors, which the exported tables describe, and fine-tunes
+decoder and tail on what the wire delivers: the rounded, coded features of each point, or
+the codec's quantization at a drawn bit depth.
+
 Every phase checkpoints after each epoch (see :mod:`tandem.checkpoint`), and its random
 draws come from a generator seeded by (seed, phase, epoch), so a resumed run retraces the
 uninterrupted one exactly.
@@ -39,6 +46,7 @@ from tandem.bottleneck import (
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, Recipe, RecipeError
 from tandem.data import DataSet, Split, channel_stats, normalize
+from tandem.entropy import RatePoints
 from tandem.models import build_model
 from tandem.progress import bar as progress_bar
 from tandem.split import split_model
@@ -59,6 +67,7 @@ class DistilledModels:
     std: list[float]
     cut_shape: tuple[int, ...]
     code_spatial: tuple[int, int]
+    rates: RatePoints | None = None
 
 
 def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -267,11 +276,20 @@ class Distiller:
         )
         code_spatial = self._check_shapes(encoder, decoder, cut_shape)
         cloud = CloudTail(decoder, copy.deepcopy(parts.tail))
-        self._distil_head(encoder, decoder, cut_features)
+        betas = self.recipe.rate.betas
+        rates = RatePoints(b.channels, len(betas)) if betas else None
+        self._distil_head(encoder, decoder, cut_features, rates)
         del cut_features
-        self._finetune(encoder, cloud, batched_outputs(teacher, self.x_train))
+        self._finetune(encoder, cloud, batched_outputs(teacher, self.x_train), rates)
         return DistilledModels(
-            teacher, encoder.eval(), cloud.eval(), self.mean, self.std, cut_shape, code_spatial
+            teacher,
+            encoder.eval(),
+            cloud.eval(),
+            self.mean,
+            self.std,
+            cut_shape,
+            code_spatial,
+            rates.eval() if rates is not None else None,
         )
 
     def _check_shapes(
@@ -290,28 +308,70 @@ class Distiller:
         return int(code.shape[-2]), int(code.shape[-1])
 
     def _distil_head(
-        self, encoder: BottleneckEncoder, decoder: nn.Module, target: torch.Tensor
+        self,
+        encoder: BottleneckEncoder,
+        decoder: nn.Module,
+        target: torch.Tensor,
+        rates: RatePoints | None,
     ) -> None:
         widths = self.recipe.bottleneck.widths
+        rate = self.recipe.rate
+        pixels = math.prod(self.data.input_shape[1:])
+
+        def one_width(
+            x: torch.Tensor, goal: torch.Tensor, w: float, point: int, gen: torch.Generator
+        ) -> torch.Tensor:
+            z = encoder(x, w)
+            if rates is None or point == len(rates):  # the plain features (quantise+zstd)
+                return F.mse_loss(decoder(z), goal)
+            coded = rates.noisy(z, point, gen)
+            bits_per_pixel = coded.bits().mean() / pixels
+            return F.mse_loss(decoder(coded.features), goal) + rate.betas[point] * bits_per_pixel
 
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             x, goal = self.x_train[idx], target[idx].float()
-            return sum(
-                (F.mse_loss(decoder(encoder(x, w)), goal) for w in sandwich(widths, gen)),
+            chosen = sandwich(widths, gen)
+            points = len(rates) + 1 if rates is not None else 1
+            draws = torch.randint(points, (len(chosen),), generator=gen).tolist()
+            total = sum(
+                (one_width(x, goal, w, p, gen) for w, p in zip(chosen, draws, strict=True)),
                 torch.zeros(()),
             )
+            if rates is not None:
+                total = total + rate.quantile_weight * rates.quantile_loss()
+            return total
 
-        modules = {"encoder": encoder, "decoder": decoder}
+        modules: dict[str, nn.Module] = {"encoder": encoder, "decoder": decoder}
+        if rates is not None:
+            modules["rates"] = rates
         self.runner.run("head", self.recipe.distill.head, modules, len(target), loss)
 
     def _finetune(
-        self, encoder: BottleneckEncoder, cloud: CloudTail, teacher_logits: torch.Tensor
+        self,
+        encoder: BottleneckEncoder,
+        cloud: CloudTail,
+        teacher_logits: torch.Tensor,
+        rates: RatePoints | None,
     ) -> None:
         d = self.recipe.distill
         widths, temp = self.recipe.bottleneck.widths, d.temperature
+        # With rate points, encoder and priors are what the exported tables describe: frozen.
+        if rates is not None:
+            for module in (encoder, rates):
+                module.eval().requires_grad_(False)
+        # A draw picks one of the codec's bit depths, or one rate point after them.
+        modes = len(d.quant_bits) + (len(rates) if rates is not None else 0)
 
-        def one_width(x: torch.Tensor, idx: torch.Tensor, w: float, bits: int) -> torch.Tensor:
-            logits = cloud(fake_quantize(encoder(x, w), bits))
+        def sent(x: torch.Tensor, w: float, mode: int) -> torch.Tensor:
+            """What the decoder receives at width ``w`` in ``mode``."""
+            if mode < len(d.quant_bits):
+                return fake_quantize(encoder(x, w), d.quant_bits[mode])
+            assert rates is not None
+            with torch.no_grad():
+                return rates.rounded(encoder(x, w), mode - len(d.quant_bits)).features
+
+        def one_width(x: torch.Tensor, idx: torch.Tensor, w: float, mode: int) -> torch.Tensor:
+            logits = cloud(sent(x, w, mode))
             ce = F.cross_entropy(logits, self.y_train[idx])
             kl = F.kl_div(
                 F.log_softmax(logits / temp, 1),
@@ -323,14 +383,16 @@ class Distiller:
 
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             x = self.x_train[idx]
-            draws = torch.randint(len(d.quant_bits), (len(widths),), generator=gen).tolist()
+            draws = torch.randint(modes, (len(widths),), generator=gen).tolist()
             return sum(
                 (
-                    one_width(x, idx, w, d.quant_bits[draw])
+                    one_width(x, idx, w, draw)
                     for w, draw in zip(sandwich(widths, gen), draws, strict=False)
                 ),
                 torch.zeros(()),
             )
 
-        modules = {"encoder": encoder, "cloud": cloud}
+        modules: dict[str, nn.Module] = {"encoder": encoder, "cloud": cloud}
+        if rates is not None:
+            del modules["encoder"]
         self.runner.run("finetune", d.finetune, modules, len(teacher_logits), loss)

@@ -50,6 +50,19 @@ def digits_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def digits_entropy_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A digits bundle with two rate points (β 0.05 and 2.0) and one quantise+zstd depth."""
+    from tandem.build import build_bundle
+    from tandem.config import load_recipe
+    from tandem.data import load_data
+
+    out = tmp_path_factory.mktemp("bundle") / "digits-entropy"
+    overrides = [*TINY, "rate.betas=[0.05, 2.0]", "eval_bits=[4]"]
+    build_bundle(load_recipe("digits", overrides), load_data("digits"), out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def mnist_small(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A quickly trained MNIST bundle and the npz it was trained on.
 

@@ -29,6 +29,13 @@ def test_codec_bench_prints_one_json_line(capsys: pytest.CaptureFixture[str]) ->
         assert doc["codec"][bits]["encode_MBps"] > 0 and doc["codec"][bits]["decode_MBps"] > 0
         assert doc["speedup_vs_zstd"][bits]["ratio"] > 1  # quantizing beats lossless zstd
     assert doc["codec"]["2"]["bytes"] < doc["codec"]["4"]["bytes"] < doc["codec"]["8"]["bytes"]
+    entropy = doc["entropy"]
+    assert entropy["encode_us_per_sample"] > 0 and entropy["decode_us_per_sample"] > 0
+    # The range coder lands within a few bytes of the tables' information content, and
+    # below the 2-bit quantise+zstd path on the same samples.
+    assert entropy["entropy_bits_per_sample"] / 8 <= entropy["bytes_per_sample"]
+    assert entropy["bytes_per_sample"] <= entropy["entropy_bits_per_sample"] / 8 + 4
+    assert entropy["bytes_per_sample"] < entropy["v1"]["2"]["bytes_per_sample"]
 
 
 @pytest.mark.slow
