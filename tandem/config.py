@@ -120,9 +120,6 @@ class RateConfig(StrictModel):
     betas: list[float] = Field(
         default_factory=list, max_length=16, description="rate weights, one point each"
     )
-    quantile_weight: float = Field(
-        default=1.0, gt=0, description="weight of the prior's quantile (tail) loss"
-    )
 
     @field_validator("betas")
     @classmethod

@@ -28,9 +28,10 @@ Training (noise) and inference (rounding):
   inside the exported table; the table's edge bins hold the prior's tail mass, so the
   clamp is priced, not silent.
 
-Each prior also learns three quantiles per channel (tails at :data:`TAIL_MASS` and the
-median) through :meth:`FactorizedPrior.quantile_loss`, whose gradient reaches only the
-quantiles; they bound the exported alphabet.
+Each prior's median and tails (the points where its CDF reaches :data:`TAIL_MASS` and
+1 − :data:`TAIL_MASS`) are found by bisection on the CDF itself, not learned alongside it:
+they centre the symbols and bound the exported alphabet, and are fixed with the prior
+(:meth:`RatePoints.freeze`) before the tail is fine-tuned on the rounded features.
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ LIKELIHOOD_BOUND = 1e-9
 TAIL_MASS = 1e-9
 """Prior mass left outside the learned quantiles on each side."""
 
+_SEARCH = float(1 << 16)  # the quantiles are searched in [-_SEARCH, _SEARCH]
+_BISECTIONS = 48  # halvings of that interval: a final width of 2**-30
 _FILTERS = (3, 3, 3)  # hidden widths of each channel's CDF network (Ballé et al.: 1-3-3-3-1)
 _INIT_SCALE = 10.0
 
 
 class FactorizedPrior(nn.Module):
     """An independent learned density per channel, for integer-quantized values."""
-
-    _targets: torch.Tensor
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -76,10 +77,7 @@ class FactorizedPrior(nn.Module):
             self.biases.append(nn.Parameter(torch.rand(channels, dims[i + 1], 1) - 0.5))
             if i < len(dims) - 2:
                 self.factors.append(nn.Parameter(torch.zeros(channels, dims[i + 1], 1)))
-        q = torch.tensor([-_INIT_SCALE, 0.0, _INIT_SCALE])
-        self.quantiles = nn.Parameter(q.repeat(channels, 1, 1))  # (C, 1, 3)
-        target = math.log(2 / TAIL_MASS - 1)
-        self.register_buffer("_targets", torch.tensor([-target, 0.0, target]), persistent=False)
+        self._frozen: torch.Tensor | None = None
 
     def _logits_cdf(
         self, x: torch.Tensor, k: int | None = None, detach: bool = False
@@ -110,19 +108,40 @@ class FactorizedPrior(nn.Module):
         mass = mass.clamp_min(LIKELIHOOD_BOUND)
         return mass.reshape(k, y.shape[0], *y.shape[2:]).transpose(0, 1)
 
-    def quantile_loss(self) -> torch.Tensor:
-        """Pulls the quantiles to the prior's tails and median; only they get a gradient."""
-        logits = self._logits_cdf(self.quantiles, detach=True)
-        return (logits - self._targets).abs().sum()
+    @torch.no_grad()
+    def quantiles(self) -> torch.Tensor:
+        """(C, 3): where each channel's CDF reaches TAIL_MASS, ½ and 1 − TAIL_MASS.
+
+        Found by bisection on the logits, which the construction makes monotone, so the
+        answer is the prior's own, not a separately learned estimate of it. Once
+        :meth:`freeze` has run, the values it stored.
+        """
+        if self._frozen is not None:
+            return self._frozen
+        tail = math.log(1 / TAIL_MASS - 1)
+        goals = torch.tensor([-tail, 0.0, tail]).reshape(1, 1, 3)
+        lo = torch.full((self.channels, 1, 3), -_SEARCH)
+        hi = torch.full((self.channels, 1, 3), _SEARCH)
+        for _ in range(_BISECTIONS):
+            mid = (lo + hi) / 2
+            below = self._logits_cdf(mid) < goals
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return ((lo + hi) / 2)[:, 0, :]
+
+    def freeze(self) -> None:
+        """Fix the prior: no more gradients, and its quantiles computed once."""
+        self.requires_grad_(False)
+        self._frozen = None
+        self._frozen = self.quantiles()
 
     @property
     def medians(self) -> torch.Tensor:
-        """(C,) the prior's learned medians, detached."""
-        return self.quantiles[:, 0, 1].detach()
+        """(C,) the prior's medians."""
+        return self.quantiles()[:, 1]
 
     def symbol_range(self) -> tuple[np.ndarray, np.ndarray]:
         """(lo, hi) integer symbols, relative to the median, covering all but the tails."""
-        q = self.quantiles.detach()[:, 0, :]
+        q = self.quantiles()
         m = q[:, 1]
         lo = torch.floor(q[:, 0] - m).clamp(max=0)
         hi = torch.ceil(q[:, 2] - m).clamp(min=0)
@@ -234,9 +253,12 @@ class RatePoints(nn.Module):
         m = self.prior(point).medians[:k].reshape(1, k, 1, 1)
         return Coded(self.dequantize(s, point), self.prior(point).likelihood(s + m))
 
-    def quantile_loss(self) -> torch.Tensor:
-        """Sum of every prior's quantile loss."""
-        return sum((self.prior(i).quantile_loss() for i in range(len(self))), torch.zeros(()))
+    def freeze(self) -> RatePoints:
+        """Fix gains and priors (what the exported tables describe); returns self in eval mode."""
+        self.eval().requires_grad_(False)
+        for i in range(len(self)):
+            self.prior(i).freeze()
+        return self
 
     @torch.no_grad()
     def export(self) -> list[RatePoint]:

@@ -289,7 +289,7 @@ class Distiller:
             self.std,
             cut_shape,
             code_spatial,
-            rates.eval() if rates is not None else None,
+            rates.freeze() if rates is not None else None,
         )
 
     def _check_shapes(
@@ -337,8 +337,6 @@ class Distiller:
                 (one_width(x, goal, w, p, gen) for w, p in zip(chosen, draws, strict=True)),
                 torch.zeros(()),
             )
-            if rates is not None:
-                total = total + rate.quantile_weight * rates.quantile_loss()
             return total
 
         modules: dict[str, nn.Module] = {"encoder": encoder, "decoder": decoder}
@@ -357,8 +355,8 @@ class Distiller:
         widths, temp = self.recipe.bottleneck.widths, d.temperature
         # With rate points, encoder and priors are what the exported tables describe: frozen.
         if rates is not None:
-            for module in (encoder, rates):
-                module.eval().requires_grad_(False)
+            encoder.eval().requires_grad_(False)
+            rates.freeze()
         # A draw picks one of the codec's bit depths, or one rate point after them.
         modes = len(d.quant_bits) + (len(rates) if rates is not None else 0)
 
@@ -367,8 +365,9 @@ class Distiller:
             if mode < len(d.quant_bits):
                 return fake_quantize(encoder(x, w), d.quant_bits[mode])
             assert rates is not None
-            with torch.no_grad():
-                return rates.rounded(encoder(x, w), mode - len(d.quant_bits)).features
+            point = mode - len(d.quant_bits)
+            with torch.no_grad():  # frozen: the symbols' likelihoods are not needed here
+                return rates.dequantize(rates.symbols(encoder(x, w), point), point)
 
         def one_width(x: torch.Tensor, idx: torch.Tensor, w: float, mode: int) -> torch.Tensor:
             logits = cloud(sent(x, w, mode))

@@ -111,3 +111,20 @@ def test_fed_bench_prints_one_json_line(
     assert len(doc["accuracy_by_round"]) == 1 and len(doc["own_domain"]) == 2
     assert doc["gain"] == pytest.approx(doc["global_accuracy"] - doc["frozen_accuracy"], abs=1e-3)
     assert 0 < doc["bytes_up_fraction_of_tail"] <= 0.02
+
+
+def test_entropy_bench_prints_one_json_line(
+    digits_entropy_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--bundle", str(digits_entropy_bundle), "--data", "digits", "--runs", "1"]
+    assert _load("entropy").main([*args, "--samples", "8"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    doc = json.loads(out)
+    assert doc["samples"] == 8 and doc["betas"] == [0.05, 2.0]
+    for figures in doc["widths"].values():
+        us = figures["us_per_sample"]
+        assert {"head_batch1", "head_batched", "p0_encode", "p1_decode", "v1_2_encode"} <= set(us)
+        assert all(v > 0 for v in us.values())
+        assert figures["entropy_encode_vs_head"] > 0
+        assert set(figures["bytes_per_sample"]) == {"p0", "p1", "v1_4", "v1_2"}

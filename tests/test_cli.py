@@ -28,7 +28,9 @@ def test_eval_json_report(digits_bundle: Path, capsys: pytest.CaptureFixture[str
     assert report["baselines"]["zstd19"] > 0 and report["baselines"]["png"] > 0
     assert len(report["points"]) == 16
     for p in report["points"]:
-        assert set(p) == {"width", "bits", "accuracy", "bytes_per_sample"}
+        assert set(p) == {"width", "codec", "bits", "point", "beta", "accuracy",
+                          "bytes_per_sample", "entropy_bits"}  # fmt: skip
+        assert p["codec"] == "quantize" and p["point"] is None  # a bundle without rate points
         assert 0 <= p["accuracy"] <= 1 and p["bytes_per_sample"] > 0
     assert 0 < report["head_flops_share"] < 1
 
@@ -39,10 +41,10 @@ def test_eval_text_and_bits(digits_bundle: Path, capsys: pytest.CaptureFixture[s
     assert "teacher accuracy" in out and "bytes/sample" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("0.", "1.")]
     assert [(r[0], r[1]) for r in rows] == [
-        ("0.25", "4"),
-        ("0.50", "4"),
-        ("0.75", "4"),
-        ("1.00", "4"),
+        ("0.25", "4-bit+zstd"),
+        ("0.50", "4-bit+zstd"),
+        ("0.75", "4-bit+zstd"),
+        ("1.00", "4-bit+zstd"),
     ]
 
 

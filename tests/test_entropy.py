@@ -1,4 +1,4 @@
-"""The learned entropy model: a valid prior, quantiles that find the tails, tables that code,
+"""The learned entropy model: a valid prior, tails found on its CDF, tables that code,
 and the device's numpy path agreeing with the torch one it was exported from."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tandem import entropy_codec
-from tandem.entropy import FactorizedPrior, RatePoints
+from tandem.entropy import TAIL_MASS, FactorizedPrior, RatePoints
 from tandem.entropy_points import information_bits
 
 
@@ -21,12 +21,12 @@ def _laplace(n: int, channels: int, scale: float, seed: int = 0) -> torch.Tensor
 
 
 def _fit(prior: FactorizedPrior, y: torch.Tensor, steps: int = 300) -> None:
-    """Fit the prior alone to noisy ``y`` by maximum likelihood, quantiles alongside."""
+    """Fit the prior alone to noisy ``y`` by maximum likelihood."""
     opt = torch.optim.Adam(prior.parameters(), lr=0.02)
     gen = torch.Generator().manual_seed(1)
     for _ in range(steps):
         noisy = y + torch.rand(y.shape, generator=gen) - 0.5
-        loss = -torch.log2(prior.likelihood(noisy)).mean() + prior.quantile_loss()
+        loss = -torch.log2(prior.likelihood(noisy)).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -42,12 +42,26 @@ def test_bin_masses_over_all_integers_sum_to_one_for_any_weights() -> None:
     assert torch.allclose(mass, torch.ones(3), atol=1e-3), mass
 
 
-def test_quantile_loss_moves_only_the_quantiles() -> None:
+def test_the_quantiles_are_where_the_cdf_reaches_the_tails_and_half() -> None:
+    prior = FactorizedPrior(3)
+    with torch.no_grad():
+        for p in prior.parameters():
+            p.add_(torch.randn(p.shape))
+    q = prior.quantiles()
+    cdf = torch.sigmoid(prior._logits_cdf(q.reshape(3, 1, 3)).double())[:, 0, :]
+    expected = torch.tensor([TAIL_MASS, 0.5, 1 - TAIL_MASS], dtype=torch.float64)
+    assert torch.allclose(cdf, expected.expand(3, 3), rtol=1e-3, atol=1e-9), cdf
+    assert (q[:, 0] < q[:, 1]).all() and (q[:, 1] < q[:, 2]).all()
+
+
+def test_a_frozen_prior_keeps_its_quantiles_and_takes_no_gradient() -> None:
     prior = FactorizedPrior(2)
-    prior.quantile_loss().backward()
-    assert prior.quantiles.grad is not None and prior.quantiles.grad.abs().sum() > 0
-    others = [p for name, p in prior.named_parameters() if name != "quantiles"]
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in others)
+    prior.freeze()
+    before = prior.quantiles().clone()
+    with torch.no_grad():
+        prior.biases[0].add_(5.0)  # would move every quantile, were they recomputed
+    assert torch.equal(prior.quantiles(), before)
+    assert not any(p.requires_grad for p in prior.parameters())
 
 
 def test_a_fitted_prior_costs_close_to_the_empirical_entropy() -> None:
