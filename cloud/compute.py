@@ -96,6 +96,7 @@ class BatchSpec:
     bundle: str
     version: str
     mtime: float
+    width: float
     adapters: tuple[AdapterSpec, ...]
     rows: tuple[int, ...]
 
@@ -109,7 +110,14 @@ class BatchSpec:
             a = target.adapter
             spec = None if a is None else (str(a.path), a.name, a.version)
             rows.append(-1 if spec is None else distinct.setdefault(spec, len(distinct)))
-        return cls(str(entry.path), entry.version, entry.mtime, tuple(distinct), tuple(rows))
+        return cls(
+            str(entry.path),
+            entry.version,
+            entry.mtime,
+            targets[0].width,
+            tuple(distinct),
+            tuple(rows),
+        )
 
 
 class ProcessCompute:
@@ -210,4 +218,5 @@ def run_spec(spec: BatchSpec, payloads: list[bytes]) -> BatchOutput:
     key = (spec.bundle, spec.mtime)
     entry = _cached(_entries, key, lambda: _load_entry(spec), _WORKER_CACHE)
     distinct = [_load(a) for a in spec.adapters]
-    return run_batch(entry, [None if i < 0 else distinct[i] for i in spec.rows], payloads)
+    rows = [None if i < 0 else distinct[i] for i in spec.rows]
+    return run_batch(entry, rows, payloads, spec.width)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tandem import codec
+from tandem import codec, entropy_codec
 from tandem.adapters import Adapter
 from tandem.cloud.lora_pool import AdapterKey, key_of
 from tandem.cloud.repository import ModelEntry
@@ -78,17 +78,21 @@ class BatchOutput:
 
 
 def run_batch(
-    entry: ModelEntry, adapters: Sequence[Adapter | None], payloads: Sequence[bytes]
+    entry: ModelEntry,
+    adapters: Sequence[Adapter | None],
+    payloads: Sequence[bytes],
+    width: float,
 ) -> BatchOutput:
-    """Decode ``payloads`` (same width) and run decoder + tail, row i with ``adapters[i]``."""
+    """Decode ``payloads`` (all sent at ``width``) and run decoder + tail, row i with
+    ``adapters[i]``. A payload is v1 (self-describing) or v2 (entropy-coded, shaped by
+    ``width``), each on its own."""
     start = time.perf_counter()
-    max_elements = entry.runner.max_elements
     errors: dict[int, str] = {}
     arrays: list[np.ndarray] = []
     decoded: list[Adapter | None] = []
     for i, (payload, adapter) in enumerate(zip(payloads, adapters, strict=True)):
         try:
-            arrays.append(codec.decode(payload, max_elements=max_elements))
+            arrays.append(_decode(entry, payload, width))
             decoded.append(adapter)
         except codec.CodecError as exc:
             errors[i] = str(exc)
@@ -98,6 +102,12 @@ def run_batch(
         batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
         logits = _forward(entry, decoded, batch)
     return BatchOutput(logits, errors, mid - start, time.perf_counter() - mid)
+
+
+def _decode(entry: ModelEntry, payload: bytes, width: float) -> np.ndarray:
+    if entropy_codec.is_v2(payload):
+        return entry.runner.decode_entropy(payload, width)
+    return codec.decode(payload, max_elements=entry.runner.max_elements)
 
 
 def _scores(logits: np.ndarray) -> list[Scores | BadFeatures]:
@@ -156,4 +166,5 @@ def run_targets(targets: Sequence[Target]) -> list[Outcome]:
     """Run one batch of targets that share a model and width (in a worker thread); each
     target keeps its own adapter."""
     adapters = [t.adapter for t in targets]
-    return run_batch(targets[0].entry, adapters, [t.payload for t in targets]).outcomes()
+    first = targets[0]
+    return run_batch(first.entry, adapters, [t.payload for t in targets], first.width).outcomes()

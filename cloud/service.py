@@ -22,7 +22,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 import tandem
-from tandem import codec
+from tandem import codec, entropy_codec
 from tandem.adapters import Adapter
 from tandem.cloud.auth import TokenStore, authenticated_tenant, can_use, tenant_of
 from tandem.cloud.batcher import (
@@ -323,7 +323,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"width {request.width:g} not trained; choose from {widths}",
             )
-        payload = _checked_payload(request, entry.shape_for(width))
+        payload = _checked_payload(request, entry, width)
         return Target(entry, adapter, width, payload, deadline)
 
     async def _resolve(self, name: str, version: str) -> ModelEntry:
@@ -440,11 +440,20 @@ def _deadline(remaining: float | None, deadline_ms: int) -> float | None:
     return time.monotonic() + min(budgets)
 
 
-def _checked_payload(request: pb.InferRequest, shape: tuple[int, ...]) -> bytes:
-    if not request.HasField("features"):
+def _checked_payload(request: pb.InferRequest, entry: ModelEntry, width: float) -> bytes:
+    """The request's codec bytes, checked against what ``entry`` takes at ``width`` before
+    anything is decoded: a v1 header's shape, or a v2 message's rate point and length."""
+    shape = entry.shape_for(width)
+    has_features = request.HasField("features")
+    if request.payload and has_features:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "set payload or features, not both")
+    if not request.payload and not has_features:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "features are missing")
+    if entropy_codec.is_v2(request.payload):
+        _check_v2(request.payload, entry, shape)
+        return request.payload
     try:
-        payload = from_message(request.features)
+        payload = request.payload or from_message(request.features)
         header = codec.read_header(payload, max_elements=int(np.prod(shape)))
     except codec.CodecError as exc:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"bad features: {exc}") from exc
@@ -454,6 +463,23 @@ def _checked_payload(request: pb.InferRequest, shape: tuple[int, ...]) -> bytes:
             f"features have shape {header.shape}; this width takes {shape}",
         )
     return payload
+
+
+def _check_v2(payload: bytes, entry: ModelEntry, shape: tuple[int, ...]) -> None:
+    points = len(entry.runner.points)
+    point = entropy_codec.point_of(payload)
+    if point >= points:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"bad features: rate point {point}; model {entry.name!r} version {entry.version} "
+            f"has {points}",
+        )
+    cap = entropy_codec.payload_cap(int(np.prod(shape)))
+    if len(payload) > cap + entropy_codec.HEADER_BYTES:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"bad features: {len(payload)} bytes; {shape} symbols take at most {cap}",
+        )
 
 
 def _fingerprint(request: pb.InferRequest, target: Target) -> bytes:
@@ -487,7 +513,14 @@ def _model_info(entry: ModelEntry) -> pb.ModelInfo:
         bits=list(codec.SUPPORTED_BITS),
         table=[
             pb.TablePoint(
-                width=p.width, bits=p.bits, accuracy=p.accuracy, bytes_per_sample=p.bytes_per_sample
+                width=p.width,
+                bits=p.bits or 0,
+                accuracy=p.accuracy,
+                bytes_per_sample=p.bytes_per_sample,
+                codec=p.codec,
+                point=p.point or 0,
+                beta=p.beta or 0.0,
+                entropy_bits=p.entropy_bits or 0.0,
             )
             for p in m.table
         ],

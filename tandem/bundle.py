@@ -483,7 +483,7 @@ class TailRunner:
         and the bundle gives its shape; each payload's header names its rate point.
         """
         if payloads and all(entropy_codec.is_v2(p) for p in payloads):
-            return torch.from_numpy(np.stack([self._entropy_decode(p, width) for p in payloads]))
+            return torch.from_numpy(np.stack([self.decode_entropy(p, width) for p in payloads]))
         # Headers first: a payload whose shape the decoder cannot take is refused before any
         # of the batch is decompressed, so a hostile batch costs no more than a valid one.
         shapes = {codec.read_header(p, max_elements=self.max_elements).shape for p in payloads}
@@ -493,7 +493,9 @@ class TailRunner:
         # The codec only ever yields finite values, so no NaN check is needed here.
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 
-    def _entropy_decode(self, payload: bytes, width: float | None) -> np.ndarray:
+    def decode_entropy(self, payload: bytes, width: float | None) -> np.ndarray:
+        """The decoder's float input for one v2 payload sent at ``width``; ValueError for a
+        width the bundle was not trained at, CodecError for a payload that does not decode."""
         shapes = self.manifest.bottleneck.shapes
         if width is None or str(width) not in shapes:
             raise ValueError(f"an entropy-coded payload needs one of the widths {sorted(shapes)}")

@@ -199,7 +199,7 @@ def test_run_batch_mixes_batched_rows_with_merged_fallback_rows(repo: Path) -> N
     requests = requests_for(bundle, load_data("digits").test.x[: len(names)], WIDTH, BITS)
     payloads = [from_message(r.features) for r in requests]
     payloads[5] = b"\x00garbage"  # fails alone
-    out = run_batch(entry, adapters, payloads)
+    out = run_batch(entry, adapters, payloads, WIDTH)
     assert set(out.errors) == {5}
     keep = [i for i in range(len(names)) if i != 5]
     x = torch.from_numpy(np.stack([codec.decode(payloads[i]) for i in keep]).astype(np.float32))

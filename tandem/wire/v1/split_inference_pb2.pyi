@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "adapter", "adapter_version", "width", "features", "top_k", "return_logits", "deadline_ms", "answers_read")
+    __slots__ = ("request_id", "model", "version", "adapter", "adapter_version", "width", "features", "top_k", "return_logits", "deadline_ms", "answers_read", "payload")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class InferRequest(_message.Message):
     RETURN_LOGITS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_READ_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -32,7 +33,8 @@ class InferRequest(_message.Message):
     return_logits: bool
     deadline_ms: int
     answers_read: int
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., width: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.EncodedTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., answers_read: _Optional[int] = ...) -> None: ...
+    payload: bytes
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., width: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.EncodedTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., answers_read: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -125,16 +127,24 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., arch: _Optional[str] = ..., cut: _Optional[str] = ..., input_shape: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., widths: _Optional[_Iterable[float]] = ..., bits: _Optional[_Iterable[int]] = ..., table: _Optional[_Iterable[_Union[TablePoint, _Mapping]]] = ...) -> None: ...
 
 class TablePoint(_message.Message):
-    __slots__ = ("width", "bits", "accuracy", "bytes_per_sample")
+    __slots__ = ("width", "bits", "accuracy", "bytes_per_sample", "codec", "point", "beta", "entropy_bits")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     BITS_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    POINT_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_BITS_FIELD_NUMBER: _ClassVar[int]
     width: float
     bits: int
     accuracy: float
     bytes_per_sample: float
-    def __init__(self, width: _Optional[float] = ..., bits: _Optional[int] = ..., accuracy: _Optional[float] = ..., bytes_per_sample: _Optional[float] = ...) -> None: ...
+    codec: str
+    point: int
+    beta: float
+    entropy_bits: float
+    def __init__(self, width: _Optional[float] = ..., bits: _Optional[int] = ..., accuracy: _Optional[float] = ..., bytes_per_sample: _Optional[float] = ..., codec: _Optional[str] = ..., point: _Optional[int] = ..., beta: _Optional[float] = ..., entropy_bits: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
