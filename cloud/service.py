@@ -33,12 +33,13 @@ from tandem.cloud.batcher import (
     QueueFullError,
 )
 from tandem.cloud.compute import ComputeFailedError
-from tandem.cloud.config import ServeConfig
+from tandem.cloud.config import MAX_REQUEST_ID, ServeConfig
 from tandem.cloud.errors import RequestError
 from tandem.cloud.idempotency import ResponseCache, ReusedIdError
 from tandem.cloud.inference import BadFeatures, Scores, Target
 from tandem.cloud.metrics import ServiceMetrics
 from tandem.cloud.repository import ModelEntry, ModelRepository, NotFoundError
+from tandem.cloud.stream_contexts import StreamContexts
 from tandem.cloud.stream_window import StreamWindow
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
@@ -47,7 +48,6 @@ from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SplitInference"].full_name
-MAX_REQUEST_ID = 128
 
 
 @contextlib.contextmanager
@@ -115,6 +115,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.InferResponse:
         """One request, one answer, or the request's status code."""
+        if not isinstance(request, Unparsed):
+            self.metrics.add_bytes(request.ByteSize())
         try:
             return await self._guarded(request, context, "Infer")
         except RequestError as exc:
@@ -133,22 +135,29 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         requests already taken on are sent, and then the stream ends with the window's status.
         """
         window = StreamWindow(self.cfg.max_stream_inflight)
+        contexts = StreamContexts()
         results: asyncio.Queue[pb.StreamResult | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
         refused: list[RequestError] = []
 
-        async def one(request: pb.InferRequest | Unparsed) -> None:
-            request_id = "" if isinstance(request, Unparsed) else request.request_id
+        async def one(
+            item: pb.InferRequest | Unparsed | RequestError, out: pb.StreamResult
+        ) -> None:
             try:
-                response = await self._guarded(request, context, "InferStream")
-                results.put_nowait(pb.StreamResult(request_id=request_id, response=response))
+                if isinstance(item, RequestError):  # its context failed: it fails alone
+                    self.metrics.observe_request("InferStream", "", item.code.name)
+                    raise item
+                out.response.CopyFrom(await self._guarded(item, context, "InferStream"))
             except RequestError as exc:
-                status = pb.Status(code=exc.code.value[0], message=exc.message)
-                results.put_nowait(pb.StreamResult(request_id=request_id, error=status))
+                out.error.CopyFrom(pb.Status(code=exc.code.value[0], message=exc.message))
+            results.put_nowait(out)
 
         async def read() -> None:
             try:
                 async for request in request_iterator:
+                    item, out = self._stream_item(request, contexts)
+                    if item is None:  # a context's definition alone: no answer, no place
+                        continue
                     try:
                         # An unparsed request reports nothing read; it still takes a place.
                         read_so_far = 0 if isinstance(request, Unparsed) else request.answers_read
@@ -157,7 +166,7 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                         self.metrics.observe_request("InferStream", "", exc.code.name)
                         refused.append(exc)
                         break
-                    task = asyncio.create_task(one(request))
+                    task = asyncio.create_task(one(item, out))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
                 await asyncio.gather(*list(tasks))
@@ -175,6 +184,20 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                 task.cancel()
         if refused:
             await context.abort(refused[0].code, refused[0].message)
+
+    def _stream_item(
+        self, request: pb.InferRequest | Unparsed, contexts: StreamContexts
+    ) -> tuple[pb.InferRequest | Unparsed | RequestError | None, pb.StreamResult]:
+        """What to serve for one streamed message (None: nothing, it only defined a context),
+        and its answer's envelope, echoing the ids the client sent."""
+        if isinstance(request, Unparsed):
+            return request, pb.StreamResult()
+        self.metrics.add_bytes(request.ByteSize())  # as received, before any context
+        out = pb.StreamResult(request_id=request.request_id, seq=request.seq)
+        try:
+            return contexts.resolve(request), out
+        except RequestError as exc:
+            return exc, out
 
     async def _guarded(
         self,
@@ -277,7 +300,6 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         method: str,
     ) -> pb.InferResponse:
         start = time.perf_counter()
-        self.metrics.add_bytes(request.ByteSize())
         entry, deadline = await self._admit(request, context.time_remaining())
         with _concerning(entry.name):
             target = await self._target(entry, request, tenant, deadline)

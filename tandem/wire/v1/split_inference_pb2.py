@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from tandem.wire.v1 import tensor_pb2 as tandem_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/v1/split_inference.proto\x12\ttandem.v1\x1a\x16tandem/v1/tensor.proto\"\x89\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\x02\x12*\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32\x18.tandem.v1.EncodedTensor\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x15\n\rreturn_logits\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\r\x12\x14\n\x0c\x61nswers_read\x18\x0b \x01(\x04\x12\x0f\n\x07payload\x18\x0c \x01(\x0c\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"B\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x11\n\tdecode_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\"\x83\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.tandem.v1.ClassScore\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12\x11\n\tserved_by\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x08 \x01(\t\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x0b \x01(\x08\"~\n\x0cStreamResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.tandem.v1.InferResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.tandem.v1.StatusH\x00\x42\x08\n\x06result\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\xae\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\r\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x0e\n\x06widths\x18\x07 \x03(\x02\x12\x0c\n\x04\x62its\x18\x08 \x03(\r\x12$\n\x05table\x18\t \x03(\x0b\x32\x15.tandem.v1.TablePoint\"\x97\x01\n\nTablePoint\x12\r\n\x05width\x18\x01 \x01(\x02\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x02\x12\x18\n\x10\x62ytes_per_sample\x18\x04 \x01(\x02\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\r\n\x05point\x18\x06 \x01(\r\x12\x0c\n\x04\x62\x65ta\x18\x07 \x01(\x02\x12\x14\n\x0c\x65ntropy_bits\x18\x08 \x01(\x02\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\"$\n\x13ListAdaptersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"b\n\x0b\x41\x64\x61pterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo\"\x13\n\x11ServerInfoRequest\"\xd2\x01\n\nServerInfo\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x16\n\x0etandem_version\x18\x02 \x01(\t\x12\x15\n\rcodec_version\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x05 \x01(\x02\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x1b\n\x13max_stream_inflight\x18\t \x01(\r2\xf3\x02\n\x0eSplitInference\x12:\n\x05Infer\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse\x12\x43\n\x0bInferStream\x12\x17.tandem.v1.InferRequest\x1a\x17.tandem.v1.StreamResult(\x01\x30\x01\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponse\x12\x44\n\rGetServerInfo\x12\x1c.tandem.v1.ServerInfoRequest\x1a\x15.tandem.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ftandem/v1/split_inference.proto\x12\ttandem.v1\x1a\x16tandem/v1/tensor.proto\"\xa7\x02\n\x0cInferRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x05 \x01(\t\x12\r\n\x05width\x18\x06 \x01(\x02\x12*\n\x08\x66\x65\x61tures\x18\x07 \x01(\x0b\x32\x18.tandem.v1.EncodedTensor\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x15\n\rreturn_logits\x18\t \x01(\x08\x12\x13\n\x0b\x64\x65\x61\x64line_ms\x18\n \x01(\r\x12\x14\n\x0c\x61nswers_read\x18\x0b \x01(\x04\x12\x0f\n\x07payload\x18\x0c \x01(\x0c\x12\x0f\n\x07\x63ontext\x18\r \x01(\r\x12\x0b\n\x03seq\x18\x0e \x01(\x04\"9\n\nClassScore\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\"B\n\x07Timings\x12\x10\n\x08queue_us\x18\x01 \x01(\x04\x12\x11\n\tdecode_us\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x01(\x04\"\x83\x02\n\rInferResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x03top\x18\x02 \x03(\x0b\x32\x15.tandem.v1.ClassScore\x12\x0e\n\x06logits\x18\x03 \x03(\x02\x12\x11\n\tserved_by\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x07 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x08 \x01(\t\x12#\n\x07timings\x18\t \x01(\x0b\x32\x12.tandem.v1.Timings\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x0e\n\x06\x63\x61\x63hed\x18\x0b \x01(\x08\"\x8b\x01\n\x0cStreamResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\x08response\x18\x02 \x01(\x0b\x32\x18.tandem.v1.InferResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.tandem.v1.StatusH\x00\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x42\x08\n\x06result\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x13\n\x11ListModelsRequest\"\xae\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x61rch\x18\x03 \x01(\t\x12\x0b\n\x03\x63ut\x18\x04 \x01(\t\x12\x13\n\x0binput_shape\x18\x05 \x03(\r\x12\x0e\n\x06labels\x18\x06 \x03(\t\x12\x0e\n\x06widths\x18\x07 \x03(\x02\x12\x0c\n\x04\x62its\x18\x08 \x03(\r\x12$\n\x05table\x18\t \x03(\x0b\x32\x15.tandem.v1.TablePoint\"\x97\x01\n\nTablePoint\x12\r\n\x05width\x18\x01 \x01(\x02\x12\x0c\n\x04\x62its\x18\x02 \x01(\r\x12\x10\n\x08\x61\x63\x63uracy\x18\x03 \x01(\x02\x12\x18\n\x10\x62ytes_per_sample\x18\x04 \x01(\x02\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\r\n\x05point\x18\x06 \x01(\r\x12\x0c\n\x04\x62\x65ta\x18\x07 \x01(\x02\x12\x14\n\x0c\x65ntropy_bits\x18\x08 \x01(\x02\":\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.tandem.v1.ModelInfo\"$\n\x13ListAdaptersRequest\x12\r\n\x05model\x18\x01 \x01(\t\"b\n\x0b\x41\x64\x61pterInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x0e\n\x06tenant\x18\x05 \x01(\t\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.tandem.v1.AdapterInfo\"\x13\n\x11ServerInfoRequest\"\xd2\x01\n\nServerInfo\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x16\n\x0etandem_version\x18\x02 \x01(\t\x12\x15\n\rcodec_version\x18\x03 \x01(\r\x12\x11\n\tmax_batch\x18\x04 \x01(\r\x12\x14\n\x0cmax_delay_ms\x18\x05 \x01(\x02\x12\x11\n\tmax_queue\x18\x06 \x01(\r\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06tenant\x18\x08 \x01(\t\x12\x1b\n\x13max_stream_inflight\x18\t \x01(\r2\xf3\x02\n\x0eSplitInference\x12:\n\x05Infer\x12\x17.tandem.v1.InferRequest\x1a\x18.tandem.v1.InferResponse\x12\x43\n\x0bInferStream\x12\x17.tandem.v1.InferRequest\x1a\x17.tandem.v1.StreamResult(\x01\x30\x01\x12I\n\nListModels\x12\x1c.tandem.v1.ListModelsRequest\x1a\x1d.tandem.v1.ListModelsResponse\x12O\n\x0cListAdapters\x12\x1e.tandem.v1.ListAdaptersRequest\x1a\x1f.tandem.v1.ListAdaptersResponse\x12\x44\n\rGetServerInfo\x12\x1c.tandem.v1.ServerInfoRequest\x1a\x15.tandem.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,35 +34,35 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.split_inference_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INFERREQUEST']._serialized_start=71
-  _globals['_INFERREQUEST']._serialized_end=336
-  _globals['_CLASSSCORE']._serialized_start=338
-  _globals['_CLASSSCORE']._serialized_end=395
-  _globals['_TIMINGS']._serialized_start=397
-  _globals['_TIMINGS']._serialized_end=463
-  _globals['_INFERRESPONSE']._serialized_start=466
-  _globals['_INFERRESPONSE']._serialized_end=725
-  _globals['_STREAMRESULT']._serialized_start=727
-  _globals['_STREAMRESULT']._serialized_end=853
-  _globals['_STATUS']._serialized_start=855
-  _globals['_STATUS']._serialized_end=894
-  _globals['_LISTMODELSREQUEST']._serialized_start=896
-  _globals['_LISTMODELSREQUEST']._serialized_end=915
-  _globals['_MODELINFO']._serialized_start=918
-  _globals['_MODELINFO']._serialized_end=1092
-  _globals['_TABLEPOINT']._serialized_start=1095
-  _globals['_TABLEPOINT']._serialized_end=1246
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1248
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1306
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1308
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1344
-  _globals['_ADAPTERINFO']._serialized_start=1346
-  _globals['_ADAPTERINFO']._serialized_end=1444
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1446
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1510
-  _globals['_SERVERINFOREQUEST']._serialized_start=1512
-  _globals['_SERVERINFOREQUEST']._serialized_end=1531
-  _globals['_SERVERINFO']._serialized_start=1534
-  _globals['_SERVERINFO']._serialized_end=1744
-  _globals['_SPLITINFERENCE']._serialized_start=1747
-  _globals['_SPLITINFERENCE']._serialized_end=2118
+  _globals['_INFERREQUEST']._serialized_end=366
+  _globals['_CLASSSCORE']._serialized_start=368
+  _globals['_CLASSSCORE']._serialized_end=425
+  _globals['_TIMINGS']._serialized_start=427
+  _globals['_TIMINGS']._serialized_end=493
+  _globals['_INFERRESPONSE']._serialized_start=496
+  _globals['_INFERRESPONSE']._serialized_end=755
+  _globals['_STREAMRESULT']._serialized_start=758
+  _globals['_STREAMRESULT']._serialized_end=897
+  _globals['_STATUS']._serialized_start=899
+  _globals['_STATUS']._serialized_end=938
+  _globals['_LISTMODELSREQUEST']._serialized_start=940
+  _globals['_LISTMODELSREQUEST']._serialized_end=959
+  _globals['_MODELINFO']._serialized_start=962
+  _globals['_MODELINFO']._serialized_end=1136
+  _globals['_TABLEPOINT']._serialized_start=1139
+  _globals['_TABLEPOINT']._serialized_end=1290
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1292
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1350
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1352
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1388
+  _globals['_ADAPTERINFO']._serialized_start=1390
+  _globals['_ADAPTERINFO']._serialized_end=1488
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1490
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1554
+  _globals['_SERVERINFOREQUEST']._serialized_start=1556
+  _globals['_SERVERINFOREQUEST']._serialized_end=1575
+  _globals['_SERVERINFO']._serialized_start=1578
+  _globals['_SERVERINFO']._serialized_end=1788
+  _globals['_SPLITINFERENCE']._serialized_start=1791
+  _globals['_SPLITINFERENCE']._serialized_end=2162
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InferRequest(_message.Message):
-    __slots__ = ("request_id", "model", "version", "adapter", "adapter_version", "width", "features", "top_k", "return_logits", "deadline_ms", "answers_read", "payload")
+    __slots__ = ("request_id", "model", "version", "adapter", "adapter_version", "width", "features", "top_k", "return_logits", "deadline_ms", "answers_read", "payload", "context", "seq")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,8 @@ class InferRequest(_message.Message):
     DEADLINE_MS_FIELD_NUMBER: _ClassVar[int]
     ANSWERS_READ_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     version: str
@@ -34,7 +36,9 @@ class InferRequest(_message.Message):
     deadline_ms: int
     answers_read: int
     payload: bytes
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., width: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.EncodedTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., answers_read: _Optional[int] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    context: int
+    seq: int
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., width: _Optional[float] = ..., features: _Optional[_Union[_tensor_pb2.EncodedTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., return_logits: _Optional[bool] = ..., deadline_ms: _Optional[int] = ..., answers_read: _Optional[int] = ..., payload: _Optional[bytes] = ..., context: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class ClassScore(_message.Message):
     __slots__ = ("index", "label", "score")
@@ -83,14 +87,16 @@ class InferResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., top: _Optional[_Iterable[_Union[ClassScore, _Mapping]]] = ..., logits: _Optional[_Iterable[float]] = ..., served_by: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., adapter: _Optional[str] = ..., adapter_version: _Optional[str] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class StreamResult(_message.Message):
-    __slots__ = ("request_id", "response", "error")
+    __slots__ = ("request_id", "response", "error", "seq")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     response: InferResponse
     error: Status
-    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[InferResponse, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, request_id: _Optional[str] = ..., response: _Optional[_Union[InferResponse, _Mapping]] = ..., error: _Optional[_Union[Status, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
