@@ -49,7 +49,6 @@ from tandem.edge.sinks import open_sink
 from tandem.edge.sources import Item, Source, open_source
 from tandem.edge.spool import Spool, SpoolEntry, SpoolError
 from tandem.edge.stats import REPORT_EVERY_S, Outage, RunStats
-from tandem.protocol import to_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -423,7 +422,7 @@ class EdgeDaemon:
             adapter=self.cfg.adapter,
             adapter_version=self.cfg.adapter_version,
             width=float(entry.width or 0.0),
-            features=to_message(item.payload),
+            payload=item.payload,  # the codec's bytes whole: what is counted is what is sent
             deadline_ms=self.cfg.deadline_ms,
         )
         try:

