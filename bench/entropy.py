@@ -63,7 +63,10 @@ def width_figures(head: HeadRunner, x: np.ndarray, width: float, runs: int) -> d
     n, z = len(x), head.features(x, width)
     shape = (int(z.shape[1]), int(z.shape[2]), int(z.shape[3]))
     coders: dict[str, tuple[Callable[[np.ndarray], bytes], Callable[[bytes], object]]] = {
-        f"p{i}": (partial(rate.encode, index=i), partial(rate.decode, shape=shape))
+        f"p{i}": (
+            partial(rate.encode, index=i, width_index=head.manifest.bottleneck.widths.index(width)),
+            partial(rate.decode, shape=shape),
+        )
         for i, rate in enumerate(head.points)
     }
     for bits in V1_BITS:

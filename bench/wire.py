@@ -122,7 +122,7 @@ async def measure(bundle: Path, data: str, n: int) -> list[dict[str, Any]]:
                 z = head.features(x, width)
                 codecs: dict[str, list[bytes]] = {f"{b}-bit+zstd": head.pack(z, b) for b in V1_BITS}
                 for i in range(len(head.points)):
-                    codecs[f"entropy p{i}"] = head.pack_entropy(z, i)
+                    codecs[f"entropy p{i}"] = head.pack_entropy(z, width, i)
                 for name, payloads in codecs.items():
                     unary = _unary_requests(head, width, payloads)
                     stream = _stream_messages(head, width, payloads)

@@ -62,6 +62,7 @@ from tandem.bundle import (
 )
 from tandem.cloud.config import ServeConfig
 from tandem.cloud.lora_batch import MixedLoRA
+from tandem.entropy_points import ENTROPY_FILE
 from tandem.files import Stamp, resolves_inside, stamp
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,9 @@ SCAN_BUDGET_S: float = ServeConfig.model_fields["scan_budget_s"].default
 """After this long, a scan starts loading nothing new; the rest waits for the next scan."""
 LAYOUT = "REPO/<bundle>/manifest.json (or REPO/<bundle>/<version>/manifest.json)"
 _VERSIONS_LISTED = 8  # versions a NOT_FOUND names (status details are short)
+# What the service reads of a bundle: a change to any of them is a new state to load, and
+# none may be a link out of the repository (a format-1 bundle has no entropy file).
+_SERVED_FILES = (MANIFEST, TAIL_FILE, ENTROPY_FILE)
 _LOG_CHARS = 400  # a logged reason is one line of at most this many characters
 
 ADAPTED_COPIES = 16
@@ -292,7 +296,7 @@ class ModelRepository:
     ) -> ModelEntry | None:
         """The entry to serve from ``path``: the held one while its files are unchanged,
         else a fresh load, or None (failed, refused, or left for the next scan)."""
-        stamps = tuple(stamp(path / name) for name in (MANIFEST, TAIL_FILE))
+        stamps = tuple(stamp(path / name) for name in _SERVED_FILES)
         if held is not None and held.stamps == stamps:
             return held if self._admits(path, held.manifest, found) else None
         if self._failed.get(path) == stamps:
@@ -320,7 +324,7 @@ class ModelRepository:
         if known is not None and known[0] == stamps:
             return known[1]
         try:
-            for name in (MANIFEST, TAIL_FILE):
+            for name in _SERVED_FILES:
                 self._inside(path / name)
             manifest = read_manifest(path)
             tail_bytes(manifest)  # the architecture must build (on the meta device)

@@ -472,7 +472,7 @@ def _checked_payload(request: pb.InferRequest, entry: ModelEntry, width: float) 
     if not request.payload and not has_features:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "features are missing")
     if entropy_codec.is_v2(request.payload):
-        _check_v2(request.payload, entry, shape)
+        _check_v2(request.payload, entry, width, shape)
         return request.payload
     try:
         payload = request.payload or from_message(request.features)
@@ -487,7 +487,14 @@ def _checked_payload(request: pb.InferRequest, entry: ModelEntry, width: float) 
     return payload
 
 
-def _check_v2(payload: bytes, entry: ModelEntry, shape: tuple[int, ...]) -> None:
+def _check_v2(payload: bytes, entry: ModelEntry, width: float, shape: tuple[int, ...]) -> None:
+    widths = entry.manifest.bottleneck.widths
+    sent = entropy_codec.width_index_of(payload)
+    if sent >= len(widths) or widths[sent] != width:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"bad features: coded at width index {sent} of {widths}; the request says {width}",
+        )
     points = len(entry.runner.points)
     point = entropy_codec.point_of(payload)
     if point >= points:

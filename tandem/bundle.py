@@ -429,14 +429,16 @@ class HeadRunner:
             raise ValueError(f"rate point {point} not in this bundle ({len(self.points)} points)")
         return self.points[point]
 
-    def pack_entropy(self, z: np.ndarray, point: int) -> list[bytes]:
-        """Range-code each sample's bottleneck tensor at rate point ``point``."""
+    def pack_entropy(self, z: np.ndarray, width: float, point: int) -> list[bytes]:
+        """Range-code each sample's bottleneck tensor, sent at ``width``, at rate point
+        ``point``."""
         rate = self.rate_point(point)
-        return [rate.encode(sample, point) for sample in z]
+        index = self.manifest.bottleneck.widths.index(width)
+        return [rate.encode(sample, point, index) for sample in z]
 
     def encode_entropy(self, x: np.ndarray, width: float, point: int) -> list[bytes]:
         """Entropy-coded payloads for uint8 inputs at ``width`` and rate point ``point``."""
-        return self.pack_entropy(self.features(x, width), point)
+        return self.pack_entropy(self.features(x, width), width, point)
 
 
 class TailRunner:
@@ -479,8 +481,9 @@ class TailRunner:
     def unpack(self, payloads: Sequence[bytes], width: float | None = None) -> torch.Tensor:
         """Decode payloads into one batch, rejecting shapes the decoder was not trained for.
 
-        Entropy-coded (v2) payloads carry no shape: ``width`` says which the sender used,
-        and the bundle gives its shape; each payload's header names its rate point.
+        Entropy-coded (v2) payloads carry no shape: each one's header names the sender's
+        width (checked against ``width`` when given) and rate point, and the bundle gives
+        the shape.
         """
         if payloads and all(entropy_codec.is_v2(p) for p in payloads):
             return torch.from_numpy(np.stack([self.decode_entropy(p, width) for p in payloads]))
@@ -493,16 +496,19 @@ class TailRunner:
         # The codec only ever yields finite values, so no NaN check is needed here.
         return torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))
 
-    def decode_entropy(self, payload: bytes, width: float | None) -> np.ndarray:
-        """The decoder's float input for one v2 payload sent at ``width``; ValueError for a
-        width the bundle was not trained at, CodecError for a payload that does not decode."""
-        shapes = self.manifest.bottleneck.shapes
-        if width is None or str(width) not in shapes:
-            raise ValueError(f"an entropy-coded payload needs one of the widths {sorted(shapes)}")
+    def decode_entropy(self, payload: bytes, width: float | None = None) -> np.ndarray:
+        """The decoder's float input for one v2 payload. Its header names the sender's width
+        and rate point; ``width``, when given, must be that width. CodecError for a payload
+        that does not decode, names a width or point the bundle lacks, or disagrees."""
+        widths = self.manifest.bottleneck.widths
+        index = entropy_codec.width_index_of(payload)
+        if index >= len(widths) or (width is not None and widths[index] != width):
+            sent = widths[index] if index < len(widths) else f"index {index}"
+            raise codec.CodecError(f"the payload was coded at width {sent}, not {width}")
         point = entropy_codec.point_of(payload)
         if point >= len(self.points):
             raise codec.CodecError(f"rate point {point} not in this bundle")
-        c, h, w = shapes[str(width)]
+        c, h, w = self.manifest.bottleneck.shapes[str(widths[index])]
         return self.points[point].decode(payload, (c, h, w))
 
     @torch.inference_mode()

@@ -11,14 +11,19 @@ Byte layout
 ======  ==================================================================
 offset  content
 ======  ==================================================================
-0       ``0xA0 | point``: high nibble ``0xA`` marks v2 (a v1 message starts
-        with :data:`tandem.codec.MAGIC` ``0xEC``), low nibble is the operating
-        point ``0..MAX_POINTS-1`` whose tables coded the symbols
+0       ``0b10_www_ppp``: the top two bits ``10`` mark v2 (a v1 message starts
+        with :data:`tandem.codec.MAGIC` ``0xEC``, top bits ``11``); ``www`` is
+        the sender's width, as its index ``0..MAX_WIDTHS-1`` among the bundle's
+        sorted widths, and ``ppp`` the operating point ``0..MAX_POINTS-1`` whose
+        tables coded the symbols
 1...    the canonical range-coded payload (below), nothing after it
 ======  ==================================================================
 
 Nothing else is sent: the receiver takes the shape ``(k, H, W)`` from its bundle and the
-tables from the point, so the symbol count never comes from the payload.  A ``(8, 7, 7)``
+tables from the point, so the symbol count never comes from the payload. The width index
+is there so that a receiver told another width (in its request) refuses the message
+instead of decoding it at the wrong shape: a range decoder would map it to other symbols
+without noticing.  A ``(8, 7, 7)``
 sample at 2.3 bits of information per symbol is 1 + ~112.5 bytes.
 
 Tables and models
@@ -79,7 +84,7 @@ sample on the 2-core development machine (``bench/codec.py``, under load).
 Decoding and its guarantees
 ---------------------------
 :func:`decode` raises only :class:`tandem.codec.CodecError`: for empty data, a first byte
-whose high nibble is not ``0xA``, a bad ``shape`` (not three positive ints, ``k > C``,
+whose top two bits are not ``10``, a bad ``shape`` (not three positive ints, ``k > C``,
 more than :data:`tandem.codec.MAX_ELEMENTS` symbols), a payload longer than
 :func:`payload_cap`, data constriction's decoder reports as invalid, and a payload that is
 not canonical.  The cap is ``2*N + N//1024 + 8`` bytes for ``N = k*H*W`` symbols: a
@@ -128,13 +133,16 @@ __all__ = [
     "HEADER_BYTES",
     "MAX_POINTS",
     "MAX_TABLE_LENGTH",
+    "MAX_WIDTHS",
     "PRECISION",
     "EntropyTables",
     "decode",
     "encode",
+    "header_byte",
     "is_v2",
     "payload_cap",
     "point_of",
+    "width_index_of",
 ]
 
 PRECISION: Final = 16
@@ -143,14 +151,17 @@ PRECISION: Final = 16
 MAX_TABLE_LENGTH: Final = 1 << 12
 """Longest table row (alphabet size of one channel) accepted."""
 
-MAX_POINTS: Final = 16
-"""Operating points addressable by the header's low nibble."""
+MAX_POINTS: Final = 8
+"""Operating points addressable by the header's three low bits."""
+
+MAX_WIDTHS: Final = 8
+"""Widths addressable by the header's middle three bits."""
 
 HEADER_BYTES: Final = 1
 """Bytes before the payload."""
 
-_TAG: Final = 0xA0
-_TAG_MASK: Final = 0xF0
+_TAG: Final = 0x80
+_TAG_MASK: Final = 0xC0
 _TOTAL: Final = 1 << PRECISION
 _WORD_BITS: Final = 32
 _INT32_MAX: Final = (1 << 31) - 1
@@ -281,22 +292,44 @@ def _buffer(data: Any) -> memoryview:
     return mv
 
 
-def point_of(data: bytes | bytearray | memoryview) -> int:
-    """The operating point named by the header of a v2 message.
+def header_byte(point: int, width_index: int) -> int:
+    """The header of a v2 message from ``point`` and ``width_index``; ValueError if either
+    is out of range."""
+    limits = (("point", point, MAX_POINTS), ("width index", width_index, MAX_WIDTHS))
+    for name, value, limit in limits:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+        if not 0 <= value < limit:
+            raise ValueError(f"{name} {value} outside 0..{limit - 1}")
+    return _TAG | int(width_index) << 3 | int(point)
 
-    Raises:
-        CodecError: for empty data or a first byte whose high nibble is not ``0xA``.
-    """
+
+def _header(data: bytes | bytearray | memoryview) -> int:
     buf = _buffer(data)
     if not buf:
         raise CodecError("empty message")
     if buf[0] & _TAG_MASK != _TAG:
         raise CodecError(f"not a v2 message: first byte 0x{buf[0]:02x}")
-    return int(buf[0] & 0x0F)
+    return int(buf[0])
+
+
+def point_of(data: bytes | bytearray | memoryview) -> int:
+    """The operating point named by the header of a v2 message.
+
+    Raises:
+        CodecError: for empty data or a first byte whose top two bits are not ``10``.
+    """
+    return _header(data) & 0x07
+
+
+def width_index_of(data: bytes | bytearray | memoryview) -> int:
+    """The sender's width, as an index among the bundle's sorted widths (see
+    :func:`point_of` for the errors)."""
+    return _header(data) >> 3 & 0x07
 
 
 def is_v2(data: Any) -> bool:
-    """Whether ``data`` starts like a v2 message (high nibble ``0xA``); v1 starts with 0xEC."""
+    """Whether ``data`` starts like a v2 message (top bits ``10``); v1 starts with 0xEC."""
     try:
         buf = _buffer(data)
     except CodecError:
@@ -379,7 +412,7 @@ def _decode_runs(
     return runs
 
 
-def encode(symbols: np.ndarray, tables: EntropyTables, point: int) -> bytes:
+def encode(symbols: np.ndarray, tables: EntropyTables, point: int, width_index: int = 0) -> bytes:
     """Range-code integer symbols against the first ``k`` rows of ``tables``.
 
     Args:
@@ -387,9 +420,11 @@ def encode(symbols: np.ndarray, tables: EntropyTables, point: int) -> bytes:
             ``symbols[c]`` must lie in ``[offset[c], offset[c] + length[c])``.
         tables: the operating point's tables.
         point: the operating point, ``0..MAX_POINTS-1``, written to the header.
+        width_index: the sender's width among the bundle's sorted widths,
+            ``0..MAX_WIDTHS-1``, written to the header.
 
     Returns:
-        ``0xA0 | point`` followed by the canonical payload (see the module docstring).
+        :func:`header_byte` followed by the canonical payload (see the module docstring).
 
     Raises:
         ValueError: for a non-integer or misshapen array, ``k > C``, an out-of-range
@@ -397,10 +432,7 @@ def encode(symbols: np.ndarray, tables: EntropyTables, point: int) -> bytes:
     """
     if not isinstance(tables, EntropyTables):
         raise ValueError(f"tables must be EntropyTables, got {type(tables).__name__}")
-    if isinstance(point, bool) or not isinstance(point, numbers.Integral):
-        raise ValueError(f"point must be an int, got {type(point).__name__}")
-    if not 0 <= point < MAX_POINTS:
-        raise ValueError(f"point {point} outside 0..{MAX_POINTS - 1}")
+    header = header_byte(point, width_index)
     arr = np.asarray(symbols)
     if arr.dtype.kind not in "iu":
         raise ValueError(f"symbols must be an integer array, got dtype {arr.dtype}")
@@ -436,7 +468,7 @@ def encode(symbols: np.ndarray, tables: EntropyTables, point: int) -> bytes:
         raise RuntimeError(f"entropy codec: the payload does not decode: {exc}") from exc
     if b"".join(run.tobytes() for run in back) != cols32.tobytes():
         raise RuntimeError("entropy codec: the payload does not decode to its symbols")
-    return bytes((_TAG | int(point),)) + payload
+    return bytes((header,)) + payload
 
 
 def _check_shape(shape: Any, tables: EntropyTables) -> tuple[int, int, int]:
@@ -471,7 +503,7 @@ def decode(
         ``[offset[c], offset[c] + length[c])``.
 
     Raises:
-        CodecError: for empty data, a wrong header nibble, a bad shape, a payload longer
+        CodecError: for empty data, a header without the v2 bits, a bad shape, a payload longer
             than :func:`payload_cap`, one constriction's decoder reports as invalid, or
             one that is not the canonical encoding of the symbols it decodes to; no other
             exception escapes.

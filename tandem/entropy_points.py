@@ -64,9 +64,10 @@ class RatePoint:
         gain, median = self.gain[:k, None, None], self.median[:k, None, None]
         return ((symbols.astype(np.float32) + median) / gain).astype(np.float32)
 
-    def encode(self, z: np.ndarray, index: int) -> bytes:
-        """One sample's wire payload at this point (``index`` is its number in the bundle)."""
-        return entropy_codec.encode(self.quantize(z), self.tables, index)
+    def encode(self, z: np.ndarray, index: int, width_index: int) -> bytes:
+        """One sample's wire payload at this point (``index`` is its number in the bundle,
+        ``width_index`` the sender's width among the bundle's sorted widths)."""
+        return entropy_codec.encode(self.quantize(z), self.tables, index, width_index)
 
     def decode(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
         """Float features of one payload whose shape the receiver knows from the bundle."""

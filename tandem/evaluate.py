@@ -70,7 +70,8 @@ def measure_points(
     batch_size: int = 256,
     progress: Progress | None = None,
 ) -> list[Point]:
-    """Accuracy and mean payload bytes for every trained width and each of ``bits_list``."""
+    """Accuracy and mean payload bytes for every trained width with each of ``bits_list``
+    (the quantise+zstd codec) and with each of the bundle's rate points."""
     points = []
     betas = head.manifest.entropy.betas if head.manifest.entropy is not None else []
     for width in head.manifest.bottleneck.widths:
@@ -83,7 +84,7 @@ def measure_points(
                 progress(1)
         for index, beta in enumerate(betas):
             rate = head.rate_point(index)
-            payloads = head.pack_entropy(z, index)
+            payloads = head.pack_entropy(z, width, index)
             acc, size = _measured(tail, payloads, split.y, width, batch_size)
             estimate = float(np.mean([information_bits(rate, rate.quantize(s)) for s in z]))
             points.append(

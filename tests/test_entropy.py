@@ -115,7 +115,7 @@ def test_the_numpy_path_matches_the_torch_path_it_was_exported_from() -> None:
         for i in range(len(z)):
             symbols = exported[index].quantize(z[i, :3].numpy())
             assert np.array_equal(symbols, s[i].numpy().astype(np.int32))
-            payload = exported[index].encode(z[i, :3].numpy(), index)
+            payload = exported[index].encode(z[i, :3].numpy(), index, 2)
             assert entropy_codec.point_of(payload) == index
             decoded = exported[index].decode(payload, (3, 4, 4))
             assert np.allclose(decoded, features[i].numpy(), atol=1e-5)

@@ -56,17 +56,24 @@ def test_split_runners_reproduce_the_entropy_points(digits_entropy_bundle: Path)
         assert float(np.mean([len(q) for q in payloads])) == p.bytes_per_sample
 
 
-def test_an_entropy_payload_needs_its_width_and_a_known_point(digits_entropy_bundle: Path) -> None:
+def test_an_entropy_payload_names_its_width_and_a_known_point(
+    digits_entropy_bundle: Path,
+) -> None:
     head = HeadRunner.from_bundle(digits_entropy_bundle)
     tail = TailRunner.from_bundle(digits_entropy_bundle)
-    payload = head.encode_entropy(load_data("digits").test.x[:1], 0.5, 0)[0]
-    with pytest.raises(ValueError, match="needs one of the widths"):
-        tail.infer([payload])
-    forged = bytes([0xA0 | 5]) + payload[1:]  # rate point 5 of a bundle with two
+    x = load_data("digits").test.x[:1]
+    payload = head.encode_entropy(x, 0.5, 0)[0]
+    assert entropy_codec.width_index_of(payload) == 1  # 0.5 among [0.25, 0.5, 0.75, 1.0]
+    # Its header says which width it was coded at: no need to be told, and told otherwise,
+    # the tail refuses it rather than decode it at the wrong shape.
+    assert np.array_equal(tail.infer([payload]), tail.infer([payload], 0.5))
+    with pytest.raises(codec.CodecError, match=r"coded at width 0\.5, not 1\.0"):
+        tail.infer([payload], 1.0)
+    forged = bytes([payload[0] | 0x05]) + payload[1:]  # rate point 5 of a bundle with two
     with pytest.raises(codec.CodecError, match="rate point 5"):
         tail.infer([forged], 0.5)
     with pytest.raises(ValueError, match="rate point 2"):
-        head.encode_entropy(load_data("digits").test.x[:1], 0.5, 2)
+        head.encode_entropy(x, 0.5, 2)
 
 
 @pytest.mark.parametrize("loader", [HeadRunner.from_bundle, TailRunner.from_bundle])

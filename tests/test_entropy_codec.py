@@ -12,6 +12,7 @@ from tandem.codec import CodecError
 from tandem.entropy_codec import (
     MAX_POINTS,
     MAX_TABLE_LENGTH,
+    MAX_WIDTHS,
     PRECISION,
     EntropyTables,
     decode,
@@ -19,6 +20,7 @@ from tandem.entropy_codec import (
     is_v2,
     payload_cap,
     point_of,
+    width_index_of,
 )
 
 TOTAL = 1 << PRECISION
@@ -114,7 +116,7 @@ def test_only_certain_rows_cost_no_payload() -> None:
     t = EntropyTables(freqs, np.array([5, -7, 0], np.int32), np.ones(3, np.int32))
     s = np.broadcast_to(t.offset[:, None, None], (3, 6, 6))
     data = encode(s, t, 2)
-    assert data == bytes((0xA2,))
+    assert data == bytes((0x82,))
     np.testing.assert_array_equal(decode(data, t, (3, 6, 6)), s)
 
 
@@ -122,8 +124,8 @@ def test_first_column_everywhere_is_an_empty_payload() -> None:
     # The interval of an all-first-column message starts at 0: the canonical payload is empty.
     t = _simple()
     s = np.broadcast_to(t.offset[:, None, None], (2, 3, 3))
-    assert encode(s, t, 0) == b"\xa0"
-    np.testing.assert_array_equal(decode(b"\xa0", t, (2, 3, 3)), s)
+    assert encode(s, t, 0) == b"\x80"
+    np.testing.assert_array_equal(decode(b"\x80", t, (2, 3, 3)), s)
 
 
 def test_symbols_of_any_integer_dtype() -> None:
@@ -139,25 +141,27 @@ def test_symbols_of_any_integer_dtype() -> None:
 def test_buffer_types_decode_alike() -> None:
     t = _simple()
     s = np.array([[[0, 1, -1]], [[11, 11, 12]]])
-    data = encode(s, t, 9)
+    data = encode(s, t, 5, 3)
     for buf in (data, bytearray(data), memoryview(data)):
         np.testing.assert_array_equal(decode(buf, t, (2, 1, 3)), s)
-        assert point_of(buf) == 9 and is_v2(buf)
+        assert point_of(buf) == 5 and width_index_of(buf) == 3 and is_v2(buf)
 
 
 # ----------------------------------------------------------------------------- header
 
 
-def test_point_round_trip() -> None:
+def test_point_and_width_round_trip() -> None:
     t = _simple()
     s = np.array([[[0]], [[11]]])
     payloads = set()
     for point in range(MAX_POINTS):
-        data = encode(s, t, point)
-        assert data[0] >> 4 == 0xA and point_of(data) == point and is_v2(data)
-        np.testing.assert_array_equal(decode(data, t, (2, 1, 1)), s)
-        payloads.add(data[1:])
-    assert len(payloads) == 1  # the point lives in the header only
+        for width in range(MAX_WIDTHS):
+            data = encode(s, t, point, width)
+            assert data[0] >> 6 == 0b10 and is_v2(data)
+            assert (point_of(data), width_index_of(data)) == (point, width)
+            np.testing.assert_array_equal(decode(data, t, (2, 1, 1)), s)
+            payloads.add(data[1:])
+    assert len(payloads) == 1  # point and width live in the header only
 
 
 @pytest.mark.parametrize("point", [-1, MAX_POINTS, 1.0, True, None])
@@ -165,6 +169,12 @@ def test_encode_rejects_bad_point(point: object) -> None:
     t = _simple()
     with pytest.raises(ValueError, match="point"):
         encode(np.array([[[0]]]), t, point)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("width", [-1, MAX_WIDTHS, 0.5, None])
+def test_encode_rejects_bad_width_index(width: object) -> None:
+    with pytest.raises(ValueError, match="width index"):
+        encode(np.array([[[0]]]), _simple(), 0, width)  # type: ignore[arg-type]
 
 
 def test_v1_and_v2_are_told_apart() -> None:
@@ -184,8 +194,8 @@ def test_v1_and_v2_are_told_apart() -> None:
     assert not is_v2(b"") and not is_v2("A0")
 
 
-@pytest.mark.parametrize("first", [0x00, 0x9F, 0xB0, 0xEC, 0xFF])
-def test_wrong_header_nibble_is_rejected(first: int) -> None:
+@pytest.mark.parametrize("first", [0x00, 0x3F, 0x40, 0xC0, 0xEC, 0xFF])
+def test_a_header_without_the_v2_bits_is_rejected(first: int) -> None:
     t = _simple()
     data = bytes((first,)) + encode(np.array([[[0, 1]]]), t, 0)[1:]
     with pytest.raises(CodecError, match="not a v2"):
@@ -333,7 +343,7 @@ def test_decode_rejects_bad_shape(shape: object) -> None:
 def test_decode_rejects_more_symbols_than_the_global_cap() -> None:
     t = _simple()
     with pytest.raises(CodecError, match="exceeds"):
-        decode(b"\xa0", t, (2, 1 << 12, 1 << 12))
+        decode(b"\x80", t, (2, 1 << 12, 1 << 12))
 
 
 def test_payload_longer_than_the_cap_is_rejected() -> None:
@@ -341,12 +351,12 @@ def test_payload_longer_than_the_cap_is_rejected() -> None:
     shape = (2, 3, 3)
     cap = payload_cap(18)
     assert cap == 2 * 18 + 8
-    too_long = b"\xa0" + b"\x55" * (cap + 1)
+    too_long = b"\x80" + b"\x55" * (cap + 1)
     with pytest.raises(CodecError, match="cap"):
         decode(too_long, t, shape)
     # At the cap itself the length check passes and the canonical check decides.
     with pytest.raises(CodecError, match="canonical"):
-        decode(b"\xa0" + b"\x55" * cap, t, shape)
+        decode(b"\x80" + b"\x55" * cap, t, shape)
 
 
 def test_cap_holds_for_the_least_probable_symbols() -> None:
@@ -458,4 +468,4 @@ def test_golden_bytes() -> None:
     assert encode(s, t, 7).hex() == GOLDEN
 
 
-GOLDEN = "a75f17fed00ab8"
+GOLDEN = "875f17fed00ab8"

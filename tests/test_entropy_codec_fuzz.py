@@ -17,6 +17,7 @@ from tandem.entropy_codec import (
     encode,
     payload_cap,
     point_of,
+    width_index_of,
 )
 
 N_RANDOM = 8_000
@@ -78,13 +79,13 @@ def _seed_messages(targets: list[Target]) -> list[tuple[bytes, int]]:
                     cols[c] = rng.choice(n, size=shape[1:], p=p)
                 else:
                     cols[c] = rng.integers(0, n, size=shape[1:])
-            msgs.append((encode(cols + t.offset[:k, None, None], t, j % 16), i))
+            msgs.append((encode(cols + t.offset[:k, None, None], t, j % 8, j % 5), i))
     return msgs
 
 
 def _first_byte(r: random.Random) -> int:
-    """Another point, or another header altogether."""
-    return 0xA0 | r.randrange(16) if r.random() < 0.7 else r.randrange(256)
+    """Another point and width, or another header altogether."""
+    return 0x80 | r.randrange(64) if r.random() < 0.7 else r.randrange(256)
 
 
 def _check(data: bytes, target: Target, outcome: Counter[str]) -> None:
@@ -103,7 +104,7 @@ def _check(data: bytes, target: Target, outcome: Counter[str]) -> None:
     lo = t.offset[:k, None, None]
     assert (y >= lo).all() and (y < lo + t.length[:k, None, None]).all()
     # An accepted payload is exactly what the encoder writes for the returned symbols.
-    assert encode(y, t, point_of(data)) == data
+    assert encode(y, t, point_of(data), width_index_of(data)) == data
     outcome["ok"] += 1
 
 
@@ -118,7 +119,7 @@ def test_fuzz_decode_never_raises_anything_else() -> None:
         target = r.choice(targets)
         n = int(np.prod(target[1]))
         size = r.choice((r.randint(0, 8), r.randint(0, payload_cap(n) + 16)))
-        _check(bytes((0xA0 | r.randrange(16),)) + r.randbytes(size), target, outcome)
+        _check(bytes((0x80 | r.randrange(64),)) + r.randbytes(size), target, outcome)
         total += 1
 
     for _ in range(N_MUTATED):  # damaged real payloads against their own tables and shape

@@ -24,6 +24,7 @@ from serving import make_repo
 
 from tandem.adapters import save_adapter
 from tandem.bundle import BundleError, TailRunner
+from tandem.entropy_points import ENTROPY_FILE
 from tandem.cloud.repository import ModelRepository, NotFoundError
 
 SCAN_WAIT_S = 60.0  # a scan of these few small bundles takes well under a second
@@ -221,11 +222,11 @@ def test_a_manifest_claiming_many_classes_is_refused_before_a_model_is_built(
     built: list[str] = []
     original = TailRunner.from_state.__func__  # type: ignore[attr-defined]
 
-    def spy(cls: type[TailRunner], m: Any, state: Any) -> TailRunner:
+    def spy(cls: type[TailRunner], m: Any, state: Any, points: Any = ()) -> TailRunner:
         if m.name == "huge":  # record it, and spare the test the allocation
             built.append(m.name)
             raise BundleError("built")
-        return original(cls, m, state)  # type: ignore[no-any-return]
+        return original(cls, m, state, points)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(TailRunner, "from_state", classmethod(spy))
     repository = ModelRepository(repo)
@@ -418,3 +419,31 @@ def test_links_inside_the_repository_are_followed(repo: Path, digits_bundle: Pat
     repository = ModelRepository(repo)
     repository.scan()
     assert sorted(e.path.name for e in repository.models()) == ["digits", "digits-v2"]
+
+
+def test_an_entropy_file_landing_after_a_failed_scan_is_picked_up(
+    tmp_path: Path, digits_entropy_bundle: Path
+) -> None:
+    """Copied file by file, the tables may arrive after a scan saw the bundle without them:
+    the next scan must see the new file, not remember the failure."""
+    repo = tmp_path / "repo"
+    shutil.copytree(digits_entropy_bundle, repo / "digits", ignore=shutil.ignore_patterns(
+        "checkpoint", ENTROPY_FILE))  # fmt: skip
+    repository = ModelRepository(repo)
+    repository.scan()
+    assert repository.models() == []
+    shutil.copy(digits_entropy_bundle / ENTROPY_FILE, repo / "digits" / ENTROPY_FILE)
+    repository.scan()
+    assert [e.name for e in repository.models()] == ["digits"]
+
+
+def test_an_entropy_file_linked_from_outside_is_refused(
+    tmp_path: Path, digits_entropy_bundle: Path
+) -> None:
+    repo = make_repo(tmp_path, digits_entropy_bundle)
+    tables = repo / "digits" / ENTROPY_FILE
+    tables.unlink()
+    tables.symlink_to(digits_entropy_bundle.resolve() / ENTROPY_FILE)
+    repository = ModelRepository(repo)
+    repository.scan()
+    assert repository.models() == []

@@ -30,19 +30,19 @@ def _definition(context: int = 1, namespace: str = "device-7/run-1") -> pb.Infer
 def test_a_definition_alone_is_not_served_and_fills_later_requests() -> None:
     contexts = StreamContexts()
     assert contexts.resolve(_definition()) is None
-    full = contexts.resolve(pb.InferRequest(context=1, seq=42, payload=b"\xa0\x01"))
+    full = contexts.resolve(pb.InferRequest(context=1, seq=42, payload=b"\x88\x01"))
     assert full is not None
     assert (full.model, full.width, full.top_k) == ("digits", WIDTH, 3)
-    assert full.request_id == "device-7/run-1#42" and full.payload == b"\xa0\x01"
+    assert full.request_id == "device-7/run-1#42" and full.payload == b"\x88\x01"
     # Its own request_id, when it sends one, is the key instead.
-    own = contexts.resolve(pb.InferRequest(context=1, request_id="x", payload=b"\xa0"))
+    own = contexts.resolve(pb.InferRequest(context=1, request_id="x", payload=b"\x88"))
     assert own is not None and own.request_id == "x"
 
 
 def test_a_full_request_with_a_context_is_served_and_defines_it() -> None:
     contexts = StreamContexts()
     request = _definition()
-    request.payload = b"\xa0\x02"
+    request.payload = b"\x88\x02"
     assert contexts.resolve(request) is request
     assert 1 in contexts.defined
 
@@ -50,7 +50,7 @@ def test_a_full_request_with_a_context_is_served_and_defines_it() -> None:
 @pytest.mark.parametrize(
     ("request_", "message"),
     [
-        (pb.InferRequest(context=2, seq=1, payload=b"\xa0"), "context 2 is not defined"),
+        (pb.InferRequest(context=2, seq=1, payload=b"\x88"), "context 2 is not defined"),
         (_definition(namespace=""), "namespace"),
         (_definition(namespace="n" * (MAX_NAMESPACE + 1)), "namespace"),
     ],
