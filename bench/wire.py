@@ -133,10 +133,10 @@ async def measure(bundle: Path, data: str, n: int) -> list[dict[str, Any]]:
                         "codec_bytes": _mean(len(p) for p in payloads),
                         "unary_request_bytes": _mean(r.ByteSize() for r in unary),
                         "stream_request_bytes": _mean(r.ByteSize() for r in stream[1:]),
-                        "unary_socket_up": round(u["up"] / n, 1),
-                        "stream_socket_up": round(s["up"] / n, 1),
-                        "unary_socket_down": round(u["down"] / n, 1),
-                        "stream_socket_down": round(s["down"] / n, 1),
+                        "unary_socket_up": round(u["up"] / len(x), 1),
+                        "stream_socket_up": round(s["up"] / len(x), 1),
+                        "unary_socket_down": round(u["down"] / len(x), 1),
+                        "stream_socket_down": round(s["down"] / len(x), 1),
                     })  # fmt: skip
         finally:
             await server.drain()

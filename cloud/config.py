@@ -56,6 +56,7 @@ class ServeConfig(StrictModel):
     max_stream_inflight: int = Field(
         256,
         ge=1,
+        le=1 << 20,
         description="requests one InferStream may have taken on whose answers its client has "
         "not read (InferRequest.answers_read)",
     )

@@ -8,13 +8,16 @@ Exported series (all prefixed ``tandem_``):
 - ``requests_total{method,model,code}``: every request received, refused ones included (an
   unauthenticated call, bytes that do not parse, an unknown model, a full queue...), by its
   final gRPC status code name (``OK`` for an answer). Each request of an ``InferStream`` call
-  counts once. ``model`` is the served model's name, or "" when the request was refused
-  before it named a loaded model (labels stay bounded whatever names clients send);
+  counts once; a context definition without features is not a request (it gets no answer)
+  and is not counted, unless it is refused and ends the stream. ``model`` is the served
+  model's name, or "" when the request was refused before it named a loaded model (labels
+  stay bounded whatever names clients send);
 - ``errors_total{method,model,code}``: the same requests without ``code="OK"``, so
   ``errors_total / requests_total`` is a ratio of one population;
 - ``request_seconds{stage}``: latency of each stage: queue, decode, compute, total;
 - ``batch_size``: rows per executed batch;
-- ``received_bytes_total``: request payload bytes;
+- ``received_bytes_total``: serialized request bytes as received (a compact streamed request
+  counts its own bytes, not its context's);
 - ``queue_depth``: requests waiting for a batch;
 - ``models_loaded``: models ready to serve;
 - ``build_info{version,codec_version,python}``: always 1.

@@ -39,7 +39,7 @@ from tandem.cloud.idempotency import ResponseCache, ReusedIdError
 from tandem.cloud.inference import BadFeatures, Scores, Target
 from tandem.cloud.metrics import ServiceMetrics
 from tandem.cloud.repository import ModelEntry, ModelRepository, NotFoundError
-from tandem.cloud.stream_contexts import StreamContexts
+from tandem.cloud.stream_contexts import DefinitionError, StreamContexts
 from tandem.cloud.stream_window import StreamWindow
 from tandem.protocol import from_message
 from tandem.wire.v1 import split_inference_pb2 as pb
@@ -133,6 +133,8 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
         The stream's window (:mod:`tandem.cloud.stream_window`) is checked as each request
         is read. A request that breaks it is not taken on: reading stops, the answers of the
         requests already taken on are sent, and then the stream ends with the window's status.
+        A context definition the stream cannot keep (:mod:`tandem.cloud.stream_contexts`)
+        ends it the same way.
         """
         window = StreamWindow(self.cfg.max_stream_inflight)
         contexts = StreamContexts()
@@ -158,6 +160,10 @@ class SplitInferenceService(pb_grpc.SplitInferenceServicer):
                     item, out = self._stream_item(request, contexts)
                     if item is None:  # a context's definition alone: no answer, no place
                         continue
+                    if isinstance(item, DefinitionError):  # a protocol error: the stream ends
+                        self.metrics.observe_request("InferStream", "", item.code.name)
+                        refused.append(item)
+                        break
                     try:
                         # An unparsed request reports nothing read; it still takes a place.
                         read_so_far = 0 if isinstance(request, Unparsed) else request.answers_read

@@ -8,8 +8,11 @@ that, with the definer's ``request_id`` as namespace, makes the idempotency key
 ``NAMESPACE#SEQ``. So a retried request on a new stream, after the same definition, is
 recognised as the same request.
 
-Bounded: at most :data:`MAX_CONTEXTS` per stream (redefining one replaces it), and a
-namespace leaves room for any seq within the request id's length limit.
+Bounded: at most :data:`MAX_CONTEXTS` per stream (redefining one replaces it), each name
+it keeps at most :data:`MAX_NAME` characters, and a namespace leaves room for any seq within
+the request id's length limit. A definition that breaks these rules is a protocol error
+(:class:`DefinitionError`): the service ends the stream, since the requests that were to
+use the context could only fail.
 """
 
 from __future__ import annotations
@@ -23,11 +26,16 @@ from tandem.cloud.errors import RequestError
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 MAX_CONTEXTS = 16
+MAX_NAME = 256  # characters of a model, version or adapter name a context keeps
 MAX_NAMESPACE = MAX_REQUEST_ID - 21  # "#" and a uint64 in decimal still fit
 _SHARED = (
     "model", "version", "adapter", "adapter_version",
     "width", "top_k", "return_logits", "deadline_ms",
 )  # fmt: skip
+
+
+class DefinitionError(RequestError):
+    """A context definition the stream cannot keep; it ends the stream."""
 
 
 @dataclass
@@ -39,8 +47,9 @@ class StreamContexts:
     def resolve(self, request: pb.InferRequest) -> pb.InferRequest | None:
         """The full request to serve for ``request``, or None for a definition alone.
 
-        Raises RequestError when the request fails alone: a context that was never
-        defined, one too many, or a namespace too long for its keys.
+        Raises RequestError when the request fails alone (a context that was never
+        defined), and DefinitionError for a definition it cannot keep (one too many, a
+        namespace too long for its keys, a name too long).
         """
         if request.model:
             if request.context:
@@ -68,12 +77,18 @@ class StreamContexts:
 
     def _define(self, request: pb.InferRequest) -> None:
         if not 0 < len(request.request_id) <= MAX_NAMESPACE:
-            raise RequestError(
+            raise DefinitionError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"a context's request_id is its namespace: 1..{MAX_NAMESPACE} chars",
             )
+        names = (request.model, request.version, request.adapter, request.adapter_version)
+        if max(map(len, names)) > MAX_NAME:
+            raise DefinitionError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a context keeps names of at most {MAX_NAME} chars",
+            )
         if request.context not in self.defined and len(self.defined) >= MAX_CONTEXTS:
-            raise RequestError(
+            raise DefinitionError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"a stream may define at most {MAX_CONTEXTS} contexts",
             )

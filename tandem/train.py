@@ -331,8 +331,12 @@ class Distiller:
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             x, goal = self.x_train[idx], target[idx].float()
             chosen = sandwich(widths, gen)
-            points = len(rates) + 1 if rates is not None else 1
-            draws = torch.randint(points, (len(chosen),), generator=gen).tolist()
+            # Drawn only with rate points, so a recipe without them trains as it always did.
+            draws = (
+                torch.randint(len(rates) + 1, (len(chosen),), generator=gen).tolist()
+                if rates is not None
+                else [0] * len(chosen)
+            )
             total = sum(
                 (one_width(x, goal, w, p, gen) for w, p in zip(chosen, draws, strict=True)),
                 torch.zeros(()),
@@ -362,11 +366,12 @@ class Distiller:
 
         def sent(x: torch.Tensor, w: float, mode: int) -> torch.Tensor:
             """What the decoder receives at width ``w`` in ``mode``."""
-            if mode < len(d.quant_bits):
+            if rates is None:  # the encoder trains too
                 return fake_quantize(encoder(x, w), d.quant_bits[mode])
-            assert rates is not None
-            point = mode - len(d.quant_bits)
-            with torch.no_grad():  # frozen: the symbols' likelihoods are not needed here
+            with torch.no_grad():  # encoder and priors are frozen
+                if mode < len(d.quant_bits):
+                    return fake_quantize(encoder(x, w), d.quant_bits[mode])
+                point = mode - len(d.quant_bits)
                 return rates.dequantize(rates.symbols(encoder(x, w), point), point)
 
         def one_width(x: torch.Tensor, idx: torch.Tensor, w: float, mode: int) -> torch.Tensor:

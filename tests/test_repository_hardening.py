@@ -24,8 +24,8 @@ from serving import make_repo
 
 from tandem.adapters import save_adapter
 from tandem.bundle import BundleError, TailRunner
-from tandem.entropy_points import ENTROPY_FILE
 from tandem.cloud.repository import ModelRepository, NotFoundError
+from tandem.entropy_points import ENTROPY_FILE
 
 SCAN_WAIT_S = 60.0  # a scan of these few small bundles takes well under a second
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "tandem.json")

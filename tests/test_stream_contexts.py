@@ -12,7 +12,13 @@ from serving import config, make_repo, running
 
 from tandem.bundle import HeadRunner
 from tandem.cloud.errors import RequestError
-from tandem.cloud.stream_contexts import MAX_CONTEXTS, MAX_NAMESPACE, StreamContexts
+from tandem.cloud.stream_contexts import (
+    MAX_CONTEXTS,
+    MAX_NAME,
+    MAX_NAMESPACE,
+    DefinitionError,
+    StreamContexts,
+)
 from tandem.data import load_data
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
@@ -138,3 +144,37 @@ def test_an_undefined_context_fails_alone_on_the_stream(
     assert results[1].error.code == Code.INVALID_ARGUMENT.value[0]
     assert "context 9 is not defined" in results[1].error.message
     assert results[0].HasField("response") and results[2].HasField("response")
+
+
+def test_a_definition_with_an_overlong_name_is_refused() -> None:
+    request = _definition()
+    request.model = "m" * (MAX_NAME + 1)
+    with pytest.raises(DefinitionError, match=f"at most {MAX_NAME}"):
+        StreamContexts().resolve(request)
+
+
+def test_a_definition_the_stream_cannot_keep_ends_it_after_the_answers_taken_on(
+    repo: Path, digits_entropy_bundle: Path
+) -> None:
+    """It takes no place in the window and gets no answer of its own: the stream ends with
+    INVALID_ARGUMENT once the requests before it are answered."""
+    x = load_data("digits").test.x[:2]
+    payloads = HeadRunner.from_bundle(digits_entropy_bundle).encode_entropy(x, WIDTH, 0)
+    bad = _definition(2, namespace="n" * (MAX_NAMESPACE + 1))
+    messages = [_definition(), *_compact(payloads), bad, *_compact(payloads)]
+
+    async def main() -> tuple[list[pb.StreamResult], grpc.aio.AioRpcError]:
+        async with (
+            running(config(repo, max_stream_inflight=2)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            call = pb_grpc.SplitInferenceStub(channel).InferStream(iter(messages), timeout=60)
+            results: list[pb.StreamResult] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for result in call:
+                    results.append(result)
+            return results, ended.value
+
+    results, ended = asyncio.run(main())
+    assert sorted(r.seq for r in results) == [0, 1] and all(r.HasField("response") for r in results)
+    assert ended.code() == Code.INVALID_ARGUMENT and "namespace" in (ended.details() or "")
