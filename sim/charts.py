@@ -120,12 +120,11 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
     teacher = report["teacher"]["accuracy"]
     if teacher is not None:
         ax.axhline(100 * teacher, color="black", linewidth=1, label="teacher")
-        for key, label in _BASELINE_NAMES.items():
+        for (key, label), marker in zip(_BASELINE_NAMES.items(), "^vD", strict=True):
             if key in report["baselines"]:
                 x = report["baselines"][key]
-                ax.plot([x], [100 * teacher], "k^", markersize=7)
-                ax.annotate(f"input as {label}", (x, 100 * teacher), textcoords="offset points",
-                            xytext=(0, -14), ha="center", fontsize="x-small")  # fmt: skip
+                ax.plot([x], [100 * teacher], marker, color="black", markersize=7,
+                        linestyle="none", label=f"input as {label} ({x:.0f} B)")  # fmt: skip
     ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")
     ax.set_title("Accuracy against bytes per sample")
     save(plt, fig, ax, path)
