@@ -167,3 +167,36 @@ def test_bad_teacher_checkpoint_is_a_recipe_error(tmp_path: Path, kind: str) -> 
     recipe = load_recipe("digits", [*SHORT, f"teacher.checkpoint='{path}'"])
     with pytest.raises(RecipeError, match=str(path)):
         build_bundle(recipe, load_data("digits"), tmp_path / "b")
+
+
+def test_fine_tuning_keeps_the_encoder_and_rate_points_the_tables_describe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With rate points, fine-tuning trains decoder and tail only: the encoder, the gains and
+    the priors leave it bit for bit as they entered, so the exported tables describe what the
+    device sends."""
+    from tandem.train import Distiller
+
+    recipe = load_recipe(
+        "digits",
+        ["teacher.train.epochs=1", "distill.head.epochs=1", "distill.finetune.epochs=1",
+         "rate.betas=[0.1]"],
+    )  # fmt: skip
+    before: dict[str, dict[str, torch.Tensor]] = {}
+    original = Distiller._finetune
+
+    def spy(self: Distiller, encoder: Any, cloud: Any, logits: Any, rates: Any) -> None:
+        before["encoder"] = {k: v.clone() for k, v in encoder.state_dict().items()}
+        before["rates"] = {k: v.clone() for k, v in rates.state_dict().items()}
+        before["cloud"] = {k: v.clone() for k, v in cloud.state_dict().items()}
+        original(self, encoder, cloud, logits, rates)
+
+    monkeypatch.setattr(Distiller, "_finetune", spy)
+    distiller = Distiller(recipe, load_data("digits"), tmp_path, fresh=True, progress=False)
+    trained = distiller.student(distiller.teacher())
+    assert trained.rates is not None
+    for name, module in (("encoder", trained.encoder), ("rates", trained.rates)):
+        after = module.state_dict()
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
+    changed = trained.cloud_tail.state_dict()
+    assert any(not torch.equal(changed[k], v) for k, v in before["cloud"].items())
