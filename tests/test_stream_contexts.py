@@ -178,3 +178,36 @@ def test_a_definition_the_stream_cannot_keep_ends_it_after_the_answers_taken_on(
     results, ended = asyncio.run(main())
     assert sorted(r.seq for r in results) == [0, 1] and all(r.HasField("response") for r in results)
     assert ended.code() == Code.INVALID_ARGUMENT and "namespace" in (ended.details() or "")
+
+
+def test_bytes_that_do_not_parse_take_a_place_in_the_window(
+    repo: Path, digits_entropy_bundle: Path
+) -> None:
+    """An unparsed message is answered (INVALID_ARGUMENT, on its own) and reports nothing
+    read: with a window of 1, a valid request after it is one too many."""
+    x = load_data("digits").test.x[:1]
+    payload = HeadRunner.from_bundle(digits_entropy_bundle).encode_entropy(x, WIDTH, 0)[0]
+    valid = pb.InferRequest(request_id="v", model="digits", width=WIDTH, payload=payload)
+    messages = [b"\xff\xff\xff", valid.SerializeToString()]
+
+    async def main() -> tuple[list[bytes], grpc.aio.AioRpcError]:
+        async with (
+            running(config(repo, max_stream_inflight=1)) as server,
+            grpc.aio.insecure_channel(server.address) as channel,
+        ):
+            raw = channel.stream_stream(
+                "/tandem.v1.SplitInference/InferStream",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            call = raw(iter(messages), timeout=30)
+            answers: list[bytes] = []
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async for answer in call:
+                    answers.append(answer)
+            return answers, ended.value
+
+    answers, ended = asyncio.run(main())
+    (only,) = [pb.StreamResult.FromString(a) for a in answers]
+    assert only.error.code == Code.INVALID_ARGUMENT.value[0]
+    assert ended.code() == Code.RESOURCE_EXHAUSTED
