@@ -114,3 +114,19 @@ def sink_lines(path: Path) -> int:
         return path.read_bytes().count(b"\n")
     except FileNotFoundError:
         return 0
+
+
+async def ended_stream(
+    cfg: ServeConfig, messages: list[pb.InferRequest], timeout: float = 60
+) -> tuple[list[pb.StreamResult], grpc.aio.AioRpcError]:
+    """Send ``messages`` on one InferStream of a server run with ``cfg``; the answers it got
+    and the error that ended it (the stream must end with one)."""
+    async with running(cfg) as server, grpc.aio.insecure_channel(server.address) as channel:
+        call = pb_grpc.SplitInferenceStub(channel).InferStream(iter(messages), timeout=timeout)
+        results: list[pb.StreamResult] = []
+        try:
+            async for result in call:
+                results.append(result)
+        except grpc.aio.AioRpcError as exc:
+            return results, exc
+    raise AssertionError("the stream ended without an error")

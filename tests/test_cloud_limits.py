@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 from pydantic import ValidationError
-from serving import config, make_repo, requests_for, running
+from serving import config, ended_stream, make_repo, requests_for, running
 
 from tandem.cloud.config import ServeConfig
 from tandem.cloud.server import CloudServer
@@ -150,21 +150,9 @@ def test_claiming_answers_never_sent_ends_the_stream(repo: Path, digits_bundle: 
     stream ends with INVALID_ARGUMENT and the request is not computed."""
     base = requests_for(digits_bundle, load_data("digits").test.x[:1], 1.0, 8)[0]
 
-    async def main() -> tuple[list[pb.StreamResult], grpc.aio.AioRpcError]:
-        async with (
-            running(config(repo)) as server,
-            grpc.aio.insecure_channel(server.address) as channel,
-        ):
-            call = pb_grpc.SplitInferenceStub(channel).InferStream(
-                iter([_stream_request(base, 0, answers_read=5)]), timeout=TIMEOUT
-            )
-            results: list[pb.StreamResult] = []
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                async for result in call:
-                    results.append(result)
-            return results, ended.value
-
-    results, ended = asyncio.run(main())
+    results, ended = asyncio.run(
+        ended_stream(config(repo), [_stream_request(base, 0, answers_read=5)], TIMEOUT)
+    )
     assert results == []
     assert ended.code() == Code.INVALID_ARGUMENT
     assert "answers_read 5 exceeds the 0 answers sent" in (ended.details() or "")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving import config, make_repo, running
+from serving import config, ended_stream, make_repo, running
 
 from tandem.bundle import HeadRunner
 from tandem.cloud.errors import RequestError
@@ -163,19 +163,7 @@ def test_a_definition_the_stream_cannot_keep_ends_it_after_the_answers_taken_on(
     bad = _definition(2, namespace="n" * (MAX_NAMESPACE + 1))
     messages = [_definition(), *_compact(payloads), bad, *_compact(payloads)]
 
-    async def main() -> tuple[list[pb.StreamResult], grpc.aio.AioRpcError]:
-        async with (
-            running(config(repo, max_stream_inflight=2)) as server,
-            grpc.aio.insecure_channel(server.address) as channel,
-        ):
-            call = pb_grpc.SplitInferenceStub(channel).InferStream(iter(messages), timeout=60)
-            results: list[pb.StreamResult] = []
-            with pytest.raises(grpc.aio.AioRpcError) as ended:
-                async for result in call:
-                    results.append(result)
-            return results, ended.value
-
-    results, ended = asyncio.run(main())
+    results, ended = asyncio.run(ended_stream(config(repo, max_stream_inflight=2), messages))
     assert sorted(r.seq for r in results) == [0, 1] and all(r.HasField("response") for r in results)
     assert ended.code() == Code.INVALID_ARGUMENT and "namespace" in (ended.details() or "")
 
