@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )  # fmt: skip
     p.add_argument("--width", type=float, help="fix the bottleneck width (default: policy)")
     p.add_argument("--bits", type=int, help="fix the bits per value (default: policy)")
+    p.add_argument(
+        "--point", type=int,
+        help="fix the entropy codec's rate point, instead of --bits (default: policy)",
+    )  # fmt: skip
     p.add_argument("--slo-ms", type=float, default=100.0, help="latency target for the policy")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     p.add_argument("--head-batch", type=int, default=32, help="inputs per head forward pass")
@@ -103,6 +107,7 @@ def _config(args: argparse.Namespace) -> Any:
             "head_adapter",
             "width",
             "bits",
+            "point",
             "slo_ms",
             "concurrency",
             "head_batch",

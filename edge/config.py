@@ -36,6 +36,9 @@ class DaemonConfig(StrictModel):
         None, description="fix the width instead of letting the policy pick"
     )
     bits: int | None = Field(None, description="fix the bits instead of letting the policy pick")
+    point: int | None = Field(
+        None, ge=0, description="fix the entropy codec's rate point instead of the policy's pick"
+    )
     slo_ms: float = Field(100.0, gt=0)
     concurrency: int = Field(32, ge=1, le=4096, description="requests in flight")
     head_batch: int = Field(32, ge=1, le=4096)
@@ -55,12 +58,18 @@ class DaemonConfig(StrictModel):
     token_file: Path | None = Field(None, description="file holding this device's bearer token")
     max_message_bytes: int = Field(1 << 20, ge=1024)
 
+    def fixed(self) -> bool:
+        """Whether the options fix the operating point, leaving the policy nothing to pick."""
+        return self.width is not None and (self.bits is not None or self.point is not None)
+
     @model_validator(mode="after")
     def _consistent(self) -> DaemonConfig:
         """Address, fixed operating point and key pair are checked together."""
         parse_address(self.cloud)
         if self.bits is not None and self.bits not in codec.SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {codec.SUPPORTED_BITS}")
+        if self.bits is not None and self.point is not None:
+            raise ValueError("bits (quantise+zstd) and point (entropy codec) exclude each other")
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together")
         return self
@@ -88,7 +97,7 @@ class DaemonConfig(StrictModel):
         update: dict[str, object] = {"adapter": name, "adapter_version": version}
         if self.width is None:
             update["width"] = float(meta["width"])
-        if self.bits is None:
+        if self.bits is None and self.point is None:
             update["bits"] = int(meta["bits"])
         return DaemonConfig.model_validate({**self.model_dump(), **update})
 

@@ -9,7 +9,8 @@ Nothing accepted is lost and nothing is answered twice:
   result the sink already holds (the daemon died between the two writes) are dropped.
 
 Sending is pipelined: one task batches inputs through the head, many tasks keep requests
-in flight. The split policy picks width and bits per batch from the bundle's measured table
+in flight. The split policy picks width and codec (bits, or a rate point of the entropy
+model) per batch from the bundle's measured table
 and the live link estimate; when the cloud is unreachable and the bundle carries its full
 model, inputs are served locally and their records say so.
 """
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from tandem import entropy_codec
 from tandem.edge.client import (
     OVERLOADED,
     RETRYABLE,
@@ -41,7 +43,7 @@ from tandem.edge.client import (
     RetryPolicy,
 )
 from tandem.edge.config import DaemonConfig
-from tandem.edge.device import DeviceModels
+from tandem.edge.device import DeviceModels, Encoding
 from tandem.edge.feed import SourceFeed
 from tandem.edge.link import LinkEstimator
 from tandem.edge.policy import SplitPolicy
@@ -171,20 +173,23 @@ class EdgeDaemon:
 
     async def _make_policy(self) -> SplitPolicy | None:
         cfg, m = self.cfg, self.device.manifest
-        if cfg.width is not None and cfg.bits is not None:
+        if cfg.fixed():
+            assert cfg.width is not None
             self.device.head.check_width(cfg.width)  # fail at start-up, not per batch
+            if cfg.point is not None:
+                self.device.head.rate_point(cfg.point)
             return None
-        # The daemon sends quantise+zstd payloads; rate points are not yet among its choices.
         table = [
             p.model_dump()
             for p in m.table
-            if p.codec == "quantize"
-            and (cfg.width is None or p.width == cfg.width)
-            and (cfg.bits is None or p.bits == cfg.bits)
+            if (cfg.width is None or p.width == cfg.width)
+            and (cfg.bits is None or (p.codec == "quantize" and p.bits == cfg.bits))
+            and (cfg.point is None or (p.codec == "entropy" and p.point == cfg.point))
         ]
         if not table:
             raise ValueError(
-                "the bundle's table has no point to choose from: give --width and --bits"
+                "the bundle's table has no point to choose from: give --width and --bits "
+                "(or --point)"
             )
         head_ms = await self._in(self._device_pool, self.device.time_head)
         local_ms = await self._in(self._device_pool, self.device.time_local)
@@ -311,8 +316,8 @@ class EdgeDaemon:
             for e in batch:
                 await self.send_q.put(_Ready(e, None, started, local=True))
             return
-        width, bits = point
-        encoded = await self._in(self._device_pool, partial(self._head, batch, width, bits))
+        width, bits = point.width, point.bits
+        encoded = await self._in(self._device_pool, partial(self._head, batch, point))
         rows = [(e.request_id, width, bits, p) for e, p in encoded if isinstance(p, bytes)]
         await self._in(self._spool_pool, lambda: self.spool.assign(rows))
         for e, p in encoded:
@@ -323,31 +328,31 @@ class EdgeDaemon:
                 await self.send_q.put(_Ready(replace(e, error=p), None, started))
 
     def _head(
-        self, batch: list[SpoolEntry], width: float, bits: int
+        self, batch: list[SpoolEntry], encoding: Encoding
     ) -> list[tuple[SpoolEntry, bytes | str]]:
         """Payloads for a batch (device thread); one input that fails, fails alone."""
         try:
             x = np.stack([e.array() for e in batch])
-            return list(zip(batch, self.device.encode(x, width, bits), strict=True))
+            return list(zip(batch, self.device.encode(x, encoding), strict=True))
         except ValueError:
             pass  # find the culprit: encode one by one
         out: list[tuple[SpoolEntry, bytes | str]] = []
         for e in batch:
             try:
-                out.append((e, self.device.encode(e.array()[None], width, bits)[0]))
+                out.append((e, self.device.encode(e.array()[None], encoding)[0]))
             except ValueError as exc:
                 out.append((e, f"cannot encode input: {exc}"))
         return out
 
-    def _operating_point(self) -> tuple[float, int] | None:
-        """Width and bits for the next batch, or None to serve it with the local model."""
+    def _operating_point(self) -> Encoding | None:
+        """How to code the next batch, or None to serve it with the local model."""
         if self.policy is None:
-            assert self.cfg.width is not None and self.cfg.bits is not None
-            return self.cfg.width, self.cfg.bits
+            assert self.cfg.width is not None
+            return Encoding(self.cfg.width, self.cfg.bits, self.cfg.point)
         decision = self.policy.decide(self.link.state())
-        if decision.local or decision.width is None or decision.bits is None:
+        if decision.local or decision.width is None:
             return None
-        return decision.width, decision.bits
+        return Encoding(decision.width, decision.bits, decision.point)
 
     async def _sender(self) -> None:
         while True:
@@ -485,6 +490,7 @@ class EdgeDaemon:
             **self._prediction(response.top[0].index, response.model_version),
             "width": item.entry.width,
             "bits": item.entry.bits,
+            "point": _rate_point(item.payload),
             "bytes_sent": request.ByteSize(),
             "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
             "served_by": response.served_by,
@@ -497,6 +503,7 @@ class EdgeDaemon:
             **self._prediction(prediction, self.device.manifest.version),
             "width": None,
             "bits": None,
+            "point": None,
             "bytes_sent": 0,
             "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
             "served_by": "local",
@@ -545,3 +552,8 @@ def _raise_if_failed(workers: list[asyncio.Task[None]]) -> None:
 def _accept(spool: Spool, source: Source, chunk: list[Item]) -> list[SpoolEntry]:
     rows = [(i.index, i.label, i.x if i.x is not None else str(i.error)) for i in chunk]
     return spool.accept(source.key, rows)
+
+
+def _rate_point(payload: bytes | None) -> int | None:
+    """The rate point an entropy-coded payload names in its header (None for quantise+zstd)."""
+    return entropy_codec.point_of(payload) if payload and entropy_codec.is_v2(payload) else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,16 @@ def _per_sample_ms(fn: Callable[[], object], batch: int, repeats: int = 3) -> fl
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times)) / batch
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a batch is sent: a width, and either the quantise+zstd codec at ``bits`` or rate
+    ``point`` of the bundle's entropy model."""
+
+    width: float
+    bits: int | None = None
+    point: int | None = None
 
 
 class DeviceModels:
@@ -55,9 +66,12 @@ class DeviceModels:
         x = np.zeros((1, *self.manifest.input.shape), np.uint8)
         return _per_sample_ms(lambda: self.predict_local(x), 1)
 
-    def encode(self, x: np.ndarray, width: float, bits: int) -> list[bytes]:
-        """Wire payloads for uint8 inputs ``(N, C, H, W)``."""
-        return self.head.encode(x, width, bits)
+    def encode(self, x: np.ndarray, encoding: Encoding) -> list[bytes]:
+        """Wire payloads for uint8 inputs ``(N, C, H, W)``, coded as ``encoding`` says."""
+        if encoding.point is not None:
+            return self.head.encode_entropy(x, encoding.width, encoding.point)
+        assert encoding.bits is not None
+        return self.head.encode(x, encoding.width, encoding.bits)
 
     @torch.inference_mode()
     def predict_local(self, x: np.ndarray) -> list[int]:

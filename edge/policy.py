@@ -1,8 +1,10 @@
-"""Split policy: pick the bottleneck width and bits for each request to meet a latency SLO.
+"""Split policy: pick the bottleneck width and codec for each request to meet a latency SLO.
 
-A bundle's manifest measures a table of operating points: for each (width, bits) the accuracy
-and the mean encoded bytes per sample. The policy predicts the end-to-end latency of every point
-on the current link and takes the most accurate point whose prediction fits the SLO.
+A bundle's manifest measures a table of operating points: for each width, and each codec
+there (the quantise+zstd codec at a bit depth, or a rate point of the learned entropy
+model), the accuracy and the mean encoded bytes per sample. The policy predicts the
+end-to-end latency of every point on the current link and takes the most accurate point
+whose prediction fits the SLO.
 
 Latency model, in milliseconds, for an option ``o`` on a link ``l``::
 
@@ -89,24 +91,34 @@ class LinkState:
 
 @dataclass(frozen=True)
 class Option:
-    """One measured operating point: a bottleneck width and bits, its accuracy and its size.
+    """One measured operating point: a bottleneck width and codec, its accuracy and its size.
 
-    ``width`` is the fraction of bottleneck channels sent, in (0, 1]; ``accuracy`` is in [0, 1];
-    ``bytes_per_sample`` is the mean encoded request payload.
+    ``width`` is the fraction of bottleneck channels sent, in (0, 1]; the codec is either the
+    quantise+zstd codec at ``bits``, or rate ``point`` of the entropy model (exactly one of
+    the two is set); ``accuracy`` is in [0, 1]; ``bytes_per_sample`` is the mean encoded
+    request payload.
     """
 
     width: float
-    bits: int
+    bits: int | None
     accuracy: float
     bytes_per_sample: float
+    point: int | None = None
 
     def __post_init__(self) -> None:
         """Reject points that cannot come from a real measurement."""
         width = _number("width", self.width)
         if not 0 < width <= 1:
             raise ValueError(f"width must be in (0, 1], got {width}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits < 1:
+        if (self.bits is None) == (self.point is None):
+            raise ValueError(
+                f"an option names bits or a rate point, exactly one: got bits {self.bits!r}, "
+                f"point {self.point!r}"
+            )
+        if self.bits is not None and not _whole(self.bits, 1):
             raise ValueError(f"bits must be a positive integer, got {self.bits!r}")
+        if self.point is not None and not _whole(self.point, 0):
+            raise ValueError(f"point must be a non-negative integer, got {self.point!r}")
         accuracy = _finite_nonnegative("accuracy", self.accuracy)
         if accuracy > 1:
             raise ValueError(f"accuracy must be in [0, 1], got {accuracy}")
@@ -117,8 +129,9 @@ class Option:
 class Decision:
     """What to do with one request.
 
-    ``local`` is True when the whole model should run on the device; then ``width`` and ``bits``
-    are None. Otherwise they name the option to encode with. ``predicted_ms`` is the model's
+    ``local`` is True when the whole model should run on the device; then ``width``, ``bits``
+    and ``point`` are None. Otherwise ``width`` and one of ``bits`` (quantise+zstd) and
+    ``point`` (a rate point) name the option to encode with. ``predicted_ms`` is the model's
     latency for that choice, ``meets_slo`` whether it fits the SLO, and ``reason`` a short
     human-readable explanation for logs and reports.
     """
@@ -129,6 +142,7 @@ class Decision:
     predicted_ms: float
     meets_slo: bool
     reason: str
+    point: int | None = None
 
 
 _DEFAULT_PRIOR = LinkState(rtt_ms=50.0, uplink_bps=1e6, downlink_bps=1e6)
@@ -159,14 +173,14 @@ class SplitPolicy:
         opts = tuple(options)
         if not opts:
             raise ValueError("options must not be empty: the policy needs at least one point")
-        seen: set[tuple[float, int]] = set()
+        seen: set[tuple[float, int, int]] = set()
         for o in opts:
             if not isinstance(o, Option):
                 raise ValueError(f"options must be Option instances, got {o!r}")
-            # Two rows for one (width, bits) would make the choice depend on their order.
-            key = (float(o.width), o.bits)
+            # Two rows for one (width, codec) would make the choice depend on their order.
+            key = (float(o.width), *_codec_key(o))
             if key in seen:
-                raise ValueError(f"duplicate option for width {o.width} and bits {o.bits}")
+                raise ValueError(f"duplicate option for width {o.width} and {_codec_name(o)}")
             seen.add(key)
 
         slo = _number("slo_ms", slo_ms)
@@ -207,28 +221,33 @@ class SplitPolicy:
         local_ms: float | None = None,
         prior: LinkState = _DEFAULT_PRIOR,
     ) -> SplitPolicy:
-        """Build a policy from a manifest's table: dicts with width, bits, accuracy and
-        bytes_per_sample (as parsed from JSON). Other arguments are as for the constructor."""
+        """Build a policy from a manifest's table: dicts with width, accuracy, bytes_per_sample
+        and either bits (quantise+zstd) or point (a rate point; ``codec`` "entropy"), as parsed
+        from JSON. Other arguments are as for the constructor."""
         options = []
         for i, row in enumerate(table):
             if not isinstance(row, Mapping):
                 raise ValueError(f"table row {i} is not a mapping: {row!r}")
-            absent = [k for k in ("width", "bits", "accuracy", "bytes_per_sample") if k not in row]
+            entropy = row.get("codec") == "entropy"
+            codec_key = "point" if entropy else "bits"
+            needed = ("width", codec_key, "accuracy", "bytes_per_sample")
+            absent = [k for k in needed if k not in row]
             if absent:
                 raise ValueError(f"table row {i} lacks {', '.join(absent)}")
-            bits = row["bits"]
+            value = row[codec_key]
             # JSON writers may emit 4.0 for 4; anything fractional is a broken table.
-            if isinstance(bits, float) and bits.is_integer():
-                bits = int(bits)
-            if isinstance(bits, bool) or not isinstance(bits, int):
-                raise ValueError(f"table row {i}: bits must be an integer, got {bits!r}")
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"table row {i}: {codec_key} must be an integer, got {value!r}")
             try:
                 options.append(
                     Option(
                         width=_number("width", row["width"]),
-                        bits=bits,
+                        bits=None if entropy else value,
                         accuracy=_number("accuracy", row["accuracy"]),
                         bytes_per_sample=_number("bytes_per_sample", row["bytes_per_sample"]),
+                        point=value if entropy else None,
                     )
                 )
             except ValueError as e:
@@ -305,8 +324,9 @@ class SplitPolicy:
         - none does: the option with the lowest prediction, unless the local model is strictly
           faster, in which case run locally.
 
-        Remaining ties go to the smaller width, then fewer bits, so the result never depends on
-        the order of the options.
+        Remaining ties go to the smaller width, then the quantise+zstd codec before rate
+        points, fewer bits, lower point, so the result never depends on the order of the
+        options.
         """
         link = self._prior if link is None else link
         slo = self._slo_ms
@@ -338,6 +358,7 @@ class SplitPolicy:
                 predicted_ms=predicted,
                 meets_slo=False,
                 reason="cloud unreachable: no local model, queue and retry",
+                point=best.point,
             )
         if go_local:
             return self._local(reason)
@@ -348,6 +369,7 @@ class SplitPolicy:
             predicted_ms=predicted,
             meets_slo=within != [],
             reason=reason,
+            point=best.point,
         )
 
     def _local(self, reason: str) -> Decision:
@@ -363,6 +385,22 @@ class SplitPolicy:
         )
 
 
-def _order(o: Option) -> tuple[float, int]:
-    """The last tie-break: smaller width, then fewer bits."""
-    return (float(o.width), o.bits)
+def _whole(value: object, least: int) -> bool:
+    """Whether ``value`` is an int (not a bool) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _codec_key(o: Option) -> tuple[int, int]:
+    """(0, bits) for the quantise+zstd codec, (1, point) for a rate point."""
+    return (0, o.bits) if o.bits is not None else (1, o.point if o.point is not None else 0)
+
+
+def _codec_name(o: Option) -> str:
+    """The option's codec in words."""
+    return f"bits {o.bits}" if o.bits is not None else f"rate point {o.point}"
+
+
+def _order(o: Option) -> tuple[float, int, int]:
+    """The last tie-break: smaller width, then quantise+zstd before rate points, fewer bits,
+    lower point."""
+    return (float(o.width), *_codec_key(o))

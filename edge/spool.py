@@ -269,8 +269,10 @@ class Spool(Closing):
             ).fetchone()
             return int(row[0]) if row else 0
 
-    def assign(self, rows: Sequence[tuple[str, float, int, bytes]]) -> None:
+    def assign(self, rows: Sequence[tuple[str, float, int | None, bytes]]) -> None:
         """Record ``(request_id, width, bits, payload)`` for entries, in one transaction.
+
+        ``bits`` is None for an entropy-coded payload, whose header names its rate point.
 
         Every resend of an entry, after a retry or a restart, then carries these same bytes.
         Raises KeyError (and records nothing) if an entry is not pending.
@@ -279,7 +281,7 @@ class Spool(Closing):
             for request_id, width, bits, payload in rows:
                 updated = db.execute(
                     "UPDATE pending SET width = ?, bits = ?, payload = ? WHERE request_id = ?",
-                    (float(width), int(bits), bytes(payload), request_id),
+                    (float(width), None if bits is None else int(bits), bytes(payload), request_id),
                 ).rowcount
                 if not updated:
                     raise KeyError(request_id)

@@ -109,11 +109,13 @@ def test_served_accuracy_equals_eval(
         "label",
         "width",
         "bits",
+        "point",
         "bytes_sent",
         "latency_ms",
         "served_by",
     }
-    assert first["width"] == 0.5 and first["bits"] == 4 and first["served_by"] != "local"
+    assert first["width"] == 0.5 and first["bits"] == 4 and first["point"] is None
+    assert first["served_by"] != "local"
     manifest = read_manifest(digits_bundle)
     assert first["class_name"] == manifest.input.labels[first["prediction"]]
     assert first["model_version"] == manifest.version
@@ -135,6 +137,40 @@ def test_policy_picks_points_from_the_table(
     assert summary["served"] == 200
     table = {(p.width, p.bits) for p in read_manifest(digits_bundle).table}
     assert {(r["width"], r["bits"]) for r in records} <= table
+
+
+def test_a_rate_point_served_has_the_accuracy_eval_measured(
+    tmp_path: Path, digits_entropy_bundle: Path, digits_npz: Path
+) -> None:
+    """Pinned to a width and rate point, the daemon sends entropy-coded payloads whose
+    answers are exactly ``tandem eval``'s for that point, and its records name the point."""
+    test = load_data("digits").test
+    repo = make_repo(tmp_path, digits_entropy_bundle)
+    cfg = _cfg(tmp_path, digits_entropy_bundle, f"npz:{digits_npz}", width=0.5, point=1,
+               limit=len(test))  # fmt: skip
+    summary = _run(cfg, repo)
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["served"] == len(test) and summary["errors"] == 0
+    assert {(r["width"], r["bits"], r["point"]) for r in records} == {(0.5, None, 1)}
+    report = evaluate_bundle(digits_entropy_bundle, test, [4])
+    (point,) = [p for p in report["points"] if p["width"] == 0.5 and p["point"] == 1]
+    assert np.mean([r["prediction"] == r["label"] for r in records]) == point["accuracy"]
+
+
+def test_policy_picks_among_rate_points(
+    tmp_path: Path, digits_entropy_bundle: Path, digits_npz: Path
+) -> None:
+    """With ``point`` fixed and the width left open, the policy picks widths among that rate
+    point's rows of the table."""
+    repo = make_repo(tmp_path, digits_entropy_bundle)
+    cfg = _cfg(tmp_path, digits_entropy_bundle, f"npz:{digits_npz}", point=0, limit=100,
+               slo_ms=1000)  # fmt: skip
+    summary = _run(cfg, repo)
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["served"] == 100
+    table = {(p.width, p.point) for p in read_manifest(digits_entropy_bundle).table}
+    assert {(r["width"], r["point"]) for r in records} <= table
+    assert {r["point"] for r in records} == {0} and {r["bits"] for r in records} == {None}
 
 
 def test_unreachable_cloud_falls_back_to_the_local_model(

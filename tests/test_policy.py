@@ -182,6 +182,40 @@ def test_zero_bandwidth_reads_as_an_outage() -> None:
     assert _policy(local_ms=500.0).decide(dead).local
 
 
+# Rate points of the entropy model, as a format-2 manifest lists them (bits null).
+ENTROPY: list[dict[str, Any]] = [
+    {"width": 0.5, "codec": "entropy", "bits": None, "point": 0, "accuracy": 0.95,
+     "bytes_per_sample": 600.0},
+    {"width": 0.25, "codec": "entropy", "bits": None, "point": 1, "accuracy": 0.90,
+     "bytes_per_sample": 150.0},
+]  # fmt: skip
+
+
+def test_rate_points_are_options_and_win_where_they_are_smaller() -> None:
+    """Entropy rows become options naming their rate point; at equal accuracy the policy
+    takes the point with fewer bytes, and the decision names the point, not bits."""
+    policy = SplitPolicy.from_table([*TABLE, *ENTROPY], 60.0, HEAD_MS)
+    assert Option(0.25, None, 0.90, 150.0, point=1) in policy.options
+    # 200 kbit/s: width 0.5 at 8 bits (2000 B) misses 60 ms; its rate point (600 B) fits.
+    d = policy.decide(SLOW)
+    assert (d.width, d.bits, d.point) == (0.5, None, 0)
+    assert d.meets_slo
+    # Plenty of bandwidth: the most accurate option, a quantise+zstd one.
+    d = policy.decide(FAST)
+    assert (d.width, d.bits, d.point) == (1.0, 8, None)
+    # Cloud down without a local model: the decision still names the point to queue with.
+    down = policy.decide(SLOW, cloud_up=False)
+    assert (down.point, down.local, down.meets_slo) == (0, False, False)
+
+
+def test_a_rate_point_and_bits_of_the_same_number_are_different_options() -> None:
+    both = [Option(0.5, 2, 0.9, 100.0), Option(0.5, None, 0.9, 100.0, point=2)]
+    policy = SplitPolicy(both, 50.0, {0.5: 1.0})
+    # A complete tie goes to the quantise+zstd codec, whatever the order.
+    assert policy.decide(FAST).bits == 2
+    assert SplitPolicy(both[::-1], 50.0, {0.5: 1.0}).decide(FAST).bits == 2
+
+
 def test_from_table_reads_a_manifest_table() -> None:
     rows = json.loads(json.dumps(TABLE))
     rows[0]["bits"] = 8.0  # some JSON writers emit integral floats
@@ -204,6 +238,8 @@ def test_from_table_reads_a_manifest_table() -> None:
         ([{**TABLE[0], "accuracy": "high"}], "row 0: accuracy must be a number"),
         ([{**TABLE[0], "accuracy": 1.5}], r"row 0: accuracy must be in \[0, 1\]"),
         ([[1.0, 8, 0.9, 10]], "row 0 is not a mapping"),
+        ([{**ENTROPY[0], "point": None}], "row 0: point must be an integer"),
+        ([{k: v for k, v in ENTROPY[0].items() if k != "point"}], "row 0 lacks point"),
         ([], "options must not be empty"),
     ],
 )
@@ -249,6 +285,10 @@ def test_constructor_validation(kwargs: dict[str, Any], match: str) -> None:
         ({"bits": 0}, "bits must be a positive integer"),
         ({"bits": 4.0}, "bits must be a positive integer"),
         ({"bits": True}, "bits must be a positive integer"),
+        ({"bits": None}, "exactly one"),
+        ({"point": 0}, "exactly one"),
+        ({"bits": None, "point": -1}, "point must be a non-negative integer"),
+        ({"bits": None, "point": 1.0}, "point must be a non-negative integer"),
         ({"accuracy": -0.1}, "accuracy must be >= 0"),
         ({"accuracy": 1.01}, r"accuracy must be in \[0, 1\]"),
         ({"bytes_per_sample": -1.0}, "bytes_per_sample must be >= 0"),
