@@ -114,7 +114,7 @@ class TablePoint(StrictModel):
 class EntropySpec(StrictModel):
     """The rate points of the learned entropy model; their tables are in entropy.safetensors."""
 
-    betas: list[float] = Field(min_length=1, max_length=16)
+    betas: list[float] = Field(min_length=1, max_length=entropy_codec.MAX_POINTS)
 
 
 class Manifest(StrictModel):

@@ -27,6 +27,7 @@ from pydantic import (
 
 from tandem.bottleneck import width_channels
 from tandem.codec import SUPPORTED_BITS
+from tandem.entropy_codec import MAX_POINTS
 
 
 class RecipeError(ValueError):
@@ -114,11 +115,17 @@ class RateConfig(StrictModel):
     """The learned entropy model: one rate point per β (none: the quantise+zstd codec only).
 
     Head distillation minimises feature distortion + β · bits per input pixel at each point;
-    fine-tuning then trains decoder and tail on the rounded, coded features.
+    fine-tuning then trains decoder and tail on the rounded, coded features. With
+    ``end_to_end``, fine-tuning also trains encoder, gains and priors, on the task loss +
+    β · bits per input pixel, so each point keeps the bits the task needs rather than those
+    the features need.
     """
 
     betas: list[float] = Field(
-        default_factory=list, max_length=16, description="rate weights, one point each"
+        default_factory=list, max_length=MAX_POINTS, description="rate weights, one point each"
+    )
+    end_to_end: bool = Field(
+        default=False, description="fine-tuning also trains encoder and priors with the rate"
     )
 
     @field_validator("betas")

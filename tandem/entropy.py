@@ -230,6 +230,18 @@ class RatePoints(nn.Module):
         y_hat = y + noise
         return Coded(y_hat / gain, self.prior(point).likelihood(y_hat))
 
+    def straight_through(self, z: torch.Tensor, point: int, gen: torch.Generator) -> Coded:
+        """End-to-end fine-tuning path: the decoder sees the symbols rounded as inference
+        rounds them (gradients pass straight through the rounding), while the rate is the
+        noisy estimate of :meth:`noisy`, so the prior keeps fitting what the encoder sends."""
+        k = z.shape[1]
+        gain = self.gain(point, k)
+        y = z * gain
+        m = self.prior(point).medians[:k].reshape(1, k, 1, 1)
+        y_q = y + (torch.round(y - m) + m - y).detach()
+        noise = torch.rand(y.shape, generator=gen, dtype=y.dtype) - 0.5
+        return Coded(y_q / gain, self.prior(point).likelihood(y + noise))
+
     def symbols(self, z: torch.Tensor, point: int) -> torch.Tensor:
         """Inference path, device side: integer symbols (relative to the medians), clamped
         into the exported tables' range."""

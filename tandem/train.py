@@ -12,7 +12,9 @@ learned prior per β: feature distortion + β · bits per input pixel, through a
 noise (and, drawn as one more point, the plain features that the quantise+zstd codec sends).
 Stage 3 then freezes encoder and priors, which the exported tables describe, and fine-tunes
 decoder and tail on what the wire delivers: the rounded, coded features of each point, or
-the codec's quantization at a drawn bit depth.
+the codec's quantization at a drawn bit depth. With ``rate.end_to_end`` stage 3 trains the
+encoder, gains and priors too, on the task loss + β · bits per input pixel: the decoder sees
+the symbols rounded (straight through), the rate is the noisy estimate.
 
 Every phase checkpoints after each epoch (see :mod:`tandem.checkpoint`), and its random
 draws come from a generator seeded by (seed, phase, epoch), so a resumed run retraces the
@@ -21,6 +23,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -355,27 +358,40 @@ class Distiller:
         teacher_logits: torch.Tensor,
         rates: RatePoints | None,
     ) -> None:
-        d = self.recipe.distill
+        d, rate = self.recipe.distill, self.recipe.rate
         widths, temp = self.recipe.bottleneck.widths, d.temperature
-        # With rate points, encoder and priors are what the exported tables describe: frozen.
-        if rates is not None:
+        pixels = math.prod(self.data.input_shape[1:])
+        # Encoder and priors are what the exported tables describe: frozen, unless the recipe
+        # trains them end to end (the tables are exported after this stage either way).
+        frozen = rates is not None and not rate.end_to_end
+        if frozen:
+            assert rates is not None
             encoder.eval().requires_grad_(False)
             rates.freeze()
         # A draw picks one of the codec's bit depths, or one rate point after them.
         modes = len(d.quant_bits) + (len(rates) if rates is not None else 0)
 
-        def sent(x: torch.Tensor, w: float, mode: int) -> torch.Tensor:
-            """What the decoder receives at width ``w`` in ``mode``."""
-            if rates is None:  # the encoder trains too
-                return fake_quantize(encoder(x, w), d.quant_bits[mode])
-            with torch.no_grad():  # encoder and priors are frozen
-                if mode < len(d.quant_bits):
-                    return fake_quantize(encoder(x, w), d.quant_bits[mode])
-                point = mode - len(d.quant_bits)
-                return rates.dequantize(rates.symbols(encoder(x, w), point), point)
+        def sent(
+            x: torch.Tensor, w: float, mode: int, gen: torch.Generator
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """What the decoder receives at width ``w`` in ``mode``, and the rate term."""
+            no_rate = torch.zeros(())
+            with torch.no_grad() if frozen else contextlib.nullcontext():
+                z = encoder(x, w)
+            if mode < len(d.quant_bits):
+                return fake_quantize(z, d.quant_bits[mode]), no_rate
+            assert rates is not None
+            point = mode - len(d.quant_bits)
+            if frozen:
+                return rates.dequantize(rates.symbols(z, point), point), no_rate
+            coded = rates.straight_through(z, point, gen)
+            return coded.features, rate.betas[point] * coded.bits().mean() / pixels
 
-        def one_width(x: torch.Tensor, idx: torch.Tensor, w: float, mode: int) -> torch.Tensor:
-            logits = cloud(sent(x, w, mode))
+        def one_width(
+            x: torch.Tensor, idx: torch.Tensor, w: float, mode: int, gen: torch.Generator
+        ) -> torch.Tensor:
+            features, rate_term = sent(x, w, mode, gen)
+            logits = cloud(features)
             ce = F.cross_entropy(logits, self.y_train[idx])
             kl = F.kl_div(
                 F.log_softmax(logits / temp, 1),
@@ -383,20 +399,22 @@ class Distiller:
                 log_target=True,
                 reduction="batchmean",
             )
-            return (1 - d.kd_weight) * ce + d.kd_weight * temp * temp * kl
+            return (1 - d.kd_weight) * ce + d.kd_weight * temp * temp * kl + rate_term
 
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
             x = self.x_train[idx]
             draws = torch.randint(modes, (len(widths),), generator=gen).tolist()
             return sum(
                 (
-                    one_width(x, idx, w, draw)
+                    one_width(x, idx, w, draw, gen)
                     for w, draw in zip(sandwich(widths, gen), draws, strict=False)
                 ),
                 torch.zeros(()),
             )
 
         modules: dict[str, nn.Module] = {"encoder": encoder, "cloud": cloud}
-        if rates is not None:
+        if rates is not None and not frozen:
+            modules["rates"] = rates
+        if frozen:
             del modules["encoder"]
         self.runner.run("finetune", d.finetune, modules, len(teacher_logits), loss)

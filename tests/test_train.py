@@ -200,3 +200,25 @@ def test_fine_tuning_keeps_the_encoder_and_rate_points_the_tables_describe(
         assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
     changed = trained.cloud_tail.state_dict()
     assert any(not torch.equal(changed[k], v) for k, v in before["cloud"].items())
+
+
+def test_end_to_end_fine_tuning_trains_encoder_and_rate_points(
+    tmp_path: Path,
+) -> None:
+    """With ``rate.end_to_end``, fine-tuning also trains encoder, gains and priors (on the task
+    loss + β · bits), where without it they stay as head distillation left them."""
+    from tandem.train import Distiller
+
+    overrides = ["teacher.train.epochs=1", "distill.head.epochs=1", "distill.finetune.epochs=1",
+                 "rate.betas=[0.1]"]  # fmt: skip
+    data = load_data("digits")
+    trained = {}
+    for e2e in (False, True):
+        recipe = load_recipe("digits", [*overrides, f"rate.end_to_end={str(e2e).lower()}"])
+        distiller = Distiller(recipe, data, tmp_path / str(e2e), fresh=True, progress=False)
+        trained[e2e] = distiller.student(distiller.teacher())
+    frozen, e2e = trained[False], trained[True]
+    assert frozen.rates is not None and e2e.rates is not None
+    for name in ("encoder", "rates"):
+        a, b = getattr(frozen, name).state_dict(), getattr(e2e, name).state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point()), name
