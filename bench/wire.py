@@ -16,6 +16,11 @@ Two ways of sending, each on a fresh connection:
 Reported per point: mean codec bytes (header included), mean serialized request bytes of
 each way, and socket bytes per request up (and down) of each way: the connection's total
 over the requests, so its set-up (HTTP/2 preface, settings, headers) is shared among them.
+
+With ``--accuracy``, every point also streams the whole test split through one
+``InferStream`` and reports ``served_accuracy`` from the answers, next to the
+``eval_accuracy`` that ``tandem eval`` measured for the point (the bundle's table): the two
+are equal when the service decodes and runs what the head sent.
 Prints exactly one JSON line.
 """
 
@@ -73,24 +78,31 @@ async def _unary(address: str, requests: list[Any]) -> None:
             await stub.Infer(request, timeout=60)
 
 
-async def _stream(address: str, messages: list[Any]) -> None:
-    """Keeps at most WINDOW requests unanswered, and says how many answers it has read."""
+async def _stream(address: str, messages: list[Any]) -> list[int]:
+    """Keeps at most WINDOW requests unanswered, and says how many answers it has read;
+    returns the predicted class of each request, in the order sent."""
+    predictions = [-1] * (len(messages) - 1)
+
+    def take(result: Any) -> None:
+        assert result.HasField("response"), result
+        predictions[result.seq] = result.response.top[0].index
+
     async with grpc.aio.insecure_channel(address) as channel:
-        call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=120)
+        call = pb_grpc.SplitInferenceStub(channel).InferStream(timeout=600)
         await call.write(messages[0])
         read = 0
         for i, message in enumerate(messages[1:]):
             while i - read >= WINDOW:
-                result = await call.read()
-                assert result.HasField("response"), result
+                take(await call.read())
                 read += 1
             message.answers_read = read
             await call.write(message)
         await call.done_writing()
         while (result := await call.read()) is not grpc.aio.EOF:
-            assert result.HasField("response"), result
+            take(result)
             read += 1
         assert read == len(messages) - 1
+    return predictions
 
 
 async def _socket_bytes(address: str, send: Any, messages: list[Any]) -> dict[str, int]:
@@ -106,10 +118,11 @@ async def _socket_bytes(address: str, send: Any, messages: list[Any]) -> dict[st
         await emulator.close()
 
 
-async def measure(bundle: Path, data: str, n: int) -> list[dict[str, Any]]:
+async def measure(bundle: Path, data: str, n: int, accuracy: bool) -> list[dict[str, Any]]:
     """One row per (width, codec) point; see the module docstring."""
     head = HeadRunner.from_bundle(bundle)
-    x = load_data(data).test.x[:n]
+    test = load_data(data).test
+    x = test.x[:n]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         repo = Path(tmp) / "repo"
@@ -124,6 +137,11 @@ async def measure(bundle: Path, data: str, n: int) -> list[dict[str, Any]]:
                 for i in range(len(head.points)):
                     codecs[f"entropy p{i}"] = head.pack_entropy(z, width, i)
                 for name, payloads in codecs.items():
+                    served = (
+                        await _served_accuracy(server.address, head, width, name, test)
+                        if accuracy
+                        else {}
+                    )
                     unary = _unary_requests(head, width, payloads)
                     stream = _stream_messages(head, width, payloads)
                     u = await _socket_bytes(server.address, _unary, unary)
@@ -137,10 +155,34 @@ async def measure(bundle: Path, data: str, n: int) -> list[dict[str, Any]]:
                         "stream_socket_up": round(s["up"] / len(x), 1),
                         "unary_socket_down": round(u["down"] / len(x), 1),
                         "stream_socket_down": round(s["down"] / len(x), 1),
+                        **served,
                     })  # fmt: skip
         finally:
             await server.drain()
     return rows
+
+
+async def _served_accuracy(
+    address: str, head: HeadRunner, width: float, name: str, test: Any
+) -> dict[str, Any]:
+    """The whole test split streamed at one point: accuracy of the answers, beside the
+    accuracy ``tandem eval`` stored for the point."""
+    z = head.features(test.x, width)
+    if name.startswith("entropy p"):
+        point = int(name.removeprefix("entropy p"))
+        payloads = head.pack_entropy(z, width, point)
+        row = [p for p in head.manifest.table if p.codec == "entropy" and p.point == point]
+    else:
+        bits = int(name.split("-")[0])
+        payloads = head.pack(z, bits)
+        row = [p for p in head.manifest.table if p.codec == "quantize" and p.bits == bits]
+    predictions = await _stream(address, _stream_messages(head, width, payloads))
+    evaluated = [p.accuracy for p in row if p.width == width]
+    return {
+        "served_samples": len(payloads),
+        "served_accuracy": float(np.mean(np.asarray(predictions) == test.y)),
+        "eval_accuracy": evaluated[0] if evaluated else None,
+    }
 
 
 def _mean(values: Any) -> float:
@@ -153,10 +195,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", type=Path, required=True, help="a bundle directory")
     parser.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
     parser.add_argument("--requests", type=int, default=200, help="inputs sent each way")
+    parser.add_argument(
+        "--accuracy", action="store_true",
+        help="also stream the whole test split at every point and compare its accuracy with "
+        "the bundle's table",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.requests < 1:
         parser.error("--requests must be >= 1")
-    rows = asyncio.run(measure(args.bundle, args.data, args.requests))
+    rows = asyncio.run(measure(args.bundle, args.data, args.requests, args.accuracy))
     print(json.dumps({"bench": "wire", "bundle": str(args.bundle), "requests": args.requests,
                       "points": rows}))  # fmt: skip
     return 0

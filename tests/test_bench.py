@@ -146,3 +146,20 @@ def test_wire_bench_prints_one_json_line(
         assert p["stream_request_bytes"] < p["unary_request_bytes"]
         assert p["stream_socket_up"] > p["stream_request_bytes"]
         assert p["unary_socket_up"] > p["unary_request_bytes"]
+
+
+def test_wire_bench_serves_each_point_at_the_accuracy_eval_measured(
+    digits_entropy_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --accuracy, the whole test split streamed over InferStream at each point answers
+    with exactly the accuracy ``tandem eval`` stored for it."""
+    args = ["--bundle", str(digits_entropy_bundle), "--data", "digits", "--requests", "4",
+            "--accuracy"]  # fmt: skip
+    assert _load("wire").main(args) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    checked = [p for p in points if p["eval_accuracy"] is not None]
+    # The bundle's table measured 4 bits and both rate points, at every width.
+    assert {p["codec"] for p in checked} == {"4-bit+zstd", "entropy p0", "entropy p1"}
+    for p in checked:
+        assert p["served_samples"] == 359
+        assert p["served_accuracy"] == pytest.approx(p["eval_accuracy"], abs=1e-12), p
