@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAHIMAHI = ROOT.parent / "shared" / "traces" / "mahimahi"
 LTE = ("Verizon-LTE-short", "ATT-LTE-driving-2016")
 DEVICES, FPS, SECONDS = 100, 30.0, 60.0
-POINT = (0.5, 4)
+POINT = SplitPoint(width=0.5, bits=4)
 SLO_MS = 100.0
 
 
@@ -63,9 +63,8 @@ def quick_bundle(out: Path) -> Path:
 def strategies(profile: BundleProfile) -> dict[str, Strategy]:
     """The four strategies on this profile, as a scenario builds them; the split at
     :data:`POINT`."""
-    split = SplitPoint(width=POINT[0], bits=POINT[1])
     names = ("local", "offload-png", "split", "adaptive")
-    return {name: build_strategy(name, profile, split, SLO_MS) for name in names}
+    return {name: build_strategy(name, profile, POINT, SLO_MS) for name in names}
 
 
 def fleet_traces() -> TracePair:

@@ -65,6 +65,7 @@ def profile_bundle(args: argparse.Namespace) -> int:
 
     from tandem.data import load_data
     from tandem.sim.profiles import measure_bundle
+    from tandem.sim.scenario import SplitPoint
     from tandem.sim.validate import calibrate
 
     if args.data is None or args.out is None:
@@ -74,7 +75,8 @@ def profile_bundle(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.data} has {len(x)} test inputs; profiling needs at least 64")
     profile = measure_bundle(args.bundle, x[:256])
     if args.calibrate:
-        point = (profile.table[0]["width"], int(profile.table[0]["bits"]))
+        first = profile.table[0]
+        point = SplitPoint(width=first.width, bits=first.bits, point=first.point)
         with tempfile.TemporaryDirectory(prefix="tandem-profile-") as tmp:
             profile = asyncio.run(calibrate(profile, args.bundle, x, point, Path(tmp)))
     profile.save(args.out)

@@ -16,7 +16,7 @@ import numpy as np
 
 from tandem.sim.profiles import measure_bundle
 from tandem.sim.report import write_report
-from tandem.sim.scenario import Scenario, build, parse_scenario
+from tandem.sim.scenario import Scenario, SplitPoint, build, parse_scenario
 from tandem.sim.traces import TracePair
 from tandem.sim.validate import calibrate, predict, run_real
 
@@ -24,7 +24,7 @@ SHARED_LTE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mahima
 LTE_TRACE = "Verizon-LTE-short"
 SYNTHETIC = ("walk:4,1.5@0.5", "walk:12,3@0.5")
 DELAY_MS, FPS, INPUTS = 20.0, 10.0, 100
-POINT = (0.5, 4)
+POINT = SplitPoint(width=0.5, bits=4)
 
 
 def link_specs() -> tuple[str, str, str]:
@@ -69,7 +69,7 @@ def _scenario(up: str, down: str) -> Scenario:
                  "delay_ms": DELAY_MS, "fps": FPS},
             ],
             "strategies": ["local", "offload-png", "split", "adaptive"],
-            "split": {"width": POINT[0], "bits": POINT[1]},
+            "split": POINT.model_dump(exclude_none=True),
             "slo_ms": 100.0,
             "duration_s": 60.0,
         },

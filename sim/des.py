@@ -21,9 +21,9 @@ until fewer than 0.1% of the decisions change (or reports that they did not sett
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -80,15 +80,16 @@ class Strategy:
 
     ``up_bytes`` is the request size for ``offload`` and ``split``, ``width`` the split's
     bottleneck width and ``accuracy`` the fixed strategy's measured accuracy (for ``adaptive``,
-    the local model's). ``adaptive`` takes the bundle's measured ``table`` (rows of width,
-    bits, accuracy, bytes_per_sample) and the latency target ``slo_ms`` its policy aims for.
+    the local model's). ``adaptive`` takes the bundle's measured ``table`` (rows as
+    :meth:`SplitPolicy.from_table` reads them: width, bits or a rate point, accuracy and
+    bytes_per_sample) and the latency target ``slo_ms`` its policy aims for.
     """
 
     kind: StrategyKind
     up_bytes: float = 0.0
     width: float | None = None
     accuracy: float = 0.0
-    table: tuple[dict[str, float], ...] = ()
+    table: tuple[Mapping[str, Any], ...] = ()
     slo_ms: float = 100.0
 
 
@@ -321,8 +322,9 @@ class _Answers:
         """An answer that will arrive at ``at``."""
         heapq.heappush(self._due, (at, up_bytes, network_s * 1000, server_s * 1000))
 
-    def decide(self, now: float) -> tuple[float, int] | None:
-        """The policy's (width, bits) for an input at ``now``, or None to run it locally."""
+    def decide(self, now: float) -> tuple[float, int | None, int | None] | None:
+        """The policy's (width, bits, point) for an input at ``now``, or None to run it
+        locally."""
         while self._due and self._due[0][0] <= now:
             _, sent, net_ms, server_ms = heapq.heappop(self._due)
             self.estimator.observe(
@@ -330,9 +332,9 @@ class _Answers:
             )
             self.policy.set_server_ms(server_ms)
         decision = self.policy.decide(self.estimator.state())
-        if decision.local or decision.width is None or decision.bits is None:
+        if decision.local or decision.width is None:
             return None
-        return decision.width, decision.bits
+        return decision.width, decision.bits, decision.point
 
 
 def _adaptive_device(
@@ -354,7 +356,7 @@ def _adaptive_device(
         local_ms=p.full_ms,
     )  # fmt: skip
     answers = _Answers(policy, response_bytes)
-    rows = {(row["width"], int(row["bits"])): row for row in strategy.table}
+    rows = {(o.width, o.bits, o.point): o for o in policy.options}
     local_accuracy = strategy.accuracy
     up = Link(device.up, device.delay_ms / 1000, seed=(device.seed, UPLINK))
     t = arrivals(device, duration_s)
@@ -374,7 +376,7 @@ def _adaptive_device(
             continue
         width, row = point[0], rows[point]
         sent.compute_s[i], sent.lane[i] = p.head_ms[width] / 1000, width
-        sent.up_bytes[i], sent.accuracy[i] = row["bytes_per_sample"], row["accuracy"]
+        sent.up_bytes[i], sent.accuracy[i] = row.bytes_per_sample, row.accuracy
         sent.ready[i] = free = max(now, free) + sent.compute_s[i]
         sending = sent.ready[i] + p.send_overhead_ms / 1000
         sent.at_cloud[i] = up.send(sending, round(sent.up_bytes[i]))

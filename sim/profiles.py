@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.sim.batching import BatchCost, CloudModel
 from tandem.sim.des import DeviceProfile
@@ -48,6 +48,42 @@ class Cost(Strict):
         return BatchCost(self.fixed_ms, self.per_input_ms)
 
 
+class TableRow(Strict):
+    """One measured operating point of the bundle: a width, and either the quantise+zstd
+    codec at ``bits`` or rate ``point`` of the entropy model, with the accuracy and mean
+    codec bytes per sample that ``tandem eval`` measured."""
+
+    width: float = Field(gt=0, le=1)
+    bits: int | None = Field(default=None, ge=1)
+    point: int | None = Field(default=None, ge=0)
+    accuracy: float = Field(ge=0, le=1)
+    bytes_per_sample: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _one_codec(self) -> TableRow:
+        if (self.bits is None) == (self.point is None):
+            raise ValueError("a table row names bits or a rate point, exactly one")
+        return self
+
+    def key(self) -> tuple[float, int | None, int | None]:
+        """(width, bits, point): what a policy decision names."""
+        return (self.width, self.bits, self.point)
+
+    def label(self) -> str:
+        """``width/bits``, or ``width/pPOINT`` for a rate point."""
+        codec = f"{self.bits}" if self.bits is not None else f"p{self.point}"
+        return f"{self.width:g}/{codec}"
+
+    def policy_row(self, overhead_bytes: float) -> dict[str, object]:
+        """The row as :meth:`SplitPolicy.from_table` reads it, with ``overhead_bytes`` (what
+        crosses the link besides the codec's bytes) added to its size."""
+        return {
+            **self.model_dump(),
+            "codec": "quantize" if self.point is None else "entropy",
+            "bytes_per_sample": self.bytes_per_sample + overhead_bytes,
+        }
+
+
 class BundleProfile(Strict):
     """A bundle's measured costs on one machine (see the module docstring)."""
 
@@ -61,9 +97,19 @@ class BundleProfile(Strict):
     input_bytes: float = Field(gt=0)
     png_bytes: float = Field(gt=0)
     full_accuracy: float = Field(ge=0, le=1)
-    table: list[dict[str, float]]
+    table: list[TableRow]
     request_overhead_bytes: float = Field(gt=0, description="protobuf around the payload")
+    frame_overhead_bytes: float = Field(
+        0.0, ge=0, description="HTTP/2 and gRPC framing per request up, measured by calibrate"
+    )
+    response_bytes: float | None = Field(
+        None, gt=0, description="socket bytes per answer down, measured by calibrate"
+    )
     send_overhead_ms: float = Field(0.0, ge=0, description="edge software per request sent")
+
+    def wire_overhead_bytes(self) -> float:
+        """Bytes a request carries up besides its payload: protobuf, HTTP/2 and gRPC."""
+        return self.request_overhead_bytes + self.frame_overhead_bytes
 
     def save(self, path: Path) -> None:
         """Write the profile as JSON."""
@@ -180,11 +226,15 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
         input_bytes=baselines["raw"],
         png_bytes=baselines["png"],
         full_accuracy=m.teacher_accuracy or 0.0,
-        # The simulator models the quantise+zstd points; rate points are not among them yet.
         table=[
-            p.model_dump(include={"width", "bits", "accuracy", "bytes_per_sample"})
+            TableRow(
+                width=p.width,
+                bits=p.bits if p.codec == "quantize" else None,
+                point=p.point if p.codec == "entropy" else None,
+                accuracy=p.accuracy,
+                bytes_per_sample=p.bytes_per_sample,
+            )
             for p in m.table
-            if p.codec == "quantize"
         ],
         request_overhead_bytes=float(np.mean(overheads)),
     )  # fmt: skip

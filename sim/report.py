@@ -233,7 +233,7 @@ def markdown(setup: Setup, doc: dict[str, Any]) -> str:
          f"{g.delay_ms:g}", f"{g.fps:g}"]
         for g in s.devices
     ]  # fmt: skip
-    split = f"; split at width {s.split.width:g}, {s.split.bits} bits" if s.split else ""
+    split = f"; split at {s.split.describe()}" if s.split else ""
     curve = doc["uplink_curve"]
     lines = [
         f"# Scenario `{s.name}`",

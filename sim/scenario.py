@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tandem.config import settings_error
 from tandem.sim.batching import CloudModel
 from tandem.sim.des import DOWNLINK, UPLINK, Device, Strategy
-from tandem.sim.profiles import DEVICE_CLASSES, BundleProfile, device_class
+from tandem.sim.profiles import DEVICE_CLASSES, BundleProfile, TableRow, device_class
 from tandem.sim.traces import Seed, Trace, parse_spec, varies_by_seed
 
 PROFILES_DIR = Path(__file__).parent / "profiles_data"
@@ -67,10 +67,37 @@ class CloudSettings(_Strict):
 
 
 class SplitPoint(_Strict):
-    """The fixed strategy's operating point: a (width, bits) row of the profile's table."""
+    """The fixed strategy's operating point: a row of the profile's table, named by its width
+    and either its ``bits`` (quantise+zstd) or its rate ``point`` (entropy codec)."""
 
     width: float = Field(gt=0, le=1)
-    bits: int = Field(ge=1)
+    bits: int | None = Field(default=None, ge=1)
+    point: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_codec(self) -> SplitPoint:
+        if (self.bits is None) == (self.point is None):
+            raise ValueError("split: give bits or point, exactly one")
+        return self
+
+    def matches(self, row: TableRow) -> bool:
+        """Whether ``row`` is this point's row."""
+        return math.isclose(row.width, self.width) and (row.bits, row.point) == (
+            self.bits,
+            self.point,
+        )
+
+    def daemon_args(self) -> list[str]:
+        """The ``tandem edge run`` options that pin this point."""
+        codec = (
+            ["--bits", str(self.bits)] if self.bits is not None else ["--point", str(self.point)]
+        )
+        return ["--width", str(self.width), *codec]
+
+    def describe(self) -> str:
+        """The point in words."""
+        codec = f"bits {self.bits}" if self.bits is not None else f"rate point {self.point}"
+        return f"width {self.width:g}, {codec}"
 
 
 class Scenario(_Strict):
@@ -107,7 +134,7 @@ class Scenario(_Strict):
         if "split" in self.strategies and self.split is None:
             listed = "strategies" in self.model_fields_set
             raise ValueError(
-                "split: {width, bits} is required when strategies include 'split'"
+                "split: {width, bits or point} is required when strategies include 'split'"
                 + ("" if listed else " (the default strategies do)")
             )
         return self
@@ -227,40 +254,39 @@ def build_strategy(
 ) -> Strategy:
     """The simulator's strategy for a scenario's strategy name.
 
-    Request sizes include the protobuf envelope around the payload, as on the wire.
+    Request sizes are what crosses the socket: the payload, the protobuf envelope around it
+    and (when the profile was calibrated) the HTTP/2 and gRPC framing.
     """
+    wire = profile.wire_overhead_bytes()
     if name == "local":
         return Strategy("local", accuracy=profile.full_accuracy)
     if name in ("offload-raw", "offload-png"):
         payload = profile.input_bytes if name == "offload-raw" else profile.png_bytes
-        up = payload + profile.request_overhead_bytes
+        up = payload + wire
         return Strategy("offload", up_bytes=up, accuracy=profile.full_accuracy)
     if name == "split":
         if split is None:
-            raise ValueError("split: {width, bits} is required for the 'split' strategy")
+            raise ValueError("split: {width, bits or point} is required for 'split'")
         row = split_row(profile, split)
-        up = row["bytes_per_sample"] + profile.request_overhead_bytes
-        return Strategy("split", up_bytes=up, width=row["width"], accuracy=row["accuracy"])
+        up = row.bytes_per_sample + wire
+        return Strategy("split", up_bytes=up, width=row.width, accuracy=row.accuracy)
     if name == "adaptive":
-        table = tuple(
-            {**row, "bytes_per_sample": row["bytes_per_sample"] + profile.request_overhead_bytes}
-            for row in profile.table
-        )
+        table = tuple(row.policy_row(wire) for row in profile.table)
         return Strategy("adaptive", table=table, slo_ms=slo_ms, accuracy=profile.full_accuracy)
     raise ValueError(f"strategies: unknown strategy {name!r}; choose from {list(STRATEGY_NAMES)}")
 
 
-def split_row(profile: BundleProfile, split: SplitPoint) -> dict[str, float]:
+def split_row(profile: BundleProfile, split: SplitPoint) -> TableRow:
     """The profile's table row for the split point, with a width the profile has times for."""
     for row in profile.table:
-        if math.isclose(row["width"], split.width) and int(row["bits"]) == split.bits:
-            if row["width"] not in profile.head_ms or row["width"] not in profile.tail:
-                raise ValueError(f"split: profile {profile.bundle} has no times at {row['width']}")
+        if split.matches(row):
+            if row.width not in profile.head_ms or row.width not in profile.tail:
+                raise ValueError(f"split: profile {profile.bundle} has no times at {row.width}")
             return row
-    points = ", ".join(f"{r['width']:g}/{int(r['bits'])}" for r in profile.table)
+    points = ", ".join(r.label() for r in profile.table)
     raise ValueError(
-        f"split: width {split.width:g}, bits {split.bits} is not a row of profile "
-        f"{profile.bundle}'s table (width/bits: {points})"
+        f"split: {split.describe()} is not a row of profile {profile.bundle}'s table "
+        f"(width/bits, or width/p<point>: {points})"
     )
 
 

@@ -60,6 +60,8 @@ def vary(scenario: Scenario, param: str, value: float) -> Scenario:
         if data["split"] is None or "split" not in scenario.strategies:
             raise ValueError(f"--param {param} moves the split point: the scenario has no split")
         data["split"][param] = value
+        if param == "bits":  # bits name a quantise+zstd row, not a rate point
+            data["split"]["point"] = None
     else:
         raise ValueError(f"--param: unknown parameter {param!r}; choose from {list(PARAMS)}")
     return parse_scenario(data, f"{scenario.name} with {param} {value:g}")

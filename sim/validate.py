@@ -9,7 +9,10 @@ The daemon spends time on each request that no model of the network or the tail 
 durable spooling, gRPC, hand-offs between its threads. :func:`calibrate` measures it once over
 an unconstrained link (the median real latency minus the simulated one), and the profile
 carries it as ``send_overhead_ms``: a property of the edge software on this machine, like the
-head's compute time, measured, not fitted to the trace being predicted.
+head's compute time, measured, not fitted to the trace being predicted. The same run counts
+what crossed the emulator's sockets, so the profile also carries the HTTP/2 and gRPC framing
+per request (``frame_overhead_bytes``, beyond the protobuf message) and the bytes per answer
+down (``response_bytes``): the simulated links carry what the real ones do.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +34,7 @@ from tandem.sim.des import Device, Strategy, simulate
 from tandem.sim.emulator import LinkEmulator
 from tandem.sim.link import Link
 from tandem.sim.profiles import BundleProfile, device_class
+from tandem.sim.scenario import SplitPoint
 from tandem.sim.traces import TracePair, constant
 
 TANDEM = [sys.executable, "-m", "tandem.cli"]
@@ -51,6 +55,10 @@ class Measured:
     fed_s: np.ndarray
     latency_ms: np.ndarray
     bytes_sent: float
+    socket_up: float = 0.0
+    """Bytes per input that crossed the uplink socket (every input, the unmeasured first too,
+    so the connection's set-up is shared among them)."""
+    socket_down: float = 0.0
 
 
 async def run_real(
@@ -59,7 +67,7 @@ async def run_real(
     delay_ms: float,
     x: np.ndarray,
     fps: float,
-    point: tuple[float, int],
+    split: SplitPoint,
     workdir: Path,
 ) -> Measured:
     """Serve ``x`` (uint8 inputs, fed at ``fps``) through the emulated link; see the module."""
@@ -75,9 +83,15 @@ async def run_real(
         emulator = LinkEmulator(up, down, (host, int(port)))
         await emulator.start()
         try:
-            return await _feed(bundle, emulator, x, fps, point, workdir)
+            measured = await _feed(bundle, emulator, x, fps, split, workdir)
         finally:
             await emulator.close()
+        n = len(x)
+        return replace(
+            measured,
+            socket_up=emulator.delivered["up"] / n,
+            socket_down=emulator.delivered["down"] / n,
+        )
 
 
 async def _feed(
@@ -85,16 +99,15 @@ async def _feed(
     emulator: LinkEmulator,
     x: np.ndarray,
     fps: float,
-    point: tuple[float, int],
+    split: SplitPoint,
     workdir: Path,
 ) -> Measured:
     sink = workdir / "sink.jsonl"
     for path in (sink, Path(f"{sink}.spool")):
         path.unlink(missing_ok=True)
-    width, bits = point
     async with _process(
         *TANDEM, "edge", "run", "--bundle", str(bundle), "--cloud", f"127.0.0.1:{emulator.port}",
-        "--source", "-", "--sink", str(sink), "--width", str(width), "--bits", str(bits),
+        "--source", "-", "--sink", str(sink), *split.daemon_args(),
         "--no-fallback", "--json", stdin=True,
     ) as (proc, _):  # fmt: skip
         assert proc.stdin is not None
@@ -124,32 +137,46 @@ def predict(
     measured: Measured,
     pair: TracePair,
     delay_ms: float,
-    point: tuple[float, int],
+    split: SplitPoint,
     device: str = "host",
 ) -> np.ndarray:
     """Simulated latencies (ms) of the inputs of ``measured``: fed at the same moments, with
-    the request size the daemon reported sending."""
-    strategy = Strategy("split", up_bytes=measured.bytes_sent, width=point[0])
+    the request size the daemon reported sending and the profile's framing around it."""
+    up_bytes = measured.bytes_sent + profile.frame_overhead_bytes
+    strategy = Strategy("split", up_bytes=up_bytes, width=split.width)
     dev = Device(
         device_class(device).device(profile), pair.up, pair.down, delay_ms=delay_ms,
         times=tuple(measured.fed_s.tolist()),
     )  # fmt: skip
     horizon = float(measured.fed_s[-1]) + TAIL_S  # long enough for every answer to come back
-    out = simulate([dev], profile.cloud(WORKERS, MAX_BATCH, MAX_DELAY_MS), strategy, horizon)
+    cloud = profile.cloud(WORKERS, MAX_BATCH, MAX_DELAY_MS)
+    response = profile.response_bytes
+    out = (
+        simulate([dev], cloud, strategy, horizon, response_bytes=response)
+        if response is not None
+        else simulate([dev], cloud, strategy, horizon)
+    )
     return out.latency_s * 1000
 
 
 async def calibrate(
-    profile: BundleProfile, bundle: Path, x: np.ndarray, point: tuple[float, int], workdir: Path
+    profile: BundleProfile, bundle: Path, x: np.ndarray, split: SplitPoint, workdir: Path
 ) -> BundleProfile:
-    """``profile`` with ``send_overhead_ms`` measured over an unconstrained link, on the first
-    :data:`CALIBRATION_INPUTS` of ``x`` (plus the unmeasured first one)."""
+    """``profile`` with ``send_overhead_ms``, ``frame_overhead_bytes`` and ``response_bytes``
+    measured over an unconstrained link, on the first :data:`CALIBRATION_INPUTS` of ``x``
+    (plus the unmeasured first one)."""
     inputs = x[: CALIBRATION_INPUTS + 1]
-    measured = await run_real(bundle, UNCONSTRAINED, 0.0, inputs, CALIBRATION_FPS, point, workdir)
-    base = profile.model_copy(update={"send_overhead_ms": 0.0})
-    simulated = predict(base, measured, UNCONSTRAINED, 0.0, point)
+    measured = await run_real(bundle, UNCONSTRAINED, 0.0, inputs, CALIBRATION_FPS, split, workdir)
+    base = profile.model_copy(
+        update={
+            "send_overhead_ms": 0.0,
+            "frame_overhead_bytes": max(0.0, measured.socket_up - measured.bytes_sent),
+            "response_bytes": measured.socket_down or None,
+        }
+    )
+    simulated = predict(base, measured, UNCONSTRAINED, 0.0, split)
     overhead = max(0.0, float(np.median(measured.latency_ms) - np.median(simulated)))
-    return profile.model_copy(update={"send_overhead_ms": overhead})
+    return base.model_copy(update={"send_overhead_ms": overhead})
 
 
 @asynccontextmanager

@@ -107,13 +107,13 @@ def test_strategies_carry_the_profiles_sizes_and_accuracies(tmp_path: Path) -> N
         PROFILE.input_bytes + PROFILE.request_overhead_bytes,
     )
     assert png.up_bytes == pytest.approx(PROFILE.png_bytes + PROFILE.request_overhead_bytes)
-    row = next(r for r in PROFILE.table if r["width"] == 0.5 and r["bits"] == 4)
+    row = next(r for r in PROFILE.table if r.width == 0.5 and r.bits == 4)
     split = strategies["split"]
-    assert (split.kind, split.width, split.accuracy) == ("split", 0.5, row["accuracy"])
-    assert split.up_bytes == pytest.approx(row["bytes_per_sample"] + PROFILE.request_overhead_bytes)
+    assert (split.kind, split.width, split.accuracy) == ("split", 0.5, row.accuracy)
+    assert split.up_bytes == pytest.approx(row.bytes_per_sample + PROFILE.request_overhead_bytes)
     adaptive = strategies["adaptive"]
     assert (adaptive.kind, adaptive.slo_ms, len(adaptive.table)) == ("adaptive", 80.0, 16)
-    sizes = [r["bytes_per_sample"] + PROFILE.request_overhead_bytes for r in PROFILE.table]
+    sizes = [r.bytes_per_sample + PROFILE.request_overhead_bytes for r in PROFILE.table]
     assert [r["bytes_per_sample"] for r in adaptive.table] == pytest.approx(sizes)
 
 
@@ -128,7 +128,7 @@ def test_strategies_carry_the_profiles_sizes_and_accuracies(tmp_path: Path) -> N
         ("devices", [], "devices: List should have at least 1 item"),
         ("strategies", ["local", "teleport"], "strategies.1: Input should be 'local'"),
         ("strategies", ["local", "local"], "strategies: Value error, each strategy at most"),
-        ("split", ..., "split: {width, bits} is required when strategies include 'split'"),
+        ("split", ..., "split: {width, bits or point} is required when strategies include 'split'"),
         ("split.bits", 4.5, "split.bits: Input should be a valid integer"),
         ("duration_s", math.inf, "duration_s: Input should be a finite number"),
         ("slo_ms", 0, "slo_ms: Input should be greater than 0"),
@@ -252,3 +252,50 @@ def test_a_scenario_where_no_input_arrives_is_rejected(tmp_path: Path) -> None:
     data = _changed("devices.0.fps", 0.1)  # one input per 10 s, over a 3 s scenario
     with pytest.raises(ValueError, match=r"devices\.0: fps x duration_s is below 1"):
         open_scenario(_write(tmp_path, data))
+
+
+def _entropy_profile(directory: Path) -> Path:
+    """The shipped profile with a rate point at width 0.25 (smaller and more accurate than
+    any of its rows) and measured framing; written where a scenario finds it."""
+    from tandem.sim.profiles import TableRow
+
+    best = max(r.accuracy for r in PROFILE.table)
+    row = TableRow(width=0.25, point=0, accuracy=best + 0.001, bytes_per_sample=20.0)
+    profile = PROFILE.model_copy(
+        update={"table": [*PROFILE.table, row], "frame_overhead_bytes": 30.0}
+    )
+    path = directory / "entropy-profile.json"
+    profile.save(path)
+    return path
+
+
+def test_a_rate_point_is_a_split_point_and_the_framing_crosses_the_link(tmp_path: Path) -> None:
+    """``split: {width, point}`` names a rate point's row; every remote strategy sends its
+    payload, the protobuf envelope and the profile's HTTP/2 and gRPC framing."""
+    profile = BundleProfile.load(_entropy_profile(tmp_path))
+    data = {**BASE, "profile": str(tmp_path / "entropy-profile.json"),
+            "split": {"width": 0.25, "point": 0}}  # fmt: skip
+    strategies = open_scenario(_write(tmp_path, data)).strategies
+    wire = profile.request_overhead_bytes + 30.0
+    assert strategies["split"].up_bytes == pytest.approx(20.0 + wire)
+    assert strategies["offload-raw"].up_bytes == pytest.approx(profile.input_bytes + wire)
+    adaptive = strategies["adaptive"].table
+    assert {"codec": "entropy", "point": 0, "bits": None}.items() <= adaptive[-1].items()
+    assert adaptive[-1]["bytes_per_sample"] == pytest.approx(20.0 + wire)
+
+
+def test_the_adaptive_policy_sends_a_rate_point_when_it_is_the_best_choice(
+    tmp_path: Path,
+) -> None:
+    """Over a slow uplink the simulated daemon's policy takes the rate point (the most
+    accurate option that fits), and the bytes it sends are that row's."""
+    data = {**BASE, "profile": str(_entropy_profile(tmp_path)),
+            "strategies": ["adaptive"], "slo_ms": 200,
+            "devices": [{"count": 1, "class": "host", "uplink": "const:0.05",
+                         "downlink": "const:10"}]}  # fmt: skip
+    setup = build(parse_scenario(data, "slow"), tmp_path)
+    strategy = setup.strategies["adaptive"]
+    out = simulate(setup.devices, setup.cloud, strategy, 3.0)
+    sent = out.up_bytes[~out.local]
+    assert len(sent) > 0
+    assert set(np.round(sent, 3)) == {round(strategy.table[-1]["bytes_per_sample"], 3)}

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
+from tandem.bundle import read_manifest
+
 TINY = {
     "name": "cli-tiny",
     "profile": "mnist-host",
@@ -99,10 +101,12 @@ def test_bad_input_is_one_error_line_and_exit_2(
 
 
 def test_profile_measures_a_bundle_and_the_daemon_overhead(
-    tmp_path: Path, digits_bundle: Path
+    tmp_path: Path, digits_entropy_bundle: Path
 ) -> None:
+    """The profile of a bundle with rate points: every row of its table, rate points too,
+    and the daemon's overhead and framing measured through the emulator."""
     out = tmp_path / "digits-host.json"
-    args = ["--bundle", str(digits_bundle), "--data", "digits", "--out", str(out)]
+    args = ["--bundle", str(digits_entropy_bundle), "--data", "digits", "--out", str(out)]
     done = _tandem("profile", *args, "--calibrate", "--json")
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout)
@@ -111,6 +115,12 @@ def test_profile_measures_a_bundle_and_the_daemon_overhead(
     assert doc["full_ms"] > 0 and doc["send_overhead_ms"] > 0
     assert doc["tail"]["0.5"]["per_input_ms"] > 0
     assert doc["input_bytes"] == 64  # one 8x8 uint8 digit
+    table = read_manifest(digits_entropy_bundle).table
+    assert [(r["width"], r["bits"], r["point"]) for r in doc["table"]] == [
+        (p.width, p.bits, p.point) for p in table
+    ]
+    assert {r["point"] for r in doc["table"]} == {None, 0, 1}
+    assert doc["frame_overhead_bytes"] > 9 and doc["response_bytes"] > 40
 
 
 def test_profile_rejects_a_directory_that_is_no_bundle(tmp_path: Path) -> None:

@@ -108,11 +108,11 @@ def test_remote_strategies_send_the_profiles_bytes_and_get_answers_back() -> Non
     setup = _setup(["offload-raw", "offload-png", "split"])
     figures = {r.name: summarise(r.outcome, 100.0, r.wall_s) for r in run_strategies(setup)}
     p = setup.profile
-    split_row = next(r for r in p.table if r["width"] == 0.25 and r["bits"] == 4)
+    split_row = next(r for r in p.table if r.width == 0.25 and r.bits == 4)
     expected = {
         "offload-raw": p.input_bytes,
         "offload-png": p.png_bytes,
-        "split": split_row["bytes_per_sample"],
+        "split": split_row.bytes_per_sample,
     }
     for name, payload in expected.items():
         s = figures[name]

@@ -11,11 +11,12 @@ from serving import ROOT
 
 from tandem.data import load_data
 from tandem.sim.profiles import measure_bundle
+from tandem.sim.scenario import SplitPoint
 from tandem.sim.traces import read_pair
 from tandem.sim.validate import calibrate, predict, run_real
 
 LTE = ROOT.parent / "shared" / "traces" / "mahimahi" / "Verizon-LTE-short"
-POINT = (0.5, 4)
+POINT = SplitPoint(width=0.5, bits=4)
 
 
 def test_simulated_p50_is_within_15_percent_of_the_real_one(
@@ -27,6 +28,9 @@ def test_simulated_p50_is_within_15_percent_of_the_real_one(
     profile = measure_bundle(digits_bundle, x[:256])
     calibrated = asyncio.run(calibrate(profile, digits_bundle, x, POINT, tmp_path))
     assert calibrated.send_overhead_ms > 0, "the daemon costs something beyond head and tail"
+    # Counted at the emulator's sockets: framing beyond the message, and an answer's bytes.
+    assert calibrated.frame_overhead_bytes > 9, "an HTTP/2 DATA frame header at least"
+    assert calibrated.response_bytes is not None and calibrated.response_bytes > 40
     pair = read_pair(LTE)
     measured = asyncio.run(run_real(digits_bundle, pair, 20.0, x[:81], 10.0, POINT, tmp_path))
     simulated = predict(calibrated, measured, pair, 20.0, POINT)
