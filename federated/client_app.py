@@ -98,7 +98,10 @@ def client_data(
 
 
 def _wire(config: ConfigRecord) -> Wire:
-    return Wire(_get(config, "bundle"), float(_get(config, "width")), int(_get(config, "bits")))
+    return Wire(
+        _get(config, "bundle"), float(_get(config, "width")), int(_get(config, "bits")),
+        int(_get(config, "point")),
+    )  # fmt: skip
 
 
 def client_rank(config: ConfigRecord, context: Context, offered: int) -> int:

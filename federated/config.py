@@ -58,6 +58,7 @@ class FedConfig(StrictModel):
     max_samples: int = Field(default=1000, ge=1)
     width: float = Field(default=0.0, ge=0, le=1)
     bits: int = Field(default=0, ge=0)
+    point: int = Field(default=-1, ge=-1)  # a rate point of the entropy codec; -1: bits
     partitioner: Literal["iid", "dirichlet"] = "dirichlet"
     dirichlet_alpha: float = Field(default=0.5, gt=0)
     domains: str = DEFAULT_DOMAINS
@@ -116,6 +117,13 @@ class FedConfig(StrictModel):
             )
         if self.targets.strip() == "none" and not self.head_targets.strip():
             raise ValueError("targets=none adapts nothing unless head-targets names some")
+        if self.point >= 0 and self.bits:
+            raise ValueError("bits (quantise+zstd) and point (a rate point) exclude each other")
+        if self.point >= 0 and self.head_targets.strip():
+            raise ValueError(
+                "head-targets train the head through the quantise+zstd codec's rounding; with "
+                "a rate point (point >= 0) only decoder + tail adapt"
+            )
         if self.ranks and self.strategy not in ("hetlora", "flora"):
             raise ValueError("ranks (one per client) needs strategy hetlora or flora")
         return self
@@ -142,7 +150,7 @@ class FedConfig(StrictModel):
         """What a client needs to know, as values a Flower ConfigRecord carries."""
         keys = (
             "bundle", "data", "local_epochs", "lr", "batch_size",
-            "max_samples", "width", "bits", "partitioner", "dirichlet_alpha", "domains",
+            "max_samples", "width", "bits", "point", "partitioner", "dirichlet_alpha", "domains",
             "update_bits", "update_zstd", "proximal_mu", "seed", "eval_samples", "ranks",
         )  # fmt: skip
         return {k.replace("_", "-"): getattr(self, k) for k in keys}

@@ -63,7 +63,7 @@ def initial_adapter(cfg: FedConfig) -> Arrays:
 
 
 def _wire(cfg: FedConfig) -> Wire:
-    return Wire(cfg.bundle, cfg.width, cfg.bits)
+    return Wire(cfg.bundle, cfg.width, cfg.bits, cfg.point)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """What a client computes: its model inputs, local LoRA training, and accuracy.
 
 A client holds raw images. When only decoder + tail adapt, its frozen head runs once over
-them, and the features go through ``tandem.codec`` at the bundle's width and bits and back, so
-training sees exactly the tensors the cloud decodes from the wire. When the head adapts too,
+them, and the features go through the codec and back (``tandem.codec`` at the bundle's width
+and bits, or the entropy codec at a rate point: decoded, rounded symbols), so training sees
+exactly the tensors the cloud decodes from the wire. When the head adapts too,
 the images themselves (normalised) are the inputs of a :class:`EndToEnd`, which runs the
 whole path every step with the codec's rounding in it.
 """
@@ -44,11 +45,12 @@ class Features:
 
 @dataclass(frozen=True)
 class Wire:
-    """How features cross the wire: the bundle, its width and bits."""
+    """How features cross the wire: the bundle, its width, and its bits or rate point."""
 
     bundle: str
     width: float = 0.0  # 0: the widest trained width
     bits: int = 0  # 0: the bundle's default
+    point: int = -1  # >= 0: this rate point of the entropy codec instead of bits
 
 
 @functools.lru_cache(maxsize=4)
@@ -72,8 +74,14 @@ def features(wire: Wire, x: np.ndarray, y: np.ndarray, head: HeadRunner | None =
     receives them."""
     head = _head(wire.bundle) if head is None else head
     width, bits = resolved(wire)
-    payloads = head.encode(x, width, bits) if len(x) else []
-    z = np.stack([codec.decode(p) for p in payloads]) if payloads else np.zeros((0, 1, 1, 1))
+    if wire.point >= 0:
+        rate = head.rate_point(wire.point)
+        shape = head.manifest.bottleneck.shapes[str(width)]
+        payloads = head.encode_entropy(x, width, wire.point) if len(x) else []
+        decoded = [rate.decode(p, shape) for p in payloads]
+    else:
+        decoded = [codec.decode(p) for p in (head.encode(x, width, bits) if len(x) else [])]
+    z = np.stack(decoded) if decoded else np.zeros((0, 1, 1, 1))
     return Features(torch.from_numpy(z.astype(np.float32)), torch.from_numpy(y.astype(np.int64)))
 
 

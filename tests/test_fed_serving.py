@@ -134,3 +134,47 @@ def test_a_head_and_tail_adapter_serve_the_edge_daemon_with_the_reported_accurac
     assert adapted["accuracy"] == pytest.approx(result["global_accuracy"], abs=1e-6)
     assert result["global_accuracy"] != result["frozen_accuracy"]
     assert tail_only["accuracy"] != adapted["accuracy"]
+
+
+def test_a_federation_at_a_rate_point_serves_the_daemon_with_the_reported_accuracy(
+    digits_entropy_bundle: Path, tmp_path: Path
+) -> None:
+    """On a bundle with an entropy model, ``point`` makes the clients train decoder + tail on
+    the decoded, rounded symbols of that rate point; the published adapter then serves the
+    daemon's entropy-coded requests at exactly the accuracy the federation reported."""
+    repo, settings, x, y = _federation(tmp_path, digits_entropy_bundle, point=0)
+    bundle = repo / "digits"
+    width = 1.0  # the widest, as the federation's width 0 means
+    source = _npz_source(tmp_path / "shifted.npz", x, y)
+
+    def daemon(address: str, adapter: str) -> DaemonConfig:
+        sink = tmp_path / f"{adapter or 'frozen'}.jsonl"
+        return DaemonConfig(
+            bundle=bundle, cloud=address, source=f"npz:{source}", sink=str(sink), limit=len(x),
+            fallback=False, adapter=adapter, width=width, point=0,
+        )  # fmt: skip
+
+    async def scenario() -> tuple[dict, dict, dict]:  # type: ignore[type-arg]
+        async with running(config(repo)) as server:
+            result = await asyncio.to_thread(simulate, settings, client_app, NODES)
+            runs = {}
+            for adapter in ("federated", ""):
+                runs[adapter] = await EdgeDaemon(daemon(server.address, adapter)).run()
+        return result, runs["federated"], runs[""]
+
+    result, adapted, frozen = asyncio.run(scenario())
+    assert result["published"] == [str(bundle / "adapters" / "federated" / "1")]
+    lines = [json.loads(line) for line in (tmp_path / "federated.jsonl").read_text().splitlines()]
+    assert {(line["width"], line["bits"], line["point"]) for line in lines} == {(width, None, 0)}
+    assert adapted["served"] == len(x) and adapted["errors"] == 0
+    assert adapted["accuracy"] == pytest.approx(result["global_accuracy"], abs=1e-6)
+    assert frozen["accuracy"] == pytest.approx(result["frozen_accuracy"], abs=1e-6)
+    assert result["global_accuracy"] != result["frozen_accuracy"]
+
+
+def test_a_rate_point_excludes_bits_and_head_targets() -> None:
+    base = {"bundle": "b", "point": 0}
+    with pytest.raises(ValueError, match="exclude each other"):
+        FedConfig.from_run_config({**base, "bits": 4})
+    with pytest.raises(ValueError, match="only decoder \\+ tail adapt"):
+        FedConfig.from_run_config({**base, "head-targets": "auto"})
