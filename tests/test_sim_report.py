@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,11 @@ def test_text_table_has_a_row_per_strategy() -> None:
     assert header.split()[:5] == ["strategy", "requests", "p50", "ms", "p95"]
     assert [row.split()[0] for row in rows] == ["local", "offload-png"]
     assert rows[0].split()[1] == "20"
+
+
+def test_answers_cost_the_bytes_calibration_counted_at_the_socket() -> None:
+    """A calibrated profile's ``response_bytes`` is what each simulated answer carries down."""
+    setup = _setup(["split"])
+    calibrated = replace(setup, profile=setup.profile.model_copy(update={"response_bytes": 111.0}))
+    (run,) = run_strategies(calibrated)
+    assert summarise(run.outcome, 100.0, run.wall_s)["down_bytes_per_inference"] == 111.0
