@@ -269,14 +269,22 @@ def _profile_text(cuts: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DEMO_RATE = ("rate.betas=[0.02, 0.1]", "rate.end_to_end=true")
+"""The demo's two rate points: the table shows the entropy codec beside quantise+zstd, and
+the daemon's policy chooses among both."""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """``tandem demo``: train the digits recipe, evaluate it, serve it edge -> cloud, then
     over an emulated LTE link, and simulate every strategy on that link."""
-    args.set, args.fresh, args.bits = [], True, None
+    args.set, args.fresh, args.bits = list(DEMO_RATE), True, None
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
         if not args.json:
-            print(f"training the 'digits' recipe on the bundled 8x8 digits into {out} ...")
+            print(
+                f"training the 'digits' recipe on the bundled 8x8 digits into {out}, with a "
+                f"learned entropy model ({' '.join(DEMO_RATE)}) ..."
+            )
         start = time.perf_counter()
         _train(args, "digits", "digits", out)
         train_s = time.perf_counter() - start
@@ -350,14 +358,25 @@ async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
     finally:
         await server.drain()
     records = [json.loads(line) for line in (tmp / "results.jsonl").read_text().splitlines()]
-    points = sorted({(r["width"], r["bits"]) for r in records if r.get("width") is not None})
+    points = sorted(
+        {_point_words(r["width"], r["bits"], r["point"]) for r in records if r.get("width")}
+    )
     return {**summary, "server": server.address, "operating_points": points}
+
+
+def _point_words(width: float, bits: int | None, point: int | None) -> str:
+    """An operating point the daemon sent at, in words."""
+    return (
+        f"width {width} at {bits} bits"
+        if bits is not None
+        else f"width {width} at rate point {point}"
+    )
 
 
 def _served_text(served: dict[str, Any]) -> str:
     from tandem.edge.cli import summary_text
 
-    points = ", ".join(f"width {w} at {b} bits" for w, b in served["operating_points"])
+    points = ", ".join(served["operating_points"])
     return f"served via {served['server']} ({points})\n" + summary_text(served)
 
 

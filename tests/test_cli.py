@@ -112,10 +112,16 @@ def test_demo_json_is_one_document(capsys: pytest.CaptureFixture[str], tmp_path:
         assert (tmp_path / "report" / name).is_file()
     assert doc["train_seconds"] > 0
     report = doc["eval"]
-    assert report["samples"] == 359 and len(report["points"]) == 16
+    # Four widths, each with four bit depths and two rate points.
+    assert report["samples"] == 359 and len(report["points"]) == 24
+    assert sum(p["codec"] == "entropy" for p in report["points"]) == 8
     # The full digits recipe learns: the best point is within a point of the teacher.
     best = max(p["accuracy"] for p in report["points"])
     assert best >= report["teacher"]["accuracy"] - 0.01 and best > 0.95
+    # The entropy codec's smallest point is smaller than the 2-bit codec's.
+    sizes = {c: min(p["bytes_per_sample"] for p in report["points"] if p["codec"] == c)
+             for c in ("entropy", "quantize")}  # fmt: skip
+    assert sizes["entropy"] < sizes["quantize"]
 
 
 def test_edge_run_names_a_head_adapter_that_does_not_fit(
