@@ -10,9 +10,9 @@ Nothing accepted is lost and nothing is answered twice:
 
 Sending is pipelined: one task batches inputs through the head, many tasks keep requests
 in flight. The split policy picks width and codec (bits, or a rate point of the entropy
-model) per batch from the bundle's measured table
-and the live link estimate; when the cloud is unreachable and the bundle carries its full
-model, inputs are served locally and their records say so.
+model) per batch from the bundle's measured table and the live link estimate; when the cloud
+is unreachable and the bundle carries its full model, inputs are served locally and their
+records say so.
 """
 
 from __future__ import annotations
