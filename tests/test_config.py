@@ -80,6 +80,9 @@ def test_fingerprint_tracks_content() -> None:
         "bottleneck.widths=[0.25, 0.3]",  # both are 2 of 8 channels
         "bottleneck.encoder=[[16, 0]]",
         "bottleneck.decoder=[[32, -1]]",
+        # The entropy codec's header has room for 8 rate points.
+        "rate.betas=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]",
+        "rate.betas=[0.1, 0.1]",
     ],
 )
 def test_values_that_would_fail_late_are_rejected_early(override: str) -> None:
