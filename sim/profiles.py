@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tandem.sim.batching import BatchCost, CloudModel
-from tandem.sim.des import DeviceProfile
+from tandem.sim.des import RESPONSE_BYTES, DeviceProfile
 
 BATCHES = (1, 4, 16, 32, 64)
 REQUEST_ID_CHARS = 16  # the daemon's ids: secrets.token_urlsafe(12) in edge.spool
@@ -110,6 +110,11 @@ class BundleProfile(Strict):
     def wire_overhead_bytes(self) -> float:
         """Bytes a request carries up besides its payload: protobuf, HTTP/2 and gRPC."""
         return self.request_overhead_bytes + self.frame_overhead_bytes
+
+    def answer_bytes(self) -> float:
+        """Bytes an answer carries down: as calibration counted them at the socket, when it
+        did, else the simulator's estimate."""
+        return self.response_bytes or RESPONSE_BYTES
 
     def save(self, path: Path) -> None:
         """Write the profile as JSON."""

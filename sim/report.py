@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tandem.sim.charts import plot_bytes, plot_cdf, plot_uplink
-from tandem.sim.des import RESPONSE_BYTES, Outcome, simulate
+from tandem.sim.des import Outcome, simulate
 from tandem.sim.profiles import DEVICE_CLASSES
 from tandem.sim.scenario import Setup
 from tandem.sim.traces import constant
@@ -54,8 +54,7 @@ def run_strategies(
     if uplink_mbps is not None:
         up = constant(uplink_mbps)
         devices = [replace(d, up=up) for d in devices]
-    # Each answer's bytes down as calibration counted them at the socket, when it did.
-    answers = setup.profile.response_bytes or RESPONSE_BYTES
+    answers = setup.profile.answer_bytes()
     runs = []
     for name, strategy in setup.strategies.items():
         start = time.perf_counter()

@@ -150,12 +150,7 @@ def predict(
     )  # fmt: skip
     horizon = float(measured.fed_s[-1]) + TAIL_S  # long enough for every answer to come back
     cloud = profile.cloud(WORKERS, MAX_BATCH, MAX_DELAY_MS)
-    response = profile.response_bytes
-    out = (
-        simulate([dev], cloud, strategy, horizon, response_bytes=response)
-        if response is not None
-        else simulate([dev], cloud, strategy, horizon)
-    )
+    out = simulate([dev], cloud, strategy, horizon, response_bytes=profile.answer_bytes())
     return out.latency_s * 1000
 
 
