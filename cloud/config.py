@@ -13,9 +13,6 @@ from tandem.address import parse_address
 from tandem.config import StrictModel
 from tandem.tls import is_loopback
 
-MAX_REQUEST_ID = 128
-"""Longest request id (the idempotency key) the service takes, in characters."""
-
 
 class ServeConfig(StrictModel):
     """Everything ``tandem cloud serve`` takes."""

@@ -33,7 +33,7 @@ from tandem.cloud.batcher import (
     QueueFullError,
 )
 from tandem.cloud.compute import ComputeFailedError
-from tandem.cloud.config import MAX_REQUEST_ID, ServeConfig
+from tandem.cloud.config import ServeConfig
 from tandem.cloud.errors import RequestError
 from tandem.cloud.idempotency import ResponseCache, ReusedIdError
 from tandem.cloud.inference import BadFeatures, Scores, Target
@@ -42,6 +42,7 @@ from tandem.cloud.repository import ModelEntry, ModelRepository, NotFoundError
 from tandem.cloud.stream_contexts import DefinitionError, StreamContexts
 from tandem.cloud.stream_window import StreamWindow
 from tandem.protocol import from_message
+from tandem.stream_ids import MAX_REQUEST_ID
 from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import split_inference_pb2_grpc as pb_grpc
 

@@ -21,17 +21,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tandem.cloud.config import MAX_REQUEST_ID
 from tandem.cloud.errors import RequestError
+from tandem.stream_ids import MAX_CONTEXTS, MAX_NAMESPACE, SHARED_FIELDS, join
 from tandem.wire.v1 import split_inference_pb2 as pb
 
-MAX_CONTEXTS = 16
 MAX_NAME = 256  # characters of a model, version or adapter name a context keeps
-MAX_NAMESPACE = MAX_REQUEST_ID - 21  # "#" and a uint64 in decimal still fit
-_SHARED = (
-    "model", "version", "adapter", "adapter_version",
-    "width", "top_k", "return_logits", "deadline_ms",
-)  # fmt: skip
 
 
 class DefinitionError(RequestError):
@@ -67,7 +61,7 @@ class StreamContexts:
             )
         full = pb.InferRequest()
         full.CopyFrom(template)
-        full.request_id = request.request_id or f"{template.request_id}#{request.seq}"
+        full.request_id = request.request_id or join(template.request_id, request.seq)
         if request.deadline_ms:
             full.deadline_ms = request.deadline_ms
         if request.HasField("features"):
@@ -93,6 +87,6 @@ class StreamContexts:
                 f"a stream may define at most {MAX_CONTEXTS} contexts",
             )
         template = pb.InferRequest(request_id=request.request_id)
-        for name in _SHARED:
+        for name in SHARED_FIELDS:
             setattr(template, name, getattr(request, name))
         self.defined[request.context] = template

@@ -58,6 +58,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )  # fmt: skip
     p.add_argument("--slo-ms", type=float, default=100.0, help="latency target for the policy")
     p.add_argument("--concurrency", type=int, default=32, help="requests in flight")
+    p.add_argument(
+        "--transport", choices=("stream", "unary"), default="stream",
+        help="stream: one InferStream, each request its payload and a few bytes; unary: a "
+        "call per request, each carrying the model's names",
+    )  # fmt: skip
     p.add_argument("--head-batch", type=int, default=32, help="inputs per head forward pass")
     p.add_argument("--limit", type=int, help="only the first N inputs of the source")
     p.add_argument("--no-fallback", action="store_true", help="never serve locally")
@@ -110,6 +115,7 @@ def _config(args: argparse.Namespace) -> Any:
             "point",
             "slo_ms",
             "concurrency",
+            "transport",
             "head_batch",
             "limit",
             "fallback_after_s",

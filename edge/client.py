@@ -16,6 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 
@@ -64,11 +65,28 @@ class ClientSecurity:
 
 @dataclass(frozen=True)
 class Answer:
-    """A response, how many attempts it took, and how long the successful one took."""
+    """A response, how many attempts it took, how long the successful one took, and the
+    bytes of the message that carried the request (protobuf, without HTTP/2 framing)."""
 
     response: pb.InferResponse
     attempts: int
     last_attempt_s: float
+    sent_bytes: int
+
+
+class Sender(Protocol):
+    """How the daemon sends requests: a unary call each (:class:`CloudClient`) or one
+    multiplexed stream (:class:`tandem.edge.stream.StreamClient`). Either retries transient
+    failures under its retry policy and raises ``grpc.aio.AioRpcError`` for a final status,
+    or for the last transient one when the policy gives up."""
+
+    async def infer(self, request: pb.InferRequest) -> Answer:
+        """The answer to ``request``."""
+        ...
+
+    async def close(self) -> None:
+        """Close the connection."""
+        ...
 
 
 class CloudClient:
@@ -98,10 +116,11 @@ class CloudClient:
         else:
             self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = pb_grpc.SplitInferenceStub(self.channel)
-        self._metadata = (("authorization", f"Bearer {security.token}"),) if security.token else ()
+        self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else ()
+        """What every call sends along: the bearer token, when there is one."""
         self.retry = retry or RetryPolicy()
-        self._rng = random.Random(seed)
-        self._on_retry = on_retry
+        self.rng = random.Random(seed)
+        self.on_retry = on_retry
         self.last_transient: grpc.aio.AioRpcError | None = None
         """The latest transient failure (for reports: ``on_retry`` gets only its code)."""
 
@@ -119,16 +138,16 @@ class CloudClient:
             sent = loop.time()
             try:
                 response = await self.stub.Infer(
-                    request, timeout=self.retry.attempt_timeout_s, metadata=self._metadata
+                    request, timeout=self.retry.attempt_timeout_s, metadata=self.metadata
                 )
-                return Answer(response, attempt + 1, loop.time() - sent)
+                return Answer(response, attempt + 1, loop.time() - sent, request.ByteSize())
             except grpc.aio.AioRpcError as exc:
-                if not self.transient(exc) or self._exhausted(attempt, loop.time() - started):
+                if not self.transient(exc) or self.exhausted(attempt, loop.time() - started):
                     raise
                 self.last_transient = exc
-                if self._on_retry:
-                    self._on_retry(exc.code())
-                await asyncio.sleep(self.retry.delay(attempt, self._rng))
+                if self.on_retry:
+                    self.on_retry(exc.code())
+                await asyncio.sleep(self.retry.delay(attempt, self.rng))
                 attempt += 1
 
     @staticmethod
@@ -138,7 +157,9 @@ class CloudClient:
             exc.code() == OVERLOADED and QUEUE_FULL in (exc.details() or "")
         )
 
-    def _exhausted(self, attempt: int, elapsed: float) -> bool:
+    def exhausted(self, attempt: int, elapsed: float) -> bool:
+        """Whether the policy gives up after attempt number ``attempt`` (0-based) failed,
+        ``elapsed`` seconds after the first was sent."""
         r = self.retry
         if r.max_attempts is not None and attempt + 1 >= r.max_attempts:
             return True
@@ -147,7 +168,7 @@ class CloudClient:
     async def server_info(self, timeout: float = 10.0) -> pb.ServerInfo:
         """The service's limits and identity."""
         return await self.stub.GetServerInfo(
-            pb.ServerInfoRequest(), timeout=timeout, metadata=self._metadata
+            pb.ServerInfoRequest(), timeout=timeout, metadata=self.metadata
         )
 
     async def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -41,6 +42,9 @@ class DaemonConfig(StrictModel):
     )
     slo_ms: float = Field(100.0, gt=0)
     concurrency: int = Field(32, ge=1, le=4096, description="requests in flight")
+    transport: Literal["stream", "unary"] = Field(
+        "stream", description="one InferStream for every request, or a unary call each"
+    )
     head_batch: int = Field(32, ge=1, le=4096)
     limit: int | None = Field(None, ge=0, description="only inputs with index below this")
     fallback: bool = Field(True, description="serve locally when the cloud is unreachable")

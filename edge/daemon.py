@@ -41,6 +41,7 @@ from tandem.edge.client import (
     ClientSecurity,
     CloudClient,
     RetryPolicy,
+    Sender,
 )
 from tandem.edge.config import DaemonConfig
 from tandem.edge.device import DeviceModels, Encoding
@@ -51,6 +52,7 @@ from tandem.edge.sinks import open_sink
 from tandem.edge.sources import Item, Source, open_source
 from tandem.edge.spool import Spool, SpoolEntry, SpoolError
 from tandem.edge.stats import REPORT_EVERY_S, Outage, RunStats
+from tandem.edge.stream import StreamClient
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,9 @@ class EdgeDaemon:
             max_message_bytes=cfg.max_message_bytes,
             on_retry=self._retried,
         )
+        self.sender: Sender = (
+            StreamClient(self.client) if cfg.transport == "stream" else self.client
+        )
         started = time.monotonic()
         path = cfg.spool_path()
         temporary = path is None
@@ -156,7 +161,7 @@ class EdgeDaemon:
                 finally:
                     pending = _count(spool)
         finally:
-            await self.client.close()
+            await self.sender.close()
             # Nothing pending, or the run never got to accept an input: nothing to keep.
             if temporary and not pending:
                 shutil.rmtree(path.parent, ignore_errors=True)
@@ -431,7 +436,7 @@ class EdgeDaemon:
             deadline_ms=self.cfg.deadline_ms,
         )
         try:
-            answer = await self.client.infer(request)
+            answer = await self.sender.infer(request)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in {*RETRYABLE, OVERLOADED} and self.device.full is not None:
                 self._cloud_down_until = time.monotonic() + self.cfg.probe_s
@@ -482,7 +487,7 @@ class EdgeDaemon:
         server_ms = (t.queue_us + t.decode_us + t.compute_us) / 1000
         if answer.attempts == 1:
             self.link.observe(
-                request.ByteSize(), response.ByteSize(), 1000 * answer.last_attempt_s, server_ms
+                answer.sent_bytes, response.ByteSize(), 1000 * answer.last_attempt_s, server_ms
             )
         if self.policy is not None:
             self.policy.set_server_ms(server_ms)
@@ -491,7 +496,7 @@ class EdgeDaemon:
             "width": item.entry.width,
             "bits": item.entry.bits,
             "point": _rate_point(item.payload),
-            "bytes_sent": request.ByteSize(),
+            "bytes_sent": answer.sent_bytes,
             "latency_ms": round(1000 * (time.monotonic() - item.started), 3),
             "served_by": response.served_by,
         }

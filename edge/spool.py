@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from tandem.edge.closing import Closing
+from tandem.stream_ids import join
 
 __all__ = ["SCHEMA_VERSION", "Spool", "SpoolEntry", "SpoolError"]
 
@@ -121,6 +122,9 @@ class Spool(Closing):
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._lock = threading.Lock()
+        # 96 random bits per open: ids stay unique although seq restarts in an empty spool.
+        self.namespace = secrets.token_urlsafe(12)
+        self._last_seq = 0
         if self.path.is_dir():  # SQLite would only say "unable to open database file"
             raise SpoolError(f"{self.path}: is a directory, expected a spool file")
         try:
@@ -219,13 +223,18 @@ class Spool(Closing):
         is skipped, so re-reading a source can never spool an input twice.
 
         Returns the entries actually spooled, with fresh request ids, in the given order.
+        An id is ``NAMESPACE#SEQ`` (:func:`tandem.stream_ids.join`): this open spool's random
+        namespace and the entry's ``seq``, so a stream can send the entry as a bare ``seq``.
         """
         with self._op("accept inputs"), self._transaction() as db:
             row = db.execute(
                 "SELECT next_index FROM cursors WHERE source = ?", (source_key,)
             ).fetchone()
             start = int(row[0]) if row else 0
+            # Past every seq this open has given out, not only the pending ones: an id must
+            # not come back when the spool empties mid-run.
             seq = int(db.execute("SELECT COALESCE(MAX(seq), 0) FROM pending").fetchone()[0])
+            seq = max(seq, self._last_seq)
             accepted: list[SpoolEntry] = []
             top = -1
             for index, label, x in items:
@@ -233,8 +242,8 @@ class Spool(Closing):
                 top = max(top, index)
                 if index < start:
                     continue
-                entry = _entry(index, label, x)
                 seq += 1
+                entry = _entry(join(self.namespace, seq), index, label, x)
                 inserted = db.execute(
                     "INSERT INTO pending (request_id, seq, source, input_index, label, data,"
                     " shape, error) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -252,6 +261,7 @@ class Spool(Closing):
                 ).rowcount
                 if inserted:
                     accepted.append(entry)
+            self._last_seq = seq
             if top >= 0:
                 # MAX: a batch of only old indices must not move the cursor back.
                 db.execute(
@@ -335,10 +345,8 @@ def _opt_int(value: int | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _entry(index: int, label: int | None, x: np.ndarray | str) -> SpoolEntry:
+def _entry(request_id: str, index: int, label: int | None, x: np.ndarray | str) -> SpoolEntry:
     """A fresh entry for one accepted item (validating the input before it is stored)."""
-    # 96 random bits: collisions are negligible, and every byte of the id crosses the wire.
-    request_id = secrets.token_urlsafe(12)
     if isinstance(x, str):
         return SpoolEntry(request_id, index, _opt_int(label), b"", (), None, None, x)
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8:

@@ -27,8 +27,9 @@ from tandem.sim.batching import BatchCost, CloudModel
 from tandem.sim.des import RESPONSE_BYTES, DeviceProfile
 
 BATCHES = (1, 4, 16, 32, 64)
-REQUEST_ID_CHARS = 16  # the daemon's ids: secrets.token_urlsafe(12) in edge.spool
-VERSION_CHARS = 12  # a bundle's version: 12 hex digits of its weights' hashes
+TYPICAL_COUNT = 10_000
+"""A stream message's seq and answers_read, as a daemon some thousands of inputs into its run
+sends them: two varint bytes each (three from 16,384 on)."""
 
 
 class Strict(BaseModel):
@@ -218,7 +219,7 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
         head_ms[w] = _median_ms(partial(head.encode, x[:1], w, m.codec.bits), repeats)
         payloads = head.encode(x[: max(BATCHES)], w, m.codec.bits)
         tail_cost[w] = _fit(partial(_first, tail.infer, payloads), repeats)
-        overheads += [request_overhead(m.name, w, p) for p in payloads]
+        overheads += [request_overhead(p) for p in payloads]
     baselines = input_baselines(x[:256])
     return BundleProfile(
         bundle=m.name,
@@ -245,19 +246,15 @@ def measure_bundle(bundle: Path, x: np.ndarray, repeats: int = 25) -> BundleProf
     )  # fmt: skip
 
 
-def request_overhead(model: str, width: float, payload: bytes) -> int:
-    """Bytes an ``InferRequest`` adds around ``payload``, built as the daemon builds it: its
-    request id, the model's name and pinned version, the width, and the codec's bytes whole."""
+def request_overhead(payload: bytes) -> int:
+    """Bytes a request adds around ``payload`` on the daemon's stream: its context number, seq
+    and ``answers_read`` (:data:`TYPICAL_COUNT`), and the payload's own tag and length. The
+    context's definition, once per stream and setting, is left out."""
+    from tandem.edge.stream import bare_message
     from tandem.wire.v1 import split_inference_pb2 as pb
 
-    request = pb.InferRequest(
-        request_id="x" * REQUEST_ID_CHARS,
-        model=model,
-        version="x" * VERSION_CHARS,
-        width=width,
-        payload=payload,
-    )
-    return request.ByteSize() - len(payload)
+    message = bare_message(pb.InferRequest(payload=payload), 1, TYPICAL_COUNT, TYPICAL_COUNT)
+    return message.ByteSize() - len(payload)
 
 
 def _first(run: Callable[[list[bytes]], object], payloads: list[bytes], n: int) -> object:

@@ -139,15 +139,17 @@ def test_policy_picks_points_from_the_table(
     assert {(r["width"], r["bits"]) for r in records} <= table
 
 
+@pytest.mark.parametrize("transport", ["stream", "unary"])
 def test_a_rate_point_served_has_the_accuracy_eval_measured(
-    tmp_path: Path, digits_entropy_bundle: Path, digits_npz: Path
+    tmp_path: Path, digits_entropy_bundle: Path, digits_npz: Path, transport: str
 ) -> None:
     """Pinned to a width and rate point, the daemon sends entropy-coded payloads whose
-    answers are exactly ``tandem eval``'s for that point, and its records name the point."""
+    answers are exactly ``tandem eval``'s for that point, and its records name the point.
+    Over the stream a request is its payload and a few bytes; a unary call carries names."""
     test = load_data("digits").test
     repo = make_repo(tmp_path, digits_entropy_bundle)
     cfg = _cfg(tmp_path, digits_entropy_bundle, f"npz:{digits_npz}", width=0.5, point=1,
-               limit=len(test))  # fmt: skip
+               limit=len(test), transport=transport)  # fmt: skip
     summary = _run(cfg, repo)
     records = _records(tmp_path / "out.jsonl")
     assert summary["served"] == len(test) and summary["errors"] == 0
@@ -155,6 +157,9 @@ def test_a_rate_point_served_has_the_accuracy_eval_measured(
     report = evaluate_bundle(digits_entropy_bundle, test, [4])
     (point,) = [p for p in report["points"] if p["width"] == 0.5 and p["point"] == 1]
     assert np.mean([r["prediction"] == r["label"] for r in records]) == point["accuracy"]
+    envelope = np.mean([r["bytes_sent"] for r in records]) - point["bytes_per_sample"]
+    # Stream: context, seq, payload tag and answers_read. Unary: the id, model and version too.
+    assert 0 < envelope < 10 if transport == "stream" else envelope > 30
 
 
 def test_policy_picks_among_rate_points(
@@ -585,3 +590,34 @@ def test_a_heartbeat_says_how_far_the_run_has_come(
             return await asyncio.wait_for(task, 60)
 
     assert asyncio.run(main())["served"] == 3
+
+
+def test_streams_cut_mid_run_lose_nothing_and_answer_nothing_twice(
+    tmp_path: Path, repo: Path, digits_bundle: Path, digits_npz: Path
+) -> None:
+    """The service closes every connection after 0.3 s, cutting the daemon's stream with
+    requests unanswered: they go again on a new stream under the same keys, and every input
+    gets exactly one line, with eval's accuracy. The service computes an input at most once
+    more per resend (what it was computing for a departed caller it drops)."""
+    test = load_data("digits").test
+    # One input per head pass and few in flight: the run spans several connections.
+    cfg = _cfg(tmp_path, digits_bundle, f"npz:{digits_npz}", width=0.5, bits=4,
+               limit=len(test), head_batch=1, concurrency=4)  # fmt: skip
+
+    async def main() -> tuple[dict[str, Any], float]:
+        server_cfg = config(repo, max_connection_age_s=0.3, drain_grace_s=0.05)
+        async with running(server_cfg) as srv:
+            summary = await EdgeDaemon(cfg.model_copy(update={"cloud": srv.address})).run()
+            registry = srv.metrics.registry
+            rows = registry.get_sample_value("tandem_batch_size_sum") or 0.0
+        return summary, rows
+
+    summary, rows = asyncio.run(main())
+    records = _records(tmp_path / "out.jsonl")
+    assert summary["served"] == len(records) == len(test) and summary["errors"] == 0
+    assert sorted(r["input_index"] for r in records) == list(range(len(test)))
+    assert summary["retries"] > 0 and summary["served_locally"] == 0  # resent, not local
+    assert len(test) <= rows <= len(test) + summary["retries"]
+    report = evaluate_bundle(digits_bundle, test, [4])
+    (point,) = [p for p in report["points"] if p["width"] == 0.5]
+    assert np.mean([r["prediction"] == r["label"] for r in records]) == point["accuracy"]

@@ -242,6 +242,8 @@ def test_cli_defaults_are_the_config_defaults(digits_bundle: Path) -> None:
     from_cli = _config(build_parser().parse_args(["edge", "run", *base]))
     plain = DaemonConfig(bundle=digits_bundle, cloud="127.0.0.1:1", source="digits")
     assert from_cli.model_dump() == plain.model_dump()
+    unary = _config(build_parser().parse_args(["edge", "run", *base, "--transport", "unary"]))
+    assert unary.transport == "unary"
 
 
 def test_a_json_failure_with_results_on_stdout_goes_to_stderr(

@@ -141,6 +141,7 @@ def test_request_overhead_counts_what_the_daemon_puts_around_the_payload() -> No
     from tandem.sim.profiles import request_overhead
 
     payload = codec.encode(np.random.default_rng(0).normal(size=(2, 7, 7)).astype("float32"), 4)
-    # Id 2+16, model 2+5, version 2+12, width 1+4, and the payload's own tag and length.
-    assert request_overhead("mnist", 0.25, payload) == 46
-    assert request_overhead("mnist-v2", 0.25, payload) == 49  # the name travels in each request
+    # On the stream: context 1+1, seq 1+2, answers_read 1+2, the payload's tag and length 1+1
+    # (1+2 from 128 bytes on). Names travel once per stream, in the context's definition.
+    assert len(payload) < 128 and request_overhead(payload) == 10
+    assert len(payload * 3) >= 128 and request_overhead(payload * 3) == 11

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tandem import stream_ids
 from tandem.edge.spool import SCHEMA_VERSION, Spool, SpoolError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +33,11 @@ def test_accept_pending_complete(tmp_path: Path) -> None:
         entries = spool.accept("npz:/a", _items(range(5)))
         assert [e.input_index for e in entries] == [0, 1, 2, 3, 4]
         assert len({e.request_id for e in entries}) == 5
-        assert all(len(e.request_id) == 16 for e in entries)  # 96 random bits, base64url
+        # NAMESPACE#SEQ: 96 random bits (base64url) and the insertion order, so a stream can
+        # send each as a bare seq.
+        keys = [stream_ids.split(e.request_id) for e in entries]
+        assert [k[1] for k in keys if k] == [1, 2, 3, 4, 5]
+        assert {k[0] for k in keys if k} == {spool.namespace} and len(spool.namespace) == 16
         pending = spool.pending()
         assert pending == entries
         first = pending[0]
@@ -46,6 +51,19 @@ def test_accept_pending_complete(tmp_path: Path) -> None:
         assert len(spool) == 3
         assert spool.get(entries[0].request_id) == entries[0]
         assert spool.get(entries[1].request_id) is None
+
+
+def test_ids_are_never_given_out_twice(tmp_path: Path) -> None:
+    # A spool that empties mid-run goes on numbering; a reopened one (which numbers from its
+    # pending entries) has a new namespace.
+    ids = []
+    for _ in range(2):
+        with Spool(tmp_path / "s.db") as spool:
+            for _ in range(2):
+                entries = spool.accept(f"npz:/{len(ids)}", _items(range(2)))
+                ids += [e.request_id for e in entries]
+                spool.complete(e.request_id for e in entries)
+    assert len(set(ids)) == len(ids) == 8
 
 
 def test_cursor_and_duplicates(tmp_path: Path) -> None:
