@@ -252,7 +252,8 @@ def markdown(setup: Setup, doc: dict[str, Any]) -> str:
         markdown_table(table_rows(doc["strategies"])),
         "",
         f"Latency is arrival to answer on the device; a miss is latency over {s.slo_ms:g} ms. "
-        "Bytes include the request's protobuf envelope; energy is the device's compute and "
+        "Bytes include the request's protobuf envelope and the HTTP/2 and gRPC framing a "
+        "calibrated profile measured; energy is the device's compute and "
         "radio airtime at the trace's mean rate.",
         "",
         *_convergence(doc["strategies"]),

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tandem.sim.des import RESPONSE_BYTES, Outcome
+from tandem.sim.des import Outcome
 from tandem.sim.profiles import DEVICE_CLASSES
 from tandem.sim.report import CHARTS, run_strategies, summarise, text_table, write_report
 from tandem.sim.scenario import Setup, build, parse_scenario
@@ -117,8 +117,8 @@ def test_remote_strategies_send_the_profiles_bytes_and_get_answers_back() -> Non
     }
     for name, payload in expected.items():
         s = figures[name]
-        assert s["up_bytes_per_inference"] == pytest.approx(payload + p.request_overhead_bytes)
-        assert s["down_bytes_per_inference"] == RESPONSE_BYTES
+        assert s["up_bytes_per_inference"] == pytest.approx(payload + p.wire_overhead_bytes())
+        assert s["down_bytes_per_inference"] == pytest.approx(p.answer_bytes())
         assert s["local_fraction"] == 0.0
         assert 0 < s["cloud_utilisation"] < 0.1
         # 20 ms each way plus serialising and the cloud: above 40 ms, far below the SLO
