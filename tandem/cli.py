@@ -164,19 +164,21 @@ def _eval_text(report: dict[str, Any]) -> str:
     return "\n".join(head) + _points_table(report["points"], teacher)
 
 
-def _train(args: argparse.Namespace, recipe_name: str, data_spec: str, out: Path) -> Any:
+def _train(
+    args: argparse.Namespace, recipe_name: str, data_spec: str, out: Path, skip: bool = False
+) -> Any:
     from tandem.build import build_bundle
     from tandem.config import load_recipe
     from tandem.data import load_data
 
     recipe = load_recipe(recipe_name, args.set)
-    data = load_data(data_spec)
+    data = load_data(data_spec, skip_unreadable=skip)
     return build_bundle(recipe, data, out, fresh=args.fresh, progress=_show_progress(args))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``tandem train RECIPE --data SPEC --out DIR``: run a recipe and write a bundle."""
-    manifest = _train(args, args.recipe, args.data, Path(args.out))
+    manifest = _train(args, args.recipe, args.data, Path(args.out), args.skip_unreadable)
     # The keys of `tandem eval --json` for the same things: "teacher" and "points".
     doc: dict[str, Any] = {
         "bundle": str(args.out),
@@ -192,13 +194,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, bundle: Path, data_spec: str) -> dict[str, Any]:
+def _evaluate(
+    args: argparse.Namespace, bundle: Path, data_spec: str, skip: bool = False
+) -> dict[str, Any]:
     from tandem.bundle import read_manifest
     from tandem.data import load_data
     from tandem.evaluate import evaluate_bundle
 
     manifest = read_manifest(bundle)
-    split = load_data(data_spec).test
+    split = load_data(data_spec, skip_unreadable=skip).test
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
     rates = len(manifest.entropy.betas) if manifest.entropy is not None else 0
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
@@ -209,7 +213,7 @@ def _evaluate(args: argparse.Namespace, bundle: Path, data_spec: str) -> dict[st
 def cmd_eval(args: argparse.Namespace) -> int:
     """``tandem eval BUNDLE --data SPEC``: accuracy and bytes at every operating point, next
     to the lossless input codecs; ``--plot`` draws them."""
-    report = _evaluate(args, Path(args.bundle), args.data)
+    report = _evaluate(args, Path(args.bundle), args.data, args.skip_unreadable)
     if args.plot is not None:
         from tandem.sim.charts import plot_rate_accuracy
 
@@ -401,6 +405,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a distillation recipe and write a bundle")
     p.add_argument("recipe", help="built-in recipe name (digits, mnist) or a TOML file")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
+    p.add_argument(
+        "--skip-unreadable", action="store_true",
+        help="leave out images of an image folder that cannot be decoded (counted in one "
+        "warning) instead of stopping at the first",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="bundle directory (also holds checkpoints)")
     p.add_argument(
         "--set",
@@ -416,6 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
     p.add_argument("bundle", help="the bundle directory")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
+    p.add_argument(
+        "--skip-unreadable", action="store_true",
+        help="leave out images of an image folder that cannot be decoded (counted in one "
+        "warning) instead of stopping at the first",
+    )  # fmt: skip
     p.add_argument(
         "--bits",
         type=int,

@@ -10,6 +10,8 @@ A spec is one of:
   out the same seeded 20% as ``digits``;
 - ``imagefolder:DIR``: one sub-directory per class holding PNG or JPEG files. If ``DIR`` has
   ``train/`` and ``test/`` sub-directories they are the splits, otherwise a seeded 20% is held out.
+  An image that cannot be decoded is an error naming it (or, asked, left out and counted);
+  other files are ignored and counted; a class with no image is an error naming it.
 
 Images are kept as uint8 ``(N, C, H, W)`` arrays: that is what a device holds, so the raw-input
 baselines are measured on it, and normalisation happens inside the model input pipeline.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -82,14 +84,20 @@ def check_spec(spec: str) -> None:
     )
 
 
-def load_data(spec: str) -> DataSet:
-    """Load the data set named by ``spec`` (see the module docstring for the forms)."""
+def load_data(spec: str, *, skip_unreadable: bool = False) -> DataSet:
+    """Load the data set named by ``spec`` (see the module docstring for the forms).
+
+    An image folder's image that cannot be decoded is a DataSpecError naming it, unless
+    ``skip_unreadable``: then it is left out, and one warning counts what was left out. Files
+    without a PNG or JPEG suffix are ignored, with one warning counting them; a class left
+    with no image is a DataSpecError naming it.
+    """
     check_spec(spec)
     kind, _, arg = spec.partition(":")
     if kind == "npz":
         return _load_npz(spec, Path(arg))
     if kind == "imagefolder":
-        return _load_imagefolder(spec, Path(arg))
+        return _load_imagefolder(spec, Path(arg), skip_unreadable)
     return _load_digits(spec)
 
 
@@ -163,24 +171,64 @@ def _class_dirs(root: Path) -> list[Path]:
     return dirs
 
 
-def _read_images(root: Path, classes: list[str]) -> tuple[list[np.ndarray], list[int]]:
-    from PIL import Image
+@dataclass
+class _Reading:
+    """What reading one image folder met besides images: files left out, by kind."""
 
+    skip_unreadable: bool
+    unreadable: list[str] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
+
+    def report(self, root: Path) -> None:
+        """One warning per kind of file left out, with a count and the first of them."""
+        if self.unreadable:
+            log.warning("skipped %d unreadable images under %s (first: %s)",
+                        len(self.unreadable), root, self.unreadable[0])  # fmt: skip
+        if self.ignored:
+            log.warning("ignored %d files under %s that are not PNG or JPEG (first: %s)",
+                        len(self.ignored), root, self.ignored[0])  # fmt: skip
+
+
+def _read_images(
+    root: Path, classes: list[str], reading: _Reading
+) -> tuple[list[np.ndarray], list[int]]:
     images, labels = [], []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             continue
+        found = 0
         for path in sorted(folder.iterdir()):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.name.startswith(".") or path.is_dir():
                 continue
-            try:
-                with Image.open(path) as img:
-                    images.append(np.asarray(img.convert("RGB")))
-            except OSError as exc:
-                raise DataSpecError(f"cannot read image {path}: {exc}") from exc
-            labels.append(label)
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                reading.ignored.append(path)
+                continue
+            image = _read_image(path, reading)
+            if image is not None:
+                images.append(image)
+                labels.append(label)
+                found += 1
+        if not found:
+            raise DataSpecError(f"class {name!r} has no PNG or JPEG images in {folder}")
     return images, labels
+
+
+def _read_image(path: Path, reading: _Reading) -> np.ndarray | None:
+    """The image's RGB pixels; None when it is unreadable and such images are skipped."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all three
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not reading.skip_unreadable:
+            raise DataSpecError(
+                f"cannot read image {path}: {why} (--skip-unreadable leaves such files out)"
+            ) from exc
+        reading.unreadable.append(f"{path}: {why}")
+        return None
 
 
 def _stack(images: list[np.ndarray], size: tuple[int, int], grey: bool) -> np.ndarray:
@@ -202,12 +250,14 @@ def _is_grey(image: np.ndarray) -> bool:
     )
 
 
-def _load_imagefolder(spec: str, root: Path) -> DataSet:
+def _load_imagefolder(spec: str, root: Path, skip_unreadable: bool) -> DataSet:
     has_splits = (root / "train").is_dir() and (root / "test").is_dir()
     class_root = root / "train" if has_splits else root
     classes = [p.name for p in _class_dirs(class_root)]
     names = ("train", "test") if has_splits else ("",)
-    parts = {name: _read_images(root / name, classes) for name in names}
+    reading = _Reading(skip_unreadable)
+    parts = {name: _read_images(root / name, classes, reading) for name in names}
+    reading.report(root)
     for name, (images, _) in parts.items():
         if not images:
             raise DataSpecError(f"{spec}: no PNG or JPEG images found in {root / name}")

@@ -261,3 +261,27 @@ def test_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
         os.close(write_end)
     assert run.stderr == ""
     assert run.returncode == 141  # as a shell reports a writer stopped by SIGPIPE
+
+
+def test_eval_on_a_folder_with_an_unreadable_image_stops_or_skips_it(
+    tmp_path: Path,
+    digits_bundle: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One line naming the file and exit 2; with --skip-unreadable, a warning and the run."""
+    from PIL import Image
+
+    folder = tmp_path / "folder"
+    for label in ("zero", "one"):
+        (folder / label).mkdir(parents=True)
+        for i in range(5):
+            Image.new("L", (8, 8), 40 * i).save(folder / label / f"{i}.png")
+    (folder / "one" / "bad.jpg").write_bytes(b"GIF89a, not a JPEG")
+    argv = ["eval", str(digits_bundle), "--data", f"imagefolder:{folder}", "--bits", "4"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot read image {folder / 'one' / 'bad.jpg'}: " in err
+    assert main([*argv, "--skip-unreadable", "--json"]) == 0
+    assert _json(capsys)["samples"] == 2  # a seeded fifth of the ten good images
+    assert f"skipped 1 unreadable images under {folder} (first: " in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +153,71 @@ def test_an_npz_of_one_row_has_nothing_to_train_on(tmp_path: Path) -> None:
     np.savez(tmp_path / "odd.npz", x=np.zeros((5, 4, 4), np.uint8), y=np.zeros(4, np.int64))
     with pytest.raises(DataSpecError, match="5 images and 4 labels"):
         load_data(f"npz:{tmp_path / 'odd.npz'}")
+
+
+def _good_and_bad(root: Path) -> Path:
+    """Classes a and b of two good images each; b also holds an unreadable "JPEG"."""
+    _write_folder(root, {"a": (8, 8), "b": (8, 8)})
+    bad = root / "b" / "bad.jpg"
+    bad.write_bytes(b"this is not a JPEG")
+    return bad
+
+
+def _truncated_jpeg(path: Path) -> None:
+    pixels = np.random.default_rng(3).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, quality=90)
+    path.write_bytes(path.read_bytes()[:300])
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path: Path, kind: str) -> None:
+    bad = _good_and_bad(tmp_path)
+    if kind == "truncated":
+        _truncated_jpeg(bad)
+    with pytest.raises(DataSpecError) as info:
+        load_data(f"imagefolder:{tmp_path}")
+    message = str(info.value)
+    assert message.startswith(f"cannot read image {bad}: ") and "\n" not in message
+    assert "--skip-unreadable" in message
+
+
+def test_unreadable_images_can_be_skipped_and_are_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = _good_and_bad(tmp_path)
+    _truncated_jpeg(tmp_path / "a" / "cut.jpg")
+    data = load_data(f"imagefolder:{tmp_path}", skip_unreadable=True)
+    assert len(data.train) + len(data.test) == 10
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"skipped 2 unreadable images under {tmp_path}")
+    assert str(tmp_path / "a" / "cut.jpg") in warnings[0] or str(bad) in warnings[0]
+
+
+def test_an_empty_class_is_one_line_naming_it(tmp_path: Path) -> None:
+    _write_folder(tmp_path, {"a": (8, 8), "b": (8, 8)})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("nothing here")
+    with pytest.raises(
+        DataSpecError, match=re.escape(f"class 'c' has no PNG or JPEG images in {tmp_path / 'c'}")
+    ):
+        load_data(f"imagefolder:{tmp_path}")
+    # A class whose every image is unreadable is empty too, once they are skipped.
+    (tmp_path / "c" / "x.png").write_bytes(b"not a PNG")
+    with pytest.raises(DataSpecError, match="class 'c' has no PNG or JPEG images"):
+        load_data(f"imagefolder:{tmp_path}", skip_unreadable=True)
+
+
+def test_files_that_are_not_images_are_ignored_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write_folder(tmp_path, {"a": (8, 8), "b": (8, 8)})
+    (tmp_path / "a" / "notes.txt").write_text("a note")
+    (tmp_path / "b" / "Thumbs.db").write_bytes(b"\0" * 8)
+    data = load_data(f"imagefolder:{tmp_path}")
+    assert len(data.train) + len(data.test) == 10
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"ignored 2 files under {tmp_path} that are not PNG or JPEG (first: "
+        f"{tmp_path / 'a' / 'notes.txt'})"
+    ]
