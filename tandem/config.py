@@ -13,7 +13,7 @@ import json
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -69,7 +69,15 @@ class TeacherConfig(StrictModel):
     arch: ArchConfig
     checkpoint: str | None = None
     train: OptimConfig
-    augment_shift: int = Field(default=0, ge=0, description="random translation in pixels")
+    augment_shift: int = Field(
+        default=0, ge=0, description="random translation in pixels (a random crop of the "
+        "image padded by this many pixels)"
+    )  # fmt: skip
+    augment_fill: Literal["edge", "black"] = Field(
+        default="edge", description="what the translation uncovers: the edge pixels repeated, "
+        "or black (the usual padding for photographs)"
+    )  # fmt: skip
+    augment_flip: bool = Field(default=False, description="flip half the images left to right")
 
 
 class BottleneckConfig(StrictModel):

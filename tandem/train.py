@@ -47,7 +47,7 @@ from tandem.bottleneck import (
     fake_quantize,
 )
 from tandem.checkpoint import Checkpointer
-from tandem.config import OptimConfig, Recipe, RecipeError
+from tandem.config import OptimConfig, Recipe, RecipeError, TeacherConfig
 from tandem.data import DataSet, Split, channel_stats, normalize
 from tandem.entropy import RatePoints
 from tandem.models import build_model
@@ -183,17 +183,39 @@ class PhaseRunner:
         return running
 
 
-def random_shift(x: torch.Tensor, max_shift: int, gen: torch.Generator) -> torch.Tensor:
-    """Translate each image by up to ``max_shift`` pixels, filling with the edge values."""
+def random_shift(
+    x: torch.Tensor, max_shift: int, gen: torch.Generator, fill: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Translate each image by up to ``max_shift`` pixels: a random crop of the image padded
+    by ``max_shift``. What is uncovered repeats the edge pixels, or takes ``fill`` (one value
+    per channel) when given."""
     if max_shift <= 0:
         return x
-    n, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4, mode="replicate")
+    n, c, h, w = x.shape
+    pads = (max_shift,) * 4
+    if fill is None:
+        padded = F.pad(x, pads, mode="replicate")
+    else:
+        level = fill.to(x.dtype).view(1, c, 1, 1)
+        padded = F.pad(x - level, pads) + level
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     rows = (dy[:, None] + torch.arange(h))[:, :, None]
     cols = (dx[:, None] + torch.arange(w))[:, None, :]
     return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+def augment(
+    x: torch.Tensor, cfg: TeacherConfig, black: torch.Tensor, gen: torch.Generator
+) -> torch.Tensor:
+    """The teacher's training augmentation of a normalised batch, as its recipe asks: a random
+    translation (edge or ``black`` fill), then a left-right flip of a random half."""
+    fill = black if cfg.augment_fill == "black" else None
+    x = random_shift(x, cfg.augment_shift, gen, fill)
+    if cfg.augment_flip:
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
 
 
 def sandwich(widths: list[float], gen: torch.Generator) -> list[float]:
@@ -232,6 +254,8 @@ class Distiller:
         )
         self.mean, self.std = channel_stats(data.train.x)
         self.x_train = normalize(data.train.x, self.mean, self.std)
+        black = np.zeros((1, len(self.mean), 1, 1), np.uint8)
+        self.black = normalize(black, self.mean, self.std)[0, :, 0, 0]  # what padding shows
         self.y_train = torch.from_numpy(data.train.y)
 
     def inputs(self, split: Split) -> torch.Tensor:
@@ -259,7 +283,7 @@ class Distiller:
             return model.eval()
 
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            x = random_shift(self.x_train[idx], cfg.augment_shift, gen)
+            x = augment(self.x_train[idx], cfg, self.black, gen)
             return F.cross_entropy(model(x), self.y_train[idx])
 
         self.runner.run("teacher", cfg.train, {"teacher": model}, len(self.y_train), loss)

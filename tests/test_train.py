@@ -9,15 +9,16 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
 from tandem.build import build_bundle
 from tandem.bundle import read_manifest
 from tandem.checkpoint import Checkpointer
-from tandem.config import OptimConfig, RecipeError, load_recipe
+from tandem.config import OptimConfig, RecipeError, TeacherConfig, load_recipe
 from tandem.data import load_data
-from tandem.train import PhaseRunner, lr_at, random_shift, sandwich
+from tandem.train import PhaseRunner, augment, lr_at, random_shift, sandwich
 
 SHORT = ["teacher.train.epochs=2", "distill.head.epochs=1", "distill.finetune.epochs=2"]
 
@@ -222,3 +223,37 @@ def test_end_to_end_fine_tuning_trains_encoder_and_rate_points(
     for name in ("encoder", "rates"):
         a, b = getattr(frozen, name).state_dict(), getattr(e2e, name).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point()), name
+
+
+def test_a_black_fill_pads_with_the_given_value() -> None:
+    # Inputs are normalised: black is -mean/std per channel, not 0.
+    x = torch.full((32, 2, 5, 5), 3.0)
+    black = torch.tensor([-1.0, -2.0])
+    y = random_shift(x, 2, torch.Generator().manual_seed(0), fill=black)
+    assert set(torch.unique(y[:, 0]).tolist()) == {-1.0, 3.0}
+    assert set(torch.unique(y[:, 1]).tolist()) == {-2.0, 3.0}
+    assert torch.equal(random_shift(x, 2, torch.Generator().manual_seed(0), fill=None).unique(),
+                       torch.tensor([3.0]))  # fmt: skip  # edge fill repeats the border
+
+
+def test_augment_flips_about_half_the_images_left_to_right() -> None:
+    cfg = TeacherConfig.model_validate(
+        {"arch": {"name": "mlp"}, "train": {"epochs": 1, "lr": 0.1}, "augment_flip": True}
+    )
+    x = torch.randn(200, 1, 4, 6)
+    y = augment(x, cfg, torch.zeros(1), torch.Generator().manual_seed(0))
+    same = [bool(torch.equal(a, b)) for a, b in zip(y, x, strict=True)]
+    flipped = [bool(torch.equal(a, b.flip(-1))) for a, b in zip(y, x, strict=True)]
+    assert all(s or f for s, f in zip(same, flipped, strict=True))
+    assert 60 < sum(flipped) < 140
+    again = augment(x, cfg, torch.zeros(1), torch.Generator().manual_seed(0))
+    assert torch.equal(y, again)  # seeded: a resumed epoch repeats itself
+    plain = cfg.model_copy(update={"augment_flip": False})
+    assert torch.equal(augment(x, plain, torch.zeros(1), torch.Generator()), x)
+
+
+def test_augment_fill_must_be_edge_or_black() -> None:
+    with pytest.raises(ValidationError):
+        TeacherConfig.model_validate(
+            {"arch": {"name": "mlp"}, "train": {"epochs": 1, "lr": 0.1}, "augment_fill": "mirror"}
+        )
