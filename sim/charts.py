@@ -97,13 +97,15 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> None:
 
 
 _BASELINE_NAMES = {"png": "PNG", "zstd19": "zstd-19", "webp_lossless": "WebP lossless"}
+_INPUT_NAMES = {"jpeg": "JPEG", "webp": "WebP"}
 
 
 def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
     """A ``tandem eval`` report as a rate-accuracy chart: bytes per sample (log axis) against
     accuracy, one line per codec of the bottleneck (each rate point, each bit depth) across
-    its widths, the teacher as a line, and the lossless input codecs as marks at its
-    accuracy (sending the input loses nothing)."""
+    its widths, the teacher as a line, the lossless input codecs as marks at its accuracy
+    (sending the input loses nothing), and the teacher on JPEG and WebP inputs as dotted
+    curves over their qualities."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[tuple[float, float]]] = {}
@@ -125,6 +127,13 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
                 x = report["baselines"][key]
                 ax.plot([x], [100 * teacher], marker, color="black", markersize=7,
                         linestyle="none", label=f"input as {label} ({x:.0f} B)")  # fmt: skip
+    for codec, style in (("jpeg", ":x"), ("webp", ":+")):
+        xy = sorted((r["bytes_per_sample"], 100 * r["accuracy"])
+                    for r in report.get("input_codecs", []) if r["codec"] == codec)  # fmt: skip
+        if xy:
+            xs, ys = zip(*xy, strict=True)
+            ax.plot(xs, ys, style, color="grey" if codec == "jpeg" else "tab:brown",
+                    markersize=6, label=f"input as {_INPUT_NAMES[codec]} (q5 to q90)")  # fmt: skip
     ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")
     ax.set_title("Accuracy against bytes per sample")
     save(plt, fig, ax, path)

@@ -161,7 +161,21 @@ def _eval_text(report: dict[str, Any]) -> str:
         f"head FLOPs share {report['head_flops_share']:.4f}",
         "",
     ]
-    return "\n".join(head) + _points_table(report["points"], teacher)
+    return "\n".join(head) + _points_table(report["points"], teacher) + _inputs_table(report)
+
+
+def _inputs_table(report: dict[str, Any]) -> str:
+    """The teacher on inputs sent through JPEG, WebP and PNG, when it was measured."""
+    rows = report.get("input_codecs") or []
+    if not rows:
+        return ""
+    lines = ["", "", "sending the input instead (the teacher on the decoded image):",
+             f"{'codec':<6} {'quality':>8} {'bytes':>8} {'accuracy':>9}"]  # fmt: skip
+    for r in rows:
+        quality = "lossless" if r["quality"] is None else str(r["quality"])
+        lines.append(f"{r['codec']:<6} {quality:>8} {r['bytes_per_sample']:>8.1f} "
+                     f"{100 * r['accuracy']:>8.2f}%")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _train(
@@ -204,8 +218,12 @@ def _evaluate(
     manifest = read_manifest(bundle)
     split = load_data(data_spec, skip_unreadable=skip).test
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
+    from tandem.bundle import FULL_FILE
+    from tandem.input_codecs import count
+
     rates = len(manifest.entropy.betas) if manifest.entropy is not None else 0
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
+    total += count() if FULL_FILE in manifest.files else 0
     with _bar(args, total, "evaluating") as on_point:
         return evaluate_bundle(bundle, split, bits, progress=on_point)
 

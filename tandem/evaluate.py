@@ -1,4 +1,5 @@
-"""Measuring a bundle: accuracy against bytes on the wire, next to lossless baselines.
+"""Measuring a bundle: accuracy against bytes on the wire, next to lossless baselines and
+the teacher on inputs sent through JPEG, WebP and PNG (:mod:`tandem.input_codecs`).
 
 Every point is measured through the real codec, one payload per sample, decoded again
 before the tail sees it: the bytes reported are the bytes a device would send, header
@@ -20,6 +21,7 @@ from PIL import Image
 from tandem.bundle import HeadRunner, TailRunner, load_full, read_manifest
 from tandem.data import Split, normalize
 from tandem.entropy_points import information_bits
+from tandem.input_codecs import measure_input_codecs
 from tandem.train import accuracy, batched_outputs
 
 Progress = Callable[[int], object]
@@ -124,12 +126,19 @@ def evaluate_bundle(
         x = normalize(split.x, manifest.input.mean, manifest.input.std)
         teacher_acc = accuracy(batched_outputs(teacher, x), split.y)
     points = measure_points(head, tail, split, bits_list, progress=progress)
+    inputs = (
+        []
+        if teacher is None
+        else measure_input_codecs(teacher, split, manifest.input.mean, manifest.input.std, progress)
+    )
     return {
         "bundle": str(bundle),
         "samples": len(split),
         "teacher": {"accuracy": teacher_acc, "measured": teacher is not None},
         "baselines": input_baselines(split.x),
         "points": [asdict(p) for p in points],
+        # Sending the input instead; empty when the bundle carries no teacher to measure.
+        "input_codecs": [asdict(p) for p in inputs],
         # Both counts were measured with FlopCounterMode when the bundle was built.
         "head_flops_share": manifest.head_flops / manifest.teacher_flops,
     }

@@ -33,11 +33,13 @@ def test_eval_json_report(digits_bundle: Path, capsys: pytest.CaptureFixture[str
         assert p["codec"] == "quantize" and p["point"] is None  # a bundle without rate points
         assert 0 <= p["accuracy"] <= 1 and p["bytes_per_sample"] > 0
     assert 0 < report["head_flops_share"] < 1
+    assert len(report["input_codecs"]) == 13  # JPEG and WebP at six qualities, and PNG
 
 
 def test_eval_text_and_bits(digits_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(digits_bundle), "--data", "digits", "--bits", "4"]) == 0
     out = capsys.readouterr().out
+    assert "sending the input instead" in out and "png    lossless" in out
     assert "teacher accuracy" in out and "bytes/sample" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("0.", "1.")]
     assert [(r[0], r[1]) for r in rows] == [
