@@ -127,13 +127,23 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
                 x = report["baselines"][key]
                 ax.plot([x], [100 * teacher], marker, color="black", markersize=7,
                         linestyle="none", label=f"input as {label} ({x:.0f} B)")  # fmt: skip
+    # The axis follows the bottleneck's points: an input codec's collapse at its lowest
+    # qualities would otherwise flatten them. A point below it is named in the legend.
+    floor = min(100 * p["accuracy"] for p in report["points"]) - 1.0
     for codec, style in (("jpeg", ":x"), ("webp", ":+")):
-        xy = sorted((r["bytes_per_sample"], 100 * r["accuracy"])
-                    for r in report.get("input_codecs", []) if r["codec"] == codec)  # fmt: skip
-        if xy:
-            xs, ys = zip(*xy, strict=True)
-            ax.plot(xs, ys, style, color="grey" if codec == "jpeg" else "tab:brown",
-                    markersize=6, label=f"input as {_INPUT_NAMES[codec]} (q5 to q90)")  # fmt: skip
+        rows = sorted((r for r in report.get("input_codecs", []) if r["codec"] == codec),
+                      key=lambda r: r["bytes_per_sample"])  # fmt: skip
+        if not rows:
+            continue
+        below = [f"q{r['quality']} {100 * r['accuracy']:.1f}%" for r in rows
+                 if 100 * r["accuracy"] < floor]  # fmt: skip
+        label = f"input as {_INPUT_NAMES[codec]} (q5 to q90)"
+        label += f"; below the axis: {', '.join(below)}" if below else ""
+        xs = [r["bytes_per_sample"] for r in rows]
+        ys = [max(100 * r["accuracy"], floor) for r in rows]
+        ax.plot(xs, ys, style, color="grey" if codec == "jpeg" else "tab:brown",
+                markersize=6, label=label)  # fmt: skip
+    ax.set_ylim(bottom=floor)
     ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")
     ax.set_title("Accuracy against bytes per sample")
     save(plt, fig, ax, path)

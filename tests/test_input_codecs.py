@@ -54,3 +54,30 @@ def test_eval_reports_the_teacher_on_every_input_codec(digits_bundle: Path) -> N
     jpeg = [r["bytes_per_sample"] for r in rows if r["codec"] == "jpeg"]
     assert jpeg == sorted(jpeg)  # more quality, more bytes
     assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_the_chart_keeps_its_axis_on_the_bottleneck_and_names_what_falls_below(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tandem.sim import charts
+
+    seen: dict = {}
+
+    def keep(plt: object, fig: object, ax: object, path: Path) -> None:
+        seen["labels"] = [line.get_label() for line in ax.get_lines()]  # type: ignore[attr-defined]
+        seen["bottom"] = ax.get_ylim()[0]  # type: ignore[attr-defined]
+        plt.close(fig)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(charts, "save", keep)
+    report = {
+        "points": [{"codec": "entropy", "beta": 0.3, "accuracy": 0.98, "bytes_per_sample": 20}],
+        "teacher": {"accuracy": 0.99},
+        "baselines": {"png": 100.0},
+        "input_codecs": [
+            {"codec": "jpeg", "quality": 5, "accuracy": 0.5, "bytes_per_sample": 300.0},
+            {"codec": "jpeg", "quality": 50, "accuracy": 0.99, "bytes_per_sample": 400.0},
+        ],
+    }
+    charts.plot_rate_accuracy(report, tmp_path / "chart.png")
+    assert seen["bottom"] == pytest.approx(97.0)  # the lowest bottleneck point, less 1 pp
+    assert "input as JPEG (q5 to q90); below the axis: q5 50.0%" in seen["labels"]
