@@ -49,7 +49,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``attempt`` (0-based)."""
-        return rng.uniform(0, min(self.max_s, self.initial_s * self.multiplier**attempt))
+        # The exponent is capped: past it the delay is max_s anyway, and a float power of
+        # an outage's thousandth attempt would overflow.
+        growth = self.multiplier ** min(attempt, 64)
+        return rng.uniform(0, min(self.max_s, self.initial_s * growth))
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,7 @@ class CloudClient:
         self.metadata = (("authorization", f"Bearer {security.token}"),) if security.token else ()
         """What every call sends along: the bearer token, when there is one."""
         self.retry = retry or RetryPolicy()
+        self.max_message_bytes = max_message_bytes
         self.rng = random.Random(seed)
         self.on_retry = on_retry
         self.last_transient: grpc.aio.AioRpcError | None = None

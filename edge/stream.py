@@ -17,12 +17,15 @@ Nothing lost, nothing twice:
   twice;
 * an answer that reports a transient status (a full queue, a draining server) sends that
   request again on the same stream, after its own backoff;
-* a request fails only with a final status, or when the retry policy gives up on it: then
-  with the last transient status, as :meth:`CloudClient.infer` would.
+* a request fails only with a final status, or when the retry policy gives up on it (every
+  failed stream it waited through counts, sent or not): then with the last transient status,
+  as :meth:`CloudClient.infer` would (streams that kept breaking as UNAVAILABLE);
+* a request larger than the message limit (the client's, or the smaller one the service
+  states) fails alone, RESOURCE_EXHAUSTED, without being sent: sent, it would end the stream.
 
 The window. The service takes on at most ``max_stream_inflight`` unread answers per stream
 (:mod:`tandem.cloud.stream_window`): at most that many requests are unanswered here, and each
-message reports the answers read so far.
+message reports the answers read so far. Each new stream asks the service its limits again.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from tandem.wire.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+WINDOW_REFUSAL = "max_stream_inflight"
+"""Words of the service's status for a stream that broke its window."""
 _Echo = tuple[str, int]
 """How an answer names its request: the request id sent (empty for a bare seq) and seq."""
 _ContextKey = tuple[object, ...]
@@ -54,7 +59,8 @@ class _Waiting:
     future: asyncio.Future[Answer]
     since: float
     key: tuple[str, int] | None = None
-    attempts: int = 0
+    attempts: int = 0  # times sent
+    failures: int = 0  # failed streams and transient answers it has been through
     sent_at: float = 0.0
     sent_bytes: int = 0
     not_before: float = 0.0
@@ -65,10 +71,35 @@ class _Stream:
     """What one stream has: its window, its contexts and the requests it has unanswered."""
 
     window: int
-    unanswered: dict[_Echo, _Waiting] = field(default_factory=dict)
+    max_bytes: int
+    # Two sends may share an echo (a caller that gave up and sent the id again): each is
+    # answered, so each is kept, in the order sent.
+    unanswered: dict[_Echo, list[_Waiting]] = field(default_factory=dict)
+    outstanding: int = 0
     contexts: OrderedDict[_ContextKey, int] = field(default_factory=OrderedDict)
     answers_read: int = 0
     room: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def sent(self, echo: _Echo, waiting: _Waiting) -> None:
+        """Count one message sent under ``echo``."""
+        self.unanswered.setdefault(echo, []).append(waiting)
+        self.outstanding += 1
+
+    def answered(self, echo: _Echo) -> _Waiting | None:
+        """The request an answer under ``echo`` belongs to (None: no such message sent)."""
+        sends = self.unanswered.get(echo)
+        if not sends:
+            return None
+        waiting = sends.pop(0)
+        if not sends:
+            del self.unanswered[echo]
+        self.outstanding -= 1
+        self.room.set()
+        return waiting
+
+    def oldest(self) -> float | None:
+        """When the longest-waiting unanswered message was sent."""
+        return min((w.sent_at for sends in self.unanswered.values() for w in sends), default=None)
 
 
 class StreamClient:
@@ -81,7 +112,6 @@ class StreamClient:
         ``max_stream_inflight``. A larger one than the service's is lowered to it."""
         self.client = client
         self._window = window
-        self._limit: int | None = None
         self._waiting: dict[str, _Waiting] = {}
         self._outbox: list[_Waiting] = []
         self._wake = asyncio.Event()
@@ -148,14 +178,20 @@ class StreamClient:
 
     def _transient(self, exc: grpc.aio.AioRpcError) -> bool:
         """Whether a stream that ended with ``exc`` is worth a new one: what the retry
-        policy retries, and INTERNAL. gRPC's core reports a stream reset under a message as
-        INTERNAL, for the link's failure; the service's own refusals are statuses of their
-        own, and a request the service fails is failed in its answer, not by the stream."""
-        return exc.code() == grpc.StatusCode.INTERNAL or self.client.transient(exc)
+        policy retries; INTERNAL, which gRPC's core reports for a stream reset under a
+        message (the link's failure: the service's refusals have statuses of their own, and
+        a request it fails is failed in its answer); and a window refusal, which a new stream
+        avoids by asking the service's window again (a restarted service may have lowered
+        it)."""
+        return (
+            exc.code() == grpc.StatusCode.INTERNAL
+            or (exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and WINDOW_REFUSAL in str(exc))
+            or self.client.transient(exc)
+        )
 
     async def _stream(self) -> None:
         """One stream, until it fails (raises) or has nothing left to send or wait for."""
-        stream = _Stream(await self._window_size())
+        stream = await self._limits()
         call = self.client.stub.InferStream(metadata=self.client.metadata)
         tasks = [
             asyncio.create_task(self._write(call, stream)),
@@ -172,20 +208,23 @@ class StreamClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             call.cancel()
 
-    async def _window_size(self) -> int:
-        if self._limit is None:
-            info = await self.client.server_info(timeout=self.client.retry.attempt_timeout_s)
-            limit = max(1, int(info.max_stream_inflight))
-            self._limit = min(limit, self._window) if self._window else limit
-        return self._limit
+    async def _limits(self) -> _Stream:
+        """A new stream's state, under the service's limits as it states them now."""
+        info = await self.client.server_info(timeout=self.client.retry.attempt_timeout_s)
+        window = max(1, int(info.max_stream_inflight))
+        max_bytes = self.client.max_message_bytes
+        if info.max_message_bytes:
+            max_bytes = min(max_bytes, int(info.max_message_bytes))
+        return _Stream(min(window, self._window) if self._window else window, max_bytes)
 
     def _requeue(self, exc: grpc.aio.AioRpcError, now: float) -> None:
         """After a failed stream: fail what the policy gives up on, send the rest again."""
         self.client.last_transient = exc
         waiting = [w for w in self._waiting.values() if not w.future.done()]
         for w in waiting:
-            if self.client.exhausted(w.attempts - 1, now - w.since):
-                w.future.set_exception(exc)
+            w.failures += 1
+            if self.client.exhausted(w.failures - 1, now - w.since):
+                w.future.set_exception(_gave_up(exc))
             elif w.attempts:
                 self._notify_retry(exc.code())
         if waiting and not any(w.attempts for w in waiting):
@@ -231,14 +270,21 @@ class StreamClient:
         loop = asyncio.get_running_loop()
         while True:
             waiting = await self._next()
-            while len(stream.unanswered) >= stream.window:
+            while stream.outstanding >= stream.window:
                 stream.room.clear()
                 await stream.room.wait()
             messages, echo = _messages(waiting, stream)
+            size = messages[-1].ByteSize()
+            if size > stream.max_bytes:  # it would end the stream: it fails alone
+                waiting.future.set_exception(_error(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"a request of {size} bytes exceeds the {stream.max_bytes}-byte message limit",
+                ))  # fmt: skip
+                continue
             waiting.attempts += 1
             waiting.sent_at = loop.time()
-            waiting.sent_bytes = messages[-1].ByteSize()
-            stream.unanswered[echo] = waiting
+            waiting.sent_bytes = size
+            stream.sent(echo, waiting)
             for message in messages:
                 await _write_one(call, message)
 
@@ -251,12 +297,11 @@ class StreamClient:
             if result is grpc.aio.EOF:
                 raise _error(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the service ended the stream with {len(stream.unanswered)} answers due",
+                    f"the service ended the stream with {stream.outstanding} answers due",
                 )
             stream.answers_read += 1
             self._failures = 0  # the stream works: the next failure starts a fresh backoff
-            waiting = stream.unanswered.pop((result.request_id, result.seq), None)
-            stream.room.set()
+            waiting = stream.answered((result.request_id, result.seq))
             if waiting is None or waiting.future.done():
                 continue  # its caller stopped waiting
             if result.HasField("response"):
@@ -273,14 +318,15 @@ class StreamClient:
 
     def _failed(self, waiting: _Waiting, exc: grpc.aio.AioRpcError, now: float) -> None:
         """One request's own failure: final, or sent again after its backoff."""
+        waiting.failures += 1
         if not self.client.transient(exc) or self.client.exhausted(
-            waiting.attempts - 1, now - waiting.since
+            waiting.failures - 1, now - waiting.since
         ):
             waiting.future.set_exception(exc)
             return
         self.client.last_transient = exc
         self._notify_retry(exc.code())
-        waiting.not_before = now + self.client.retry.delay(waiting.attempts - 1, self.client.rng)
+        waiting.not_before = now + self.client.retry.delay(waiting.failures - 1, self.client.rng)
         self._post(waiting)
 
     async def _watch(self, stream: _Stream) -> None:
@@ -290,7 +336,7 @@ class StreamClient:
         timeout = self.client.retry.attempt_timeout_s
         while True:
             await asyncio.sleep(min(timeout / 4, 0.5))
-            oldest = min((w.sent_at for w in stream.unanswered.values()), default=None)
+            oldest = stream.oldest()
             if oldest is not None and loop.time() - oldest > timeout:
                 raise _error(
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer on the stream in {timeout:g} s"
@@ -352,6 +398,15 @@ async def _write_one(call: grpc.aio.StreamStreamCall, message: pb.InferRequest) 
         await call.write(message)
     except asyncio.InvalidStateError:
         raise _error(grpc.StatusCode.UNAVAILABLE, "the stream ended under a write") from None
+
+
+def _gave_up(exc: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """The error a request gives up with: ``exc``, except that streams that kept ending
+    INTERNAL (reset under a message) are the link's failure, reported as UNAVAILABLE as a
+    unary call's would be, so that callers fall back or keep the request as they do then."""
+    if exc.code() != grpc.StatusCode.INTERNAL:
+        return exc
+    return _error(grpc.StatusCode.UNAVAILABLE, f"the stream kept breaking: {exc.details()}")
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

@@ -139,9 +139,9 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
                  if 100 * r["accuracy"] < floor]  # fmt: skip
         label = f"input as {_INPUT_NAMES[codec]} (q5 to q90)"
         label += f"; below the axis: {', '.join(below)}" if below else ""
-        xs = [r["bytes_per_sample"] for r in rows]
-        ys = [max(100 * r["accuracy"], floor) for r in rows]
-        ax.plot(xs, ys, style, color="grey" if codec == "jpeg" else "tab:brown",
+        sizes = [r["bytes_per_sample"] for r in rows]
+        shown = [max(100 * r["accuracy"], floor) for r in rows]
+        ax.plot(sizes, shown, style, color="grey" if codec == "jpeg" else "tab:brown",
                 markersize=6, label=label)  # fmt: skip
     ax.set_ylim(bottom=floor)
     ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")

@@ -5,6 +5,8 @@ that resolves contexts and checks the window as the real one does."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -53,9 +55,12 @@ class Scripted(pb_grpc.SplitInferenceServicer):
     seen: Counter[str] = field(default_factory=Counter)
     violations: list[str] = field(default_factory=list)
     most_unanswered: int = 0
+    max_message_bytes: int = 0  # 0: not stated
 
     async def GetServerInfo(self, request: Any, context: Any) -> pb.ServerInfo:
-        return pb.ServerInfo(max_stream_inflight=self.window)
+        return pb.ServerInfo(
+            max_stream_inflight=self.window, max_message_bytes=self.max_message_bytes
+        )
 
     async def InferStream(self, requests: AsyncIterator[pb.InferRequest], context: Any) -> Any:
         number = len(self.streams)
@@ -324,8 +329,9 @@ def test_a_stream_ended_internal_is_tried_again_under_the_policy(streams: int) -
     if streams == 2:
         assert [a.response.top[0].index for a in answers] == [0, 1, 2]
         assert len(service.streams) == 3
-    else:
-        assert {a.code() for a in answers} == {grpc.StatusCode.INTERNAL}
+    else:  # given up as the link's failure, as a unary call's would be
+        assert {a.code() for a in answers} == {grpc.StatusCode.UNAVAILABLE}
+        assert all("the stream kept breaking" in a.details() for a in answers)
         assert len(service.streams) > 2
 
 
@@ -356,3 +362,68 @@ def test_the_same_id_twice_at_once_is_refused() -> None:
             await client.close()
 
     run(go())
+
+
+def test_a_request_over_the_message_limit_fails_alone() -> None:
+    # The service states a limit below the client's: the big request is refused here, before
+    # it could end the stream (and every other request on it).
+    service = Scripted()
+    service.max_message_bytes = 200
+    big = request(9)
+    big.payload = bytes(300)
+    answers, _ = exchange(service, [request(0), big, request(1)])
+    assert [a.response.top[0].index for a in (answers[0], answers[2])] == [0, 1]
+    assert answers[1].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "exceeds the 200-byte message limit" in answers[1].details()
+    assert len(service.streams) == 1 and len(service.seen) == 2
+
+
+def test_the_backoff_of_a_long_outage_stays_within_its_cap() -> None:
+    policy = RetryPolicy(initial_s=0.05, max_s=2.0)
+    rng = random.Random(0)
+    assert all(0 <= policy.delay(n, rng) <= 2.0 for n in (0, 1, 1023, 1024, 100_000))
+
+
+def test_max_attempts_ends_requests_the_service_never_took() -> None:
+    async def go() -> tuple[Any, float]:
+        client, _ = sender("127.0.0.1:9", max_attempts=3, attempt_timeout_s=0.3)
+        started = time.monotonic()
+        answers = await infer_all(client, [request(0)])
+        elapsed = time.monotonic() - started
+        await client.close()
+        return answers[0], elapsed
+
+    answer, elapsed = run(go())
+    assert answer.code() == grpc.StatusCode.UNAVAILABLE and elapsed < 10
+
+
+@pytest.mark.parametrize("ids", [["plain"] * 2, [stream_ids.join(NS, 1)] * 3])
+def test_a_caller_that_gives_up_and_sends_the_id_again_keeps_the_window(ids: list[str]) -> None:
+    service = Scripted(plan=lambda s, rid, n: Act(delay_s=0.5), window=len(ids))
+
+    async def go() -> list[Any]:
+        async with serving(service) as address:
+            client, _ = sender(address)
+            for rid in ids:  # each try times out before its answer comes
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(client.infer(request(1, request_id=rid)), 0.1)
+            others = await infer_all(client, [request(i) for i in range(2, 4)])
+            await client.close()
+        return others
+
+    others = run(go())
+    assert [a.response.top[0].index for a in others] == [2, 3]
+    assert not service.violations
+
+
+def test_a_window_lowered_by_a_restarted_service_is_read_again() -> None:
+    def plan(stream: int, rid: str, seen: int) -> Act:
+        if stream == 0 and rid.endswith("#3"):
+            service.window = 2  # what the service says after it restarts
+            return Act(abort=grpc.StatusCode.UNAVAILABLE)
+        return Act(delay_s=0.05)
+
+    service = Scripted(plan=plan, window=8)
+    answers, _ = exchange(service, [request(i) for i in range(6)])
+    assert [a.response.top[0].index for a in answers] == list(range(6))
+    assert not service.violations and len(service.streams) == 2
