@@ -78,6 +78,10 @@ class TeacherConfig(StrictModel):
         "or black (the usual padding for photographs)"
     )  # fmt: skip
     augment_flip: bool = Field(default=False, description="flip half the images left to right")
+    channels_last: bool = Field(
+        default=False, description="train in channels-last memory format (on 2 CPU cores, a "
+        "quarter-width ResNet-18 on 32x32 colour images ran 661 instead of 492 images/s)"
+    )  # fmt: skip
 
 
 class BottleneckConfig(StrictModel):

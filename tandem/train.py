@@ -218,6 +218,11 @@ def augment(
     return x
 
 
+def _in_layout(model: nn.Module, layout: torch.memory_format) -> nn.Module:
+    """``model`` with its 4-d weights in ``layout`` (channels-last or the usual one)."""
+    return model.to(memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack it
+
+
 def sandwich(widths: list[float], gen: torch.Generator) -> list[float]:
     """The widths trained in one step: largest, smallest and one drawn from between."""
     ordered = sorted(widths)
@@ -282,12 +287,17 @@ class Distiller:
                 ) from exc
             return model.eval()
 
+        # Channels-last only while training: the bundle and the rest of the run see the
+        # usual layout (the weights are saved contiguous either way).
+        layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        model = _in_layout(model, layout)
+
         def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            x = augment(self.x_train[idx], cfg, self.black, gen)
+            x = augment(self.x_train[idx], cfg, self.black, gen).contiguous(memory_format=layout)
             return F.cross_entropy(model(x), self.y_train[idx])
 
         self.runner.run("teacher", cfg.train, {"teacher": model}, len(self.y_train), loss)
-        return model.eval()
+        return _in_layout(model, torch.contiguous_format).eval()
 
     def student(self, teacher: nn.Module) -> DistilledModels:
         """Distil the bottleneck student from a trained teacher (both stages)."""

@@ -257,3 +257,26 @@ def test_augment_fill_must_be_edge_or_black() -> None:
         TeacherConfig.model_validate(
             {"arch": {"name": "mlp"}, "train": {"epochs": 1, "lr": 0.1}, "augment_fill": "mirror"}
         )
+
+
+def test_channels_last_trains_the_teacher_in_that_layout_and_saves_the_usual_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    layouts = []
+    original = PhaseRunner.run
+
+    def spy(self: PhaseRunner, phase: str, cfg: Any, modules: Any, n: int, loss: Any) -> None:
+        if phase == "teacher":
+            convs = [m for m in modules["teacher"].modules() if isinstance(m, nn.Conv2d)]
+            conv = next(m for m in convs if m.in_channels > 1 and m.kernel_size[0] > 1)
+            w = conv.weight
+            layouts.append(
+                w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+            )
+        original(self, phase, cfg, modules, n, loss)
+
+    monkeypatch.setattr(PhaseRunner, "run", spy)
+    recipe = load_recipe("digits", [*SHORT, "teacher.channels_last=true"])
+    build_bundle(recipe, load_data("digits"), tmp_path / "b")
+    assert layouts == [True]
+    assert read_manifest(tmp_path / "b").teacher_accuracy > 0.5  # it learned, and was saved
