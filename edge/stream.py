@@ -170,10 +170,12 @@ class StreamClient:
         except BaseException as exc:
             # A bug here must not leave callers waiting forever: they fail with it.
             for waiting in self._waiting.values():
-                if not waiting.future.done():
-                    waiting.future.set_exception(
-                        exc if isinstance(exc, Exception) else asyncio.CancelledError()
-                    )
+                if waiting.future.done():
+                    continue
+                if isinstance(exc, Exception):
+                    waiting.future.set_exception(exc)
+                else:  # cancelled (close): so are they
+                    waiting.future.cancel()
             raise
 
     def _transient(self, exc: grpc.aio.AioRpcError) -> bool:
@@ -190,7 +192,7 @@ class StreamClient:
         )
 
     async def _stream(self) -> None:
-        """One stream, until it fails (raises) or has nothing left to send or wait for."""
+        """One stream, until it fails (raises); an idle one stays open for what comes."""
         stream = await self._limits()
         call = self.client.stub.InferStream(metadata=self.client.metadata)
         tasks = [
