@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -41,8 +40,6 @@ import grpc
 from tandem import stream_ids
 from tandem.edge.client import Answer, CloudClient
 from tandem.wire.v1 import split_inference_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 WINDOW_REFUSAL = "max_stream_inflight"
 """Words of the service's status for a stream that broke its window."""

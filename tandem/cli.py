@@ -211,16 +211,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _evaluate(
     args: argparse.Namespace, bundle: Path, data_spec: str, skip: bool = False
 ) -> dict[str, Any]:
-    from tandem.bundle import read_manifest
+    from tandem.bundle import FULL_FILE, read_manifest
     from tandem.data import load_data
     from tandem.evaluate import evaluate_bundle
+    from tandem.input_codecs import count
 
     manifest = read_manifest(bundle)
     split = load_data(data_spec, skip_unreadable=skip).test
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
-    from tandem.bundle import FULL_FILE
-    from tandem.input_codecs import count
-
     rates = len(manifest.entropy.betas) if manifest.entropy is not None else 0
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
     total += count() if FULL_FILE in manifest.files else 0
@@ -405,6 +403,15 @@ def _served_text(served: dict[str, Any]) -> str:
 VERBOSE_HELP = "log progress to stderr"
 
 
+def _skip_unreadable_option(p: argparse.ArgumentParser) -> None:
+    """``--skip-unreadable``, for the commands that read a user's image folder."""
+    p.add_argument(
+        "--skip-unreadable", action="store_true",
+        help="leave out images of an image folder that cannot be decoded (counted in one "
+        "warning) instead of stopping at the first",
+    )  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``tandem`` and its subcommands (the roles' included).
 
@@ -423,11 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a distillation recipe and write a bundle")
     p.add_argument("recipe", help="built-in recipe name (digits, mnist) or a TOML file")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
-    p.add_argument(
-        "--skip-unreadable", action="store_true",
-        help="leave out images of an image folder that cannot be decoded (counted in one "
-        "warning) instead of stopping at the first",
-    )  # fmt: skip
+    _skip_unreadable_option(p)
     p.add_argument("--out", required=True, help="bundle directory (also holds checkpoints)")
     p.add_argument(
         "--set",
@@ -443,11 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
     p.add_argument("bundle", help="the bundle directory")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
-    p.add_argument(
-        "--skip-unreadable", action="store_true",
-        help="leave out images of an image folder that cannot be decoded (counted in one "
-        "warning) instead of stopping at the first",
-    )  # fmt: skip
+    _skip_unreadable_option(p)
     p.add_argument(
         "--bits",
         type=int,

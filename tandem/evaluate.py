@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 import zstandard
-from PIL import Image
 
 from tandem.bundle import HeadRunner, TailRunner, load_full, read_manifest
 from tandem.data import Split, normalize
 from tandem.entropy_points import information_bits
-from tandem.input_codecs import measure_input_codecs
+from tandem.input_codecs import measure_input_codecs, pil_image
 from tandem.train import accuracy, batched_outputs
 
 Progress = Callable[[int], object]
@@ -45,7 +44,7 @@ class Point:
 
 def _image_bytes(image: np.ndarray, **save: Any) -> int:
     buf = io.BytesIO()
-    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buf, **save)
+    pil_image(image).save(buf, **save)
     return buf.tell()
 
 

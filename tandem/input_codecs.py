@@ -38,11 +38,16 @@ class InputPoint:
     bytes_per_sample: float
 
 
+def pil_image(image: np.ndarray) -> Image.Image:
+    """A uint8 ``C x H x W`` array (one or three channels) as a Pillow image."""
+    return Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
+
+
 def round_trip(image: np.ndarray, codec: str, quality: int | None) -> tuple[np.ndarray, int]:
     """``image`` (uint8, C x H x W, one or three channels) encoded with ``codec`` and decoded
     again, in the same layout; and the encoded size in bytes."""
     grey = image.shape[0] == 1
-    pil = Image.fromarray(image[0] if grey else image.transpose(1, 2, 0))
+    pil = pil_image(image)
     buf = io.BytesIO()
     if codec == "png":
         pil.save(buf, format="PNG", optimize=True)
