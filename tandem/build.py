@@ -14,7 +14,7 @@ from tandem.data import DataSet
 from tandem.evaluate import measure_points
 from tandem.profile import model_flops, profile_cuts
 from tandem.progress import bar as progress_bar
-from tandem.train import DistilledModels, Distiller, accuracy, batched_outputs
+from tandem.train import DistilledModels, Distiller, accuracy
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,16 @@ def build_bundle(
     *,
     fresh: bool = False,
     progress: bool = False,
+    workers: int | None = None,
 ) -> Manifest:
     """Run ``recipe`` on ``data`` and write a measured bundle to ``out``.
 
-    ``progress`` shows a bar per training epoch and one for the final measurements.
+    ``progress`` shows a bar per training epoch and one for the final measurements;
+    ``workers`` reader processes stream the data (None: :func:`tandem.data.default_workers`).
     """
-    distiller = Distiller(recipe, data, out, fresh=fresh, progress=progress)
+    distiller = Distiller(recipe, data, out, fresh=fresh, progress=progress, workers=workers)
     teacher = distiller.teacher()
-    teacher_acc = accuracy(batched_outputs(teacher, distiller.inputs(data.test)), data.test.y)
+    teacher_acc = accuracy(distiller.outputs(teacher, data.test), data.test.y)
     log.info("teacher test accuracy %.4f", teacher_acc)
     trained = distiller.student(teacher)
     fields = _manifest_fields(recipe, data, trained)

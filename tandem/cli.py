@@ -187,7 +187,14 @@ def _train(
 
     recipe = load_recipe(recipe_name, args.set)
     data = load_data(data_spec, skip_unreadable=skip)
-    return build_bundle(recipe, data, out, fresh=args.fresh, progress=_show_progress(args))
+    return build_bundle(
+        recipe,
+        data,
+        out,
+        fresh=args.fresh,
+        progress=_show_progress(args),
+        workers=args.workers,
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -212,12 +219,14 @@ def _evaluate(
     args: argparse.Namespace, bundle: Path, data_spec: str, skip: bool = False
 ) -> dict[str, Any]:
     from tandem.bundle import FULL_FILE, read_manifest
-    from tandem.data import load_data
+    from tandem.data import Split, load_data
     from tandem.evaluate import evaluate_bundle
     from tandem.input_codecs import count
 
     manifest = read_manifest(bundle)
-    split = load_data(data_spec, skip_unreadable=skip).test
+    test = load_data(data_spec, skip_unreadable=skip).test
+    # Every point is measured over the whole test split: read it once, into memory.
+    split = Split(test.in_memory(args.workers), test.y)
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
     rates = len(manifest.entropy.betas) if manifest.entropy is not None else 0
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
@@ -297,7 +306,7 @@ the daemon's policy chooses among both."""
 def cmd_demo(args: argparse.Namespace) -> int:
     """``tandem demo``: train the digits recipe, evaluate it, serve it edge -> cloud, then
     over an emulated LTE link, and simulate every strategy on that link."""
-    args.set, args.fresh, args.bits = list(DEMO_RATE), True, None
+    args.set, args.fresh, args.bits, args.workers = list(DEMO_RATE), True, None, None
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
         if not args.json:
@@ -403,12 +412,30 @@ def _served_text(served: dict[str, Any]) -> str:
 VERBOSE_HELP = "log progress to stderr"
 
 
-def _skip_unreadable_option(p: argparse.ArgumentParser) -> None:
-    """``--skip-unreadable``, for the commands that read a user's image folder."""
+def _workers(text: str) -> int | None:
+    """``--workers``: ``auto`` (None) or a count of reader processes."""
+    if text == "auto":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a count >= 0, got {text!r}")
+    return count
+
+
+def _reading_options(p: argparse.ArgumentParser) -> None:
+    """``--skip-unreadable`` and ``--workers``, for the commands that read a user's data."""
     p.add_argument(
         "--skip-unreadable", action="store_true",
         help="leave out images of an image folder that cannot be decoded (counted in one "
         "warning) instead of stopping at the first",
+    )  # fmt: skip
+    p.add_argument(
+        "--workers", type=_workers, default="auto", metavar="N",
+        help="reader processes that decode an image folder's files as they are needed (auto: "
+        "tandem.data.DEFAULT_WORKERS for an image folder, none for arrays in memory)",
     )  # fmt: skip
 
 
@@ -428,9 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = sub.add_parser("train", help="run a distillation recipe and write a bundle")
-    p.add_argument("recipe", help="built-in recipe name (digits, mnist) or a TOML file")
+    p.add_argument("recipe", help="built-in recipe name (digits, mnist, cifar10) or a TOML file")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
-    _skip_unreadable_option(p)
+    _reading_options(p)
     p.add_argument("--out", required=True, help="bundle directory (also holds checkpoints)")
     p.add_argument(
         "--set",
@@ -446,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
     p.add_argument("bundle", help="the bundle directory")
     p.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
-    _skip_unreadable_option(p)
+    _reading_options(p)
     p.add_argument(
         "--bits",
         type=int,

@@ -13,14 +13,18 @@ A spec is one of:
   An image that cannot be decoded is an error naming it (or, asked, left out and counted);
   other files are ignored and counted; a class with no image is an error naming it.
 
-Images are kept as uint8 ``(N, C, H, W)`` arrays: that is what a device holds, so the raw-input
-baselines are measured on it, and normalisation happens inside the model input pipeline.
+Images are uint8 ``(N, C, H, W)``: that is what a device holds, so the raw-input baselines are
+measured on it, and normalisation happens inside the model input pipeline. Digits and npz
+archives are arrays in memory; an image folder is read on demand: loading decodes each file
+once to check it and learn its size and colour, keeping nothing but its path, and training and
+evaluation stream it through ``torch.utils.data`` with worker processes (:meth:`Split.batches`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,9 @@ log = logging.getLogger(__name__)
 NPZ_TEST_ROWS = 10_000
 HOLDOUT_FRACTION = 0.2
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+# Reader processes for an image folder: decoding a small JPEG takes tens of microseconds, so
+# two keep ahead of a model on two cores without taking a core from it for long.
+DEFAULT_WORKERS = 2
 
 
 class DataSpecError(ValueError):
@@ -39,14 +46,152 @@ class DataSpecError(ValueError):
 
 
 @dataclass(frozen=True)
-class Split:
-    """Images ``x`` (uint8, N x C x H x W) and integer labels ``y`` of one split."""
+class ArrayImages:
+    """Images held in memory as one uint8 ``(N, C, H, W)`` array (digits, npz archives)."""
 
-    x: np.ndarray
+    array: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape of one image."""
+        c, h, w = self.array.shape[1:]
+        return int(c), int(h), int(w)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at ``rows``, as a uint8 ``(len(rows), C, H, W)`` array."""
+        return self.array[np.asarray(rows, dtype=np.int64)]
+
+
+@dataclass(frozen=True)
+class FileImages:
+    """Images left on disk, decoded each time they are taken: nothing is kept in memory but
+    the paths. Every file decoded when the folder was loaded, so one that fails here changed
+    on disk since: a DataSpecError naming it."""
+
+    paths: tuple[Path, ...]
+    size: tuple[int, int]
+    grey: bool
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape of one image."""
+        return (1 if self.grey else 3, *self.size)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at ``rows``, each decoded and resized to :attr:`size`."""
+        images = [_decode_again(self.paths[int(i)]) for i in rows]
+        return _stack(images, self.size, self.grey, self.shape)
+
+
+Images = ArrayImages | FileImages
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: integer labels ``y`` in memory, images read on demand from ``images``.
+
+    :meth:`take` reads a few rows; :meth:`batches` streams the split through a
+    ``torch.utils.data.DataLoader`` (worker processes decode the files of an image folder);
+    :attr:`x` reads the whole split into one array, for the small test splits that tools
+    handle at once.
+    """
+
+    images: Images
     y: np.ndarray
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.y.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape of one image."""
+        return self.images.shape
+
+    @property
+    def x(self) -> np.ndarray:
+        """Every image of the split as one uint8 ``(N, C, H, W)`` array (read whole)."""
+        return self.in_memory().array
+
+    def in_memory(self, workers: int | None = None) -> ArrayImages:
+        """The split's images read whole into memory, through its loader (an array split's
+        own array, uncopied)."""
+        if isinstance(self.images, ArrayImages):
+            return self.images
+        return ArrayImages(np.concatenate([b.x.numpy() for b in self.in_order(1024, workers)]))
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at ``rows``."""
+        return self.images.take(rows)
+
+    def subset(self, rows: Sequence[int] | np.ndarray) -> Split:
+        """The split restricted to ``rows`` (an array split copies them; a folder's does not)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if isinstance(self.images, ArrayImages):
+            return Split(ArrayImages(self.images.take(rows)), self.y[rows])
+        paths = tuple(self.images.paths[i] for i in rows)
+        return Split(FileImages(paths, self.images.size, self.images.grey), self.y[rows])
+
+    def batches(self, order: Iterable[torch.Tensor], workers: int | None = None) -> Iterator[Batch]:
+        """Stream the split in the batches of row indices ``order``, in that order.
+
+        ``workers`` processes read the batches ahead (None: :func:`default_workers`); with 0
+        they are read in this process.
+        """
+        workers = default_workers(self) if workers is None else workers
+        loader = torch.utils.data.DataLoader(
+            _Rows(self),
+            sampler=list(order),
+            batch_size=None,  # each sampled item is a whole batch of rows
+            num_workers=workers,
+            prefetch_factor=4 if workers else None,
+            # Its own generator: the loader draws a worker seed, which must not move the
+            # global RNG that training reseeds per epoch.
+            generator=torch.Generator(),
+        )
+        for item in loader:
+            # A worker hands an unreadable file back as its message: raised here, it is one
+            # line naming the file rather than the loader's wrapped worker traceback.
+            if isinstance(item, str):
+                raise DataSpecError(item)
+            yield item
+
+    def in_order(self, batch_size: int, workers: int | None = None) -> Iterator[Batch]:
+        """Stream the split front to back in batches of ``batch_size``."""
+        order = torch.arange(len(self)).split(batch_size)
+        return self.batches(order, workers)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows of a split read together: their indices, uint8 images and labels."""
+
+    idx: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class _Rows(torch.utils.data.Dataset[Batch | str]):
+    """A split as a map-style data set whose items are whole batches of rows (or, for a
+    batch with a file that no longer decodes, the error's message)."""
+
+    def __init__(self, split: Split) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, rows: torch.Tensor) -> Batch | str:
+        try:
+            x = torch.from_numpy(self.split.take(rows.numpy()))
+        except DataSpecError as exc:
+            return str(exc)
+        return Batch(rows, x, torch.from_numpy(self.split.y[rows.numpy()]))
+
+
+def default_workers(split: Split) -> int:
+    """Reader processes for a split: ``DEFAULT_WORKERS`` for an image folder, whose files
+    are decoded as they are read, none for arrays already in memory."""
+    return DEFAULT_WORKERS if isinstance(split.images, FileImages) else 0
 
 
 @dataclass(frozen=True)
@@ -61,8 +206,7 @@ class DataSet:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """The (C, H, W) shape of one input."""
-        c, h, w = self.train.x.shape[1:]
-        return int(c), int(h), int(w)
+        return self.train.shape
 
 
 def check_spec(spec: str) -> None:
@@ -109,12 +253,15 @@ def _as_nchw(x: np.ndarray) -> np.ndarray:
     raise DataSpecError(f"images must be (N, H, W) or (N, H, W, C), got shape {x.shape}")
 
 
-def _holdout(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[Split, Split]:
+def _holdout(whole: Split, seed: int = 0) -> tuple[Split, Split]:
     """The seeded 20% test split of data without one of its own (at least 2 rows)."""
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_test = max(1, round(len(y) * HOLDOUT_FRACTION))
-    train, test = order[:-n_test], order[-n_test:]
-    return Split(x[train], y[train]), Split(x[test], y[test])
+    order = np.random.default_rng(seed).permutation(len(whole))
+    n_test = max(1, round(len(whole) * HOLDOUT_FRACTION))
+    return whole.subset(order[:-n_test]), whole.subset(order[-n_test:])
+
+
+def _in_memory(x: np.ndarray, y: np.ndarray) -> Split:
+    return Split(ArrayImages(x), y)
 
 
 DIGITS_FILE = Path(__file__).with_name("digits.npz")
@@ -127,7 +274,7 @@ def _load_digits(spec: str) -> DataSet:
         images, target = arrays["images"], arrays["target"]
     # The bundled images hold 0..16 intensities; stretch them to the uint8 range a camera gives.
     x = np.rint(images * (255.0 / 16.0)).astype(np.uint8)
-    train, test = _holdout(_as_nchw(x), target.astype(np.int64))
+    train, test = _holdout(_in_memory(_as_nchw(x), target.astype(np.int64)))
     return DataSet(spec, train, test, [str(c) for c in range(10)])
 
 
@@ -158,10 +305,10 @@ def _npz_splits(x: np.ndarray, y: np.ndarray) -> tuple[Split, Split]:
     """An archive's train and test splits: its last NPZ_TEST_ROWS rows are the test split when
     there are more, else the seeded holdout of :func:`_holdout`."""
     if len(y) > NPZ_TEST_ROWS:
-        return Split(x[:-NPZ_TEST_ROWS], y[:-NPZ_TEST_ROWS]), Split(
+        return _in_memory(x[:-NPZ_TEST_ROWS], y[:-NPZ_TEST_ROWS]), _in_memory(
             x[-NPZ_TEST_ROWS:], y[-NPZ_TEST_ROWS:]
         )
-    return _holdout(x, y)
+    return _holdout(_in_memory(x, y))
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -189,49 +336,74 @@ class _Reading:
                         len(self.ignored), root, self.ignored[0])  # fmt: skip
 
 
-def _read_images(
-    root: Path, classes: list[str], reading: _Reading
-) -> tuple[list[np.ndarray], list[int]]:
-    images, labels = [], []
+@dataclass(frozen=True)
+class _Found:
+    """One readable image of a folder: where it is, its class, its size and colour."""
+
+    path: Path
+    label: int
+    size: tuple[int, int]
+    grey: bool
+
+
+def _scan_images(root: Path, classes: list[str], reading: _Reading) -> list[_Found]:
+    """Decode every image once (keeping none) to learn sizes and colour and to find the
+    unreadable ones before training starts rather than in the middle of an epoch."""
+    found: list[_Found] = []
     for label, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             continue
-        found = 0
+        before = len(found)
         for path in sorted(folder.iterdir()):
             if path.name.startswith(".") or path.is_dir():
                 continue
             if path.suffix.lower() not in IMAGE_SUFFIXES:
                 reading.ignored.append(path)
                 continue
-            image = _read_image(path, reading)
-            if image is not None:
-                images.append(image)
-                labels.append(label)
-                found += 1
-        if not found:
+            try:
+                image = _decode(path)
+            except DataSpecError as exc:
+                if not reading.skip_unreadable:
+                    raise DataSpecError(
+                        f"cannot read image {path}: {exc} (--skip-unreadable leaves such files out)"
+                    ) from exc
+                reading.unreadable.append(f"{path}: {exc}")
+                continue
+            found.append(_Found(path, label, image.shape[:2], _is_grey(image)))
+        if len(found) == before:
             raise DataSpecError(f"class {name!r} has no PNG or JPEG images in {folder}")
-    return images, labels
+    return found
 
 
-def _read_image(path: Path, reading: _Reading) -> np.ndarray | None:
-    """The image's RGB pixels; None when it is unreadable and such images are skipped."""
+def _decode(path: Path) -> np.ndarray:
+    """The image's RGB pixels (H, W, 3); DataSpecError with the decoder's reason if it
+    cannot be decoded."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all three
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if not reading.skip_unreadable:
-            raise DataSpecError(
-                f"cannot read image {path}: {why} (--skip-unreadable leaves such files out)"
-            ) from exc
-        reading.unreadable.append(f"{path}: {why}")
-        return None
+        raise DataSpecError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 
-def _stack(images: list[np.ndarray], size: tuple[int, int], grey: bool) -> np.ndarray:
+def _decode_again(path: Path) -> np.ndarray:
+    """An image the folder's scan decoded, decoded again for use."""
+    try:
+        return _decode(path)
+    except DataSpecError as exc:
+        raise DataSpecError(
+            f"cannot read image {path}: {exc} (it decoded when the folder was loaded: it changed "
+            "on disk since)"
+        ) from exc
+
+
+def _stack(
+    images: list[np.ndarray], size: tuple[int, int], grey: bool, shape: tuple[int, ...]
+) -> np.ndarray:
+    """Images of any size as one uint8 ``(N, C, H, W)`` array of ``size`` (an empty list gives
+    an empty array of ``shape``)."""
     from PIL import Image
 
     out = []
@@ -240,6 +412,8 @@ def _stack(images: list[np.ndarray], size: tuple[int, int], grey: bool) -> np.nd
             resized = Image.fromarray(img).resize((size[1], size[0]), Image.Resampling.BILINEAR)
             img = np.asarray(resized)
         out.append(img[..., :1] if grey else img)
+    if not out:
+        return np.zeros((0, *shape), np.uint8)
     return _as_nchw(np.stack(out))
 
 
@@ -256,39 +430,51 @@ def _load_imagefolder(spec: str, root: Path, skip_unreadable: bool) -> DataSet:
     classes = [p.name for p in _class_dirs(class_root)]
     names = ("train", "test") if has_splits else ("",)
     reading = _Reading(skip_unreadable)
-    parts = {name: _read_images(root / name, classes, reading) for name in names}
+    parts = {name: _scan_images(root / name, classes, reading) for name in names}
     reading.report(root)
-    for name, (images, _) in parts.items():
-        if not images:
+    for name, found in parts.items():
+        if not found:
             raise DataSpecError(f"{spec}: no PNG or JPEG images found in {root / name}")
-    every = [img for images, _ in parts.values() for img in images]
+    every = [f for found in parts.values() for f in found]
     # Mixed sizes are common in hand-made folders; resize to the most frequent one. Colour is
     # decided over every split at once, so train and test always get the same channels.
-    size = Counter(img.shape[:2] for img in every).most_common(1)[0][0]
-    grey = all(_is_grey(img) for img in every)
+    size = Counter(f.size for f in every).most_common(1)[0][0]
+    grey = all(f.grey for f in every)
     splits = {
-        name: (_stack(images, size, grey), np.asarray(labels, dtype=np.int64))
-        for name, (images, labels) in parts.items()
+        name: Split(
+            FileImages(tuple(f.path for f in found), size, grey),
+            np.asarray([f.label for f in found], dtype=np.int64),
+        )
+        for name, found in parts.items()
     }
-    if has_splits:
-        train, test = Split(*splits["train"]), Split(*splits["test"])
-    else:
-        train, test = _holdout(*splits[""])
-    log.info("loaded %d train / %d test images from %s", len(train), len(test), root)
+    train, test = (splits["train"], splits["test"]) if has_splits else _holdout(splits[""])
+    log.info("found %d train / %d test images in %s", len(train), len(test), root)
     return DataSet(spec, train, test, classes)
 
 
-def channel_stats(x: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images, on the [0, 1] scale."""
-    mean, std = [], []
-    for c in range(x.shape[1]):
-        # One channel at a time, and float64 accumulation without a float64 copy of the set.
-        channel = x[:, c]
-        m = channel.mean(dtype=np.float64) / 255.0
-        var = np.square(channel, dtype=np.float64).mean() / 255.0**2 - m * m
-        mean.append(float(m))
-        std.append(float(max(np.sqrt(max(var, 0.0)), 1e-3)))
-    return mean, std
+def channel_stats(x: np.ndarray | Iterable[np.ndarray]) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 ``(N, C, H, W)`` images, on the
+    [0, 1] scale: of one array, or of a stream of batches (a split read in order)."""
+    chunks = [x] if isinstance(x, np.ndarray) else x
+    total = squares = None
+    count = 0
+    for chunk in chunks:
+        # float64 accumulation without a float64 copy of the chunk.
+        s = chunk.sum(axis=(0, 2, 3), dtype=np.float64)
+        q = np.einsum("nchw,nchw->c", chunk, chunk, dtype=np.float64)
+        total, squares = (s, q) if total is None else (total + s, squares + q)
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    if total is None or squares is None or not count:
+        raise DataSpecError("no images to take channel statistics of")
+    mean = total / count / 255.0
+    var = squares / count / 255.0**2 - mean * mean
+    std = np.maximum(np.sqrt(np.maximum(var, 0.0)), 1e-3)
+    return [float(m) for m in mean], [float(v) for v in std]
+
+
+def split_stats(split: Split, workers: int | None = None) -> tuple[list[float], list[float]]:
+    """:func:`channel_stats` of a split, read in order through its loader."""
+    return channel_stats(batch.x.numpy() for batch in split.in_order(1024, workers))
 
 
 def normalize(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:

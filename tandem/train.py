@@ -48,7 +48,7 @@ from tandem.bottleneck import (
 )
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, Recipe, RecipeError, TeacherConfig
-from tandem.data import DataSet, Split, channel_stats, normalize
+from tandem.data import Batch, DataSet, Split, normalize, split_stats
 from tandem.entropy import RatePoints
 from tandem.models import build_model
 from tandem.progress import bar as progress_bar
@@ -56,7 +56,9 @@ from tandem.split import split_model
 
 log = logging.getLogger(__name__)
 
-BatchLoss = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+BatchLoss = Callable[[Batch, torch.Generator], torch.Tensor]
+# Reads the training split in the given batches of row indices, normalised, in that order.
+Reader = Callable[[list[torch.Tensor]], Iterator[Batch]]
 
 
 @dataclass
@@ -114,8 +116,9 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
 class PhaseRunner:
     """Runs the epochs of one phase with AdamW, a warm-up/cosine schedule and checkpoints."""
 
-    def __init__(self, ckpt: Checkpointer, seed: int, show_progress: bool) -> None:
+    def __init__(self, ckpt: Checkpointer, read: Reader, seed: int, show_progress: bool) -> None:
         self.ckpt = ckpt
+        self.read = read
         self.seed = seed
         self.show_progress = show_progress
 
@@ -162,17 +165,18 @@ class PhaseRunner:
         steps_per_epoch = math.ceil(n_samples / cfg.batch_size)
         for m in modules.values():
             m.train()
+        order = list(_batches(n_samples, cfg.batch_size, gen))
         bar = progress_bar(
-            _batches(n_samples, cfg.batch_size, gen),
+            self.read(order),
             total=steps_per_epoch,
             desc=f"{phase} {epoch + 1}/{cfg.epochs}",
             show=self.show_progress,
         )
         running = 0.0
-        for i, idx in enumerate(bar):
+        for i, batch in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch * cfg.epochs)
-            loss = batch_loss(idx, gen)
+            loss = batch_loss(batch, gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -249,23 +253,41 @@ class Distiller:
     """Runs a recipe's phases on one data set, checkpointing into ``out_dir``."""
 
     def __init__(
-        self, recipe: Recipe, data: DataSet, out_dir: Path, *, fresh: bool, progress: bool
+        self,
+        recipe: Recipe,
+        data: DataSet,
+        out_dir: Path,
+        *,
+        fresh: bool,
+        progress: bool,
+        workers: int | None = None,
     ) -> None:
         self.recipe = recipe
         self.data = data
+        self.workers = workers
         fingerprint = f"{recipe.fingerprint()}:{data.spec}"
         self.runner = PhaseRunner(
-            Checkpointer(out_dir / "checkpoint", fingerprint, fresh=fresh), recipe.seed, progress
+            Checkpointer(out_dir / "checkpoint", fingerprint, fresh=fresh),
+            lambda order: self.normalized(data.train.batches(order, workers)),
+            recipe.seed,
+            progress,
         )
-        self.mean, self.std = channel_stats(data.train.x)
-        self.x_train = normalize(data.train.x, self.mean, self.std)
+        self.mean, self.std = split_stats(data.train, workers)
         black = np.zeros((1, len(self.mean), 1, 1), np.uint8)
         self.black = normalize(black, self.mean, self.std)[0, :, 0, 0]  # what padding shows
-        self.y_train = torch.from_numpy(data.train.y)
 
-    def inputs(self, split: Split) -> torch.Tensor:
-        """Normalised float inputs of a split."""
-        return normalize(split.x, self.mean, self.std)
+    def normalized(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The batches with their images as the models' normalised float inputs."""
+        for b in batches:
+            yield Batch(b.idx, normalize(b.x.numpy(), self.mean, self.std), b.y)
+
+    @torch.inference_mode()
+    def outputs(self, model: nn.Module, split: Split, batch_size: int = 512) -> torch.Tensor:
+        """``model``'s outputs (eval mode) over every row of ``split``, in order, read in
+        batches: the split's images are never all in memory."""
+        model.eval()
+        batches = self.normalized(split.in_order(batch_size, self.workers))
+        return torch.cat([model(b.x) for b in batches])
 
     def teacher(self) -> nn.Module:
         """Build the teacher, then load its checkpoint or train it from scratch."""
@@ -292,18 +314,20 @@ class Distiller:
         layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = _in_layout(model, layout)
 
-        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            x = augment(self.x_train[idx], cfg, self.black, gen).contiguous(memory_format=layout)
-            return F.cross_entropy(model(x), self.y_train[idx])
+        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+            x = augment(batch.x, cfg, self.black, gen).contiguous(memory_format=layout)
+            return F.cross_entropy(model(x), batch.y)
 
-        self.runner.run("teacher", cfg.train, {"teacher": model}, len(self.y_train), loss)
+        self.runner.run("teacher", cfg.train, {"teacher": model}, len(self.data.train), loss)
         return _in_layout(model, torch.contiguous_format).eval()
 
     def student(self, teacher: nn.Module) -> DistilledModels:
         """Distil the bottleneck student from a trained teacher (both stages)."""
         torch.manual_seed(self.recipe.seed + 1)
         parts = split_model(teacher, self.recipe.cut)
-        cut_features = batched_outputs(parts.head, self.x_train).half()
+        # The teacher's targets are cached, the images not: the student phases read the
+        # training split again each epoch, without augmentation, so the targets stay valid.
+        cut_features = self.outputs(parts.head, self.data.train).half()
         cut_shape = tuple(cut_features.shape[1:])
         if len(cut_shape) != 3:
             raise RecipeError(f"cut {self.recipe.cut!r} carries shape {cut_shape}; need (C, H, W)")
@@ -317,7 +341,7 @@ class Distiller:
         rates = RatePoints(b.channels, len(betas)) if betas else None
         self._distil_head(encoder, decoder, cut_features, rates)
         del cut_features
-        self._finetune(encoder, cloud, batched_outputs(teacher, self.x_train), rates)
+        self._finetune(encoder, cloud, self.outputs(teacher, self.data.train), rates)
         return DistilledModels(
             teacher,
             encoder.eval(),
@@ -334,7 +358,8 @@ class Distiller:
     ) -> tuple[int, int]:
         """Check the decoder rebuilds the cut's shape; return the code's spatial size."""
         with torch.no_grad():
-            code = encoder.eval()(self.x_train[:2])
+            probe_x = normalize(self.data.train.take([0]), self.mean, self.std)
+            code = encoder.eval()(probe_x)
             probe = decoder.eval()(code)
         if tuple(probe.shape[1:]) != cut_shape:
             raise RecipeError(
@@ -365,8 +390,8 @@ class Distiller:
             bits_per_pixel = coded.bits().mean() / pixels
             return F.mse_loss(decoder(coded.features), goal) + rate.betas[point] * bits_per_pixel
 
-        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            x, goal = self.x_train[idx], target[idx].float()
+        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+            x, goal = batch.x, target[batch.idx].float()
             chosen = sandwich(widths, gen)
             # Drawn only with rate points, so a recipe without them trains as it always did.
             draws = (
@@ -421,26 +446,23 @@ class Distiller:
             coded = rates.straight_through(z, point, gen)
             return coded.features, rate.betas[point] * coded.bits().mean() / pixels
 
-        def one_width(
-            x: torch.Tensor, idx: torch.Tensor, w: float, mode: int, gen: torch.Generator
-        ) -> torch.Tensor:
-            features, rate_term = sent(x, w, mode, gen)
+        def one_width(batch: Batch, w: float, mode: int, gen: torch.Generator) -> torch.Tensor:
+            features, rate_term = sent(batch.x, w, mode, gen)
             logits = cloud(features)
-            ce = F.cross_entropy(logits, self.y_train[idx])
+            ce = F.cross_entropy(logits, batch.y)
             kl = F.kl_div(
                 F.log_softmax(logits / temp, 1),
-                F.log_softmax(teacher_logits[idx] / temp, 1),
+                F.log_softmax(teacher_logits[batch.idx] / temp, 1),
                 log_target=True,
                 reduction="batchmean",
             )
             return (1 - d.kd_weight) * ce + d.kd_weight * temp * temp * kl + rate_term
 
-        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            x = self.x_train[idx]
+        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
             draws = torch.randint(modes, (len(widths),), generator=gen).tolist()
             return sum(
                 (
-                    one_width(x, idx, w, draw, gen)
+                    one_width(batch, w, draw, gen)
                     for w, draw in zip(sandwich(widths, gen), draws, strict=False)
                 ),
                 torch.zeros(()),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from tandem.build import build_bundle
 from tandem.bundle import read_manifest
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, RecipeError, TeacherConfig, load_recipe
-from tandem.data import load_data
+from tandem.data import Batch, load_data
 from tandem.train import PhaseRunner, augment, lr_at, random_shift, sandwich
 
 SHORT = ["teacher.train.epochs=2", "distill.head.epochs=1", "distill.finetune.epochs=2"]
@@ -119,10 +120,14 @@ def test_resume_reproduces_dropout(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def train(folder: Path) -> nn.Module:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
-        runner = PhaseRunner(Checkpointer(folder, "fp"), seed=0, show_progress=False)
 
-        def loss(idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-            return F.cross_entropy(model(x[idx]), y[idx])
+        def read(order: list[torch.Tensor]) -> Iterator[Batch]:
+            return (Batch(idx, x[idx], y[idx]) for idx in order)
+
+        runner = PhaseRunner(Checkpointer(folder, "fp"), read, seed=0, show_progress=False)
+
+        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+            return F.cross_entropy(model(batch.x), batch.y)
 
         runner.run("p", cfg, {"m": model}, len(y), loss)
         return model
