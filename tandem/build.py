@@ -7,6 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from tandem import __version__
 from tandem.bundle import HeadRunner, Manifest, TailRunner, bottleneck_shapes, write_bundle
 from tandem.config import Recipe
@@ -14,7 +16,7 @@ from tandem.data import DataSet
 from tandem.evaluate import measure_points
 from tandem.profile import model_flops, profile_cuts
 from tandem.progress import bar as progress_bar
-from tandem.train import DistilledModels, Distiller, accuracy
+from tandem.train import CPU, DistilledModels, Distiller, accuracy
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +55,17 @@ def build_bundle(
     fresh: bool = False,
     progress: bool = False,
     workers: int | None = None,
+    device: torch.device = CPU,
 ) -> Manifest:
     """Run ``recipe`` on ``data`` and write a measured bundle to ``out``.
 
     ``progress`` shows a bar per training epoch and one for the final measurements;
-    ``workers`` reader processes stream the data (None: :func:`tandem.data.default_workers`).
+    ``workers`` reader processes stream the data (None: :func:`tandem.data.default_workers`);
+    training runs on ``device``, the bundle's weights are written from the CPU either way.
     """
-    distiller = Distiller(recipe, data, out, fresh=fresh, progress=progress, workers=workers)
+    distiller = Distiller(
+        recipe, data, out, fresh=fresh, progress=progress, workers=workers, device=device
+    )
     teacher = distiller.teacher()
     teacher_acc = accuracy(distiller.outputs(teacher, data.test), data.test.y)
     log.info("teacher test accuracy %.4f", teacher_acc)

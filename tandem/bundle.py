@@ -445,9 +445,14 @@ class TailRunner:
     """Cloud side: encoded payloads to logits."""
 
     def __init__(
-        self, cloud_tail: CloudTail, manifest: Manifest, points: Sequence[RatePoint] = ()
+        self,
+        cloud_tail: CloudTail,
+        manifest: Manifest,
+        points: Sequence[RatePoint] = (),
+        device: torch.device | None = None,
     ) -> None:
-        self.model = cloud_tail.eval()
+        self.device = torch.device("cpu") if device is None else device
+        self.model = cloud_tail.to(self.device).eval()
         self.manifest = manifest
         self.points = list(points)
         b = manifest.bottleneck
@@ -455,8 +460,11 @@ class TailRunner:
         self.max_elements = max(math.prod(shape) for shape in self.accepted)
 
     @classmethod
-    def from_bundle(cls, bundle: Path, manifest: Manifest | None = None) -> TailRunner:
-        """Rebuild decoder + tail from the manifest and load ``tail.safetensors`` only.
+    def from_bundle(
+        cls, bundle: Path, manifest: Manifest | None = None, device: torch.device | None = None
+    ) -> TailRunner:
+        """Rebuild decoder + tail from the manifest and load ``tail.safetensors`` only,
+        onto ``device`` (default: the CPU).
 
         ``manifest`` is the bundle's, when the caller has read it already. The weight file's
         size is checked against the architecture before the file is read or a model is
@@ -464,11 +472,15 @@ class TailRunner:
         """
         m = read_manifest(bundle) if manifest is None else manifest
         state = _load_verified(bundle, m, TAIL_FILE, tail_bytes(m))
-        return cls.from_state(m, state, load_rate_points(bundle, m))
+        return cls.from_state(m, state, load_rate_points(bundle, m), device)
 
     @classmethod
     def from_state(
-        cls, manifest: Manifest, state: dict[str, torch.Tensor], points: Sequence[RatePoint] = ()
+        cls,
+        manifest: Manifest,
+        state: dict[str, torch.Tensor],
+        points: Sequence[RatePoint] = (),
+        device: torch.device | None = None,
     ) -> TailRunner:
         """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict)."""
         b = manifest.bottleneck
@@ -476,7 +488,7 @@ class TailRunner:
         tail = copy.deepcopy(_traced_tail(manifest)).to_empty(device="cpu")
         cloud = CloudTail(decoder, tail)
         _load_into(cloud, state, "tail")
-        return cls(cloud, manifest, points)
+        return cls(cloud, manifest, points, device)
 
     def unpack(self, payloads: Sequence[bytes], width: float | None = None) -> torch.Tensor:
         """Decode payloads into one batch, rejecting shapes the decoder was not trained for.
@@ -514,8 +526,12 @@ class TailRunner:
     @torch.inference_mode()
     def infer(self, payloads: Sequence[bytes], width: float | None = None) -> np.ndarray:
         """Logits ``(N, classes)`` for payloads that all have the same width (which
-        entropy-coded payloads need stated)."""
-        return self.model(self.unpack(payloads, width)).numpy()
+        entropy-coded payloads need stated). On a GPU the decoded batch is copied from
+        page-locked memory, asynchronously."""
+        z = self.unpack(payloads, width)
+        if self.device.type == "cuda":
+            z = z.pin_memory().to(self.device, non_blocking=True)
+        return self.model(z).cpu().numpy()
 
 
 def tail_bytes(manifest: Manifest) -> tuple[int, int]:

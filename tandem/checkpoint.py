@@ -47,7 +47,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for pid, entries in state["state"].items():
         for key, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"optim.{pid}.{key}"] = value.contiguous()
+                tensors[f"optim.{pid}.{key}"] = value.cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
@@ -110,7 +110,8 @@ class Checkpointer:
     ) -> None:
         """Record ``phase`` after ``epochs_done`` epochs, with weights and optimizer state."""
         tensors = {
-            f"{prefix}.{key}": value.detach().contiguous()
+            # On the CPU whatever the training device: a checkpoint resumes on any device.
+            f"{prefix}.{key}": value.detach().cpu().contiguous()
             for prefix, module in modules.items()
             for key, value in module.state_dict().items()
         }

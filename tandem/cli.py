@@ -184,7 +184,9 @@ def _train(
     from tandem.build import build_bundle
     from tandem.config import load_recipe
     from tandem.data import load_data
+    from tandem.device import resolve_device
 
+    device = resolve_device(args.device)  # before anything is read: a wrong one fails at once
     recipe = load_recipe(recipe_name, args.set)
     data = load_data(data_spec, skip_unreadable=skip)
     return build_bundle(
@@ -194,6 +196,7 @@ def _train(
         fresh=args.fresh,
         progress=_show_progress(args),
         workers=args.workers,
+        device=device,
     )
 
 
@@ -220,9 +223,11 @@ def _evaluate(
 ) -> dict[str, Any]:
     from tandem.bundle import FULL_FILE, read_manifest
     from tandem.data import Split, load_data
+    from tandem.device import resolve_device
     from tandem.evaluate import evaluate_bundle
     from tandem.input_codecs import count
 
+    device = resolve_device(args.device)  # before anything is read: a wrong one fails at once
     manifest = read_manifest(bundle)
     test = load_data(data_spec, skip_unreadable=skip).test
     # Every point is measured over the whole test split: read it once, into memory.
@@ -232,7 +237,7 @@ def _evaluate(
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
     total += count() if FULL_FILE in manifest.files else 0
     with _bar(args, total, "evaluating") as on_point:
-        return evaluate_bundle(bundle, split, bits, progress=on_point)
+        return evaluate_bundle(bundle, split, bits, progress=on_point, device=device)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -268,17 +273,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.arch is None or args.input is None:
         raise ValueError("profile needs --arch and --input (or --bundle)")
     from tandem.config import parse_assignment
+    from tandem.device import describe, resolve_device
     from tandem.models import build_model
     from tandem.profile import profile_cuts
 
+    device = resolve_device(args.device)
     kwargs = dict(parse_assignment(assignment, "--arg") for assignment in args.arg)
     model = build_model(
         args.arch, num_classes=args.num_classes, in_channels=args.input[0], **kwargs
     )
-    model.eval()
+    model.to(device).eval()
     with _bar(args, None, "profiling") as tick:
         profiles = profile_cuts(model, args.input, repeats=args.repeats, progress=lambda: tick(1))
-    doc = {"arch": args.arch, "input": list(args.input), "cuts": [p.to_dict() for p in profiles]}
+    doc = {
+        "arch": args.arch,
+        "input": list(args.input),
+        "device": describe(device),
+        "cuts": [p.to_dict() for p in profiles],
+    }
     _emit(args, doc, lambda: _profile_text(doc["cuts"]))
     return 0
 
@@ -306,7 +318,8 @@ the daemon's policy chooses among both."""
 def cmd_demo(args: argparse.Namespace) -> int:
     """``tandem demo``: train the digits recipe, evaluate it, serve it edge -> cloud, then
     over an emulated LTE link, and simulate every strategy on that link."""
-    args.set, args.fresh, args.bits, args.workers = list(DEMO_RATE), True, None, None
+    args.set, args.fresh, args.bits = list(DEMO_RATE), True, None
+    args.workers, args.device = None, "cpu"  # the digits are small: the CPU serves them best
     with tempfile.TemporaryDirectory(prefix="tandem-demo-") as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "digits"
         if not args.json:
@@ -425,6 +438,15 @@ def _workers(text: str) -> int | None:
     return count
 
 
+def _device_option(p: argparse.ArgumentParser) -> None:
+    """``--device``, for the commands that compute with a model."""
+    p.add_argument(
+        "--device", default="auto",
+        help="where to compute: auto (CUDA when PyTorch sees one, else the CPU), cpu, cuda "
+        "or cuda:N",
+    )  # fmt: skip
+
+
 def _reading_options(p: argparse.ArgumentParser) -> None:
     """``--skip-unreadable`` and ``--workers``, for the commands that read a user's data."""
     p.add_argument(
@@ -468,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set distill.finetune.epochs=2 --set name=my-digits (repeatable)",
     )
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
+    _device_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
@@ -487,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help="also draw accuracy against bytes per sample to this PNG (needs tandem[sim])",
     )
+    _device_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -517,6 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bundle: also measure the edge daemon's per-request overhead (runs the real "
         "daemon and service over loopback for a few seconds)",
     )
+    _device_option(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="train, serve and simulate on the bundled digits data")

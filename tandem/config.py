@@ -160,6 +160,10 @@ class Recipe(StrictModel):
     rate: RateConfig = Field(default_factory=RateConfig)
     eval_bits: list[int] = Field(default_factory=lambda: [16, 8, 4, 2])
     default_bits: int = 4
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="training steps on CUDA under autocast in this precision "
+        "(fp16 with loss scaling); the CPU always trains in fp32"
+    )  # fmt: skip
 
     _eval_bits_valid = field_validator("eval_bits")(_check_bits)
 

@@ -131,11 +131,14 @@ class Split:
         paths = tuple(self.images.paths[i] for i in rows)
         return Split(FileImages(paths, self.images.size, self.images.grey), self.y[rows])
 
-    def batches(self, order: Iterable[torch.Tensor], workers: int | None = None) -> Iterator[Batch]:
+    def batches(
+        self, order: Iterable[torch.Tensor], workers: int | None = None, pin: bool = False
+    ) -> Iterator[Batch]:
         """Stream the split in the batches of row indices ``order``, in that order.
 
         ``workers`` processes read the batches ahead (None: :func:`default_workers`); with 0
-        they are read in this process.
+        they are read in this process. ``pin`` puts each batch in page-locked memory, for
+        an asynchronous copy to a GPU.
         """
         workers = default_workers(self) if workers is None else workers
         loader = torch.utils.data.DataLoader(
@@ -144,6 +147,7 @@ class Split:
             batch_size=None,  # each sampled item is a whole batch of rows
             num_workers=workers,
             prefetch_factor=4 if workers else None,
+            pin_memory=pin,
             # Its own generator: the loader draws a worker seed, which must not move the
             # global RNG that training reseeds per epoch.
             generator=torch.Generator(),
@@ -155,10 +159,12 @@ class Split:
                 raise DataSpecError(item)
             yield item
 
-    def in_order(self, batch_size: int, workers: int | None = None) -> Iterator[Batch]:
+    def in_order(
+        self, batch_size: int, workers: int | None = None, pin: bool = False
+    ) -> Iterator[Batch]:
         """Stream the split front to back in batches of ``batch_size``."""
         order = torch.arange(len(self)).split(batch_size)
-        return self.batches(order, workers)
+        return self.batches(order, workers, pin)
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,11 @@ class Batch:
     idx: torch.Tensor
     x: torch.Tensor
     y: torch.Tensor
+
+    def pin_memory(self) -> Batch:
+        """The batch in page-locked memory (the loader calls this for a CUDA run), so its
+        copy to the GPU can run asynchronously."""
+        return Batch(self.idx, self.x.pin_memory(), self.y.pin_memory())
 
 
 class _Rows(torch.utils.data.Dataset[Batch | str]):
@@ -480,7 +491,12 @@ def split_stats(split: Split, workers: int | None = None) -> tuple[list[float], 
 def normalize(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     """Turn uint8 ``(N, C, H, W)`` images into the float tensor the models take."""
     # float32 conversion copies anyway; doing it in numpy also accepts read-only inputs.
-    t = torch.from_numpy(x.astype(np.float32)).div_(255.0)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return normalize_tensor(torch.from_numpy(x.astype(np.float32)), mean, std)
+
+
+def normalize_tensor(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """:func:`normalize` of an image tensor (uint8 or float), on the tensor's device."""
+    t = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.div(255.0)
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     return t.sub_(m).div_(s)

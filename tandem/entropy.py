@@ -120,7 +120,7 @@ class FactorizedPrior(nn.Module):
         if self._frozen is not None:
             return self._frozen
         tail = math.log(1 / TAIL_MASS - 1)
-        goals = torch.tensor([-tail, 0.0, tail]).reshape(1, 1, 3)
+        goals = torch.tensor([-tail, 0.0, tail], device=self.matrices[0].device).reshape(1, 1, 3)
         return self._search(goals)
 
     def _search(self, goals: torch.Tensor) -> torch.Tensor:
@@ -130,9 +130,9 @@ class FactorizedPrior(nn.Module):
         batched pass and keeps the sub-interval where the logits cross the goal, so the
         bracket shrinks _FAN + 1 times per pass of the network (a bisection's 2)."""
         c, g = self.channels, goals.shape[-1]
-        lo = torch.full((c, 1, g, 1), -_SEARCH)
-        hi = torch.full((c, 1, g, 1), _SEARCH)
-        steps = torch.arange(1, _FAN + 1, dtype=lo.dtype) / (_FAN + 1)
+        lo = torch.full((c, 1, g, 1), -_SEARCH, device=goals.device)
+        hi = torch.full((c, 1, g, 1), _SEARCH, device=goals.device)
+        steps = torch.arange(1, _FAN + 1, dtype=lo.dtype, device=goals.device) / (_FAN + 1)
         for _ in range(_SEARCH_ROUNDS):
             points = lo + (hi - lo) * steps  # (C, 1, G, FAN)
             logits = self._logits_cdf(points.reshape(c, 1, g * _FAN)).reshape(points.shape)
@@ -161,7 +161,7 @@ class FactorizedPrior(nn.Module):
         # Keep the alphabet within the coder's limit, centred on the median.
         half = (MAX_TABLE_LENGTH - 1) // 2
         lo, hi = lo.clamp(min=-half), hi.clamp(max=half)
-        return lo.long().numpy(), hi.long().numpy()
+        return lo.long().cpu().numpy(), hi.long().cpu().numpy()
 
     @torch.no_grad()
     def tables(self) -> EntropyTables:
@@ -214,6 +214,13 @@ class Coded:
         return -torch.log2(self.likelihoods).flatten(1).sum(1)
 
 
+def _uniform_noise(like: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Uniform noise in [-½, ½) shaped like ``like``: drawn on the CPU from the phase's
+    generator whatever the device, so a GPU run draws the same noise, then moved."""
+    noise = torch.rand(like.shape, generator=gen, dtype=like.dtype) - 0.5
+    return noise.to(like.device)
+
+
 class RatePoints(nn.Module):
     """Gains and priors of every rate point of one bottleneck (one per recipe β)."""
 
@@ -239,7 +246,7 @@ class RatePoints(nn.Module):
         """Training path: additive uniform noise in the gained domain."""
         gain = self.gain(point, z.shape[1])
         y = z * gain
-        noise = torch.rand(y.shape, generator=gen, dtype=y.dtype) - 0.5
+        noise = _uniform_noise(y, gen)
         y_hat = y + noise
         return Coded(y_hat / gain, self.prior(point).likelihood(y_hat))
 
@@ -252,7 +259,7 @@ class RatePoints(nn.Module):
         y = z * gain
         m = self.prior(point).medians[:k].reshape(1, k, 1, 1)
         y_q = y + (torch.round(y - m) + m - y).detach()
-        noise = torch.rand(y.shape, generator=gen, dtype=y.dtype) - 0.5
+        noise = _uniform_noise(y, gen)
         return Coded(y_q / gain, self.prior(point).likelihood(y + noise))
 
     def symbols(self, z: torch.Tensor, point: int) -> torch.Tensor:
@@ -263,7 +270,7 @@ class RatePoints(nn.Module):
         m = prior.medians[:k].reshape(1, k, 1, 1)
         lo, hi = (torch.from_numpy(v[:k]).reshape(1, k, 1, 1) for v in prior.symbol_range())
         s = torch.round(z * self.gain(point, k) - m)
-        return torch.maximum(torch.minimum(s, hi.to(s.dtype)), lo.to(s.dtype))
+        return torch.maximum(torch.minimum(s, hi.to(s.device, s.dtype)), lo.to(s.device, s.dtype))
 
     def dequantize(self, s: torch.Tensor, point: int) -> torch.Tensor:
         """Cloud side: the decoder's input for symbols ``s``."""

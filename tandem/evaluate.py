@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zstandard
 
 from tandem.bundle import HeadRunner, TailRunner, load_full, read_manifest
@@ -110,11 +111,18 @@ def _measured(
 
 
 def evaluate_bundle(
-    bundle: Path, split: Split, bits_list: list[int], progress: Progress | None = None
+    bundle: Path,
+    split: Split,
+    bits_list: list[int],
+    progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """The full ``tandem eval`` report for a bundle on a test split."""
+    """The full ``tandem eval`` report for a bundle on a test split.
+
+    The head runs on the CPU, as on a device; decoder, tail and teacher on ``device``
+    (default: the CPU)."""
     manifest = read_manifest(bundle)
-    head, tail = HeadRunner.from_bundle(bundle), TailRunner.from_bundle(bundle)
+    head, tail = HeadRunner.from_bundle(bundle), TailRunner.from_bundle(bundle, device=device)
     if tuple(split.x.shape[1:]) != tuple(manifest.input.shape):
         raise ValueError(
             f"the data's inputs are {split.x.shape[1:]} but the bundle takes {manifest.input.shape}"
@@ -122,6 +130,7 @@ def evaluate_bundle(
     teacher = load_full(bundle)
     teacher_acc = manifest.teacher_accuracy
     if teacher is not None:
+        teacher = teacher.to(tail.device)
         x = normalize(split.x, manifest.input.mean, manifest.input.std)
         teacher_acc = accuracy(batched_outputs(teacher, x), split.y)
     points = measure_points(head, tail, split, bits_list, progress=progress)

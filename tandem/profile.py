@@ -19,6 +19,7 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from tandem.device import synchronize
 from tandem.split import CutPoint, TracedModel, trace_model
 
 __all__ = ["CutProfile", "ProgressCallback", "model_flops", "profile_cuts"]
@@ -186,6 +187,7 @@ def _median_latency_ms(module: nn.Module, batch: torch.Tensor, repeats: int) -> 
         for _ in range(repeats):
             start = time.perf_counter()
             module(batch)
+            synchronize(batch.device)  # a GPU returns before its work is done
             times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 

@@ -48,13 +48,16 @@ from tandem.bottleneck import (
 )
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, Recipe, RecipeError, TeacherConfig
-from tandem.data import Batch, DataSet, Split, normalize, split_stats
+from tandem.data import Batch, DataSet, Split, normalize, normalize_tensor, split_stats
+from tandem.device import Precision, autocast, grad_scaler
 from tandem.entropy import RatePoints
 from tandem.models import build_model
 from tandem.progress import bar as progress_bar
 from tandem.split import split_model
 
 log = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
 
 BatchLoss = Callable[[Batch, torch.Generator], torch.Tensor]
 # Reads the training split in the given batches of row indices, normalised, in that order.
@@ -114,13 +117,27 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
 
 
 class PhaseRunner:
-    """Runs the epochs of one phase with AdamW, a warm-up/cosine schedule and checkpoints."""
+    """Runs the epochs of one phase with AdamW, a warm-up/cosine schedule and checkpoints.
 
-    def __init__(self, ckpt: Checkpointer, read: Reader, seed: int, show_progress: bool) -> None:
+    Each step runs under :func:`tandem.device.autocast` for ``device`` and ``precision``
+    (a no-op on the CPU and in fp32), with fp16's loss scaling on CUDA.
+    """
+
+    def __init__(
+        self,
+        ckpt: Checkpointer,
+        read: Reader,
+        seed: int,
+        show_progress: bool,
+        device: torch.device = CPU,
+        precision: Precision = "fp32",
+    ) -> None:
         self.ckpt = ckpt
         self.read = read
         self.seed = seed
         self.show_progress = show_progress
+        self.device = device
+        self.precision = precision
 
     def run(
         self,
@@ -173,13 +190,16 @@ class PhaseRunner:
             show=self.show_progress,
         )
         running = 0.0
+        scaler = grad_scaler(self.device, self.precision)
         for i, batch in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch * cfg.epochs)
-            loss = batch_loss(batch, gen)
+            with autocast(self.device, self.precision):
+                loss = batch_loss(batch, gen)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             value = float(loss.detach())
             running = 0.9 * running + 0.1 * value if i else value
             # No redraw of its own: the next step's update draws it, at the bar's own pace.
@@ -200,13 +220,16 @@ def random_shift(
     if fill is None:
         padded = F.pad(x, pads, mode="replicate")
     else:
-        level = fill.to(x.dtype).view(1, c, 1, 1)
+        level = fill.to(x.device, x.dtype).view(1, c, 1, 1)
         padded = F.pad(x - level, pads) + level
+    # Drawn on the CPU from the phase's generator whatever the device, so a run retraces the
+    # same shifts on a GPU; only the index tensors travel.
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
-    rows = (dy[:, None] + torch.arange(h))[:, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, :]
-    return padded[torch.arange(n)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None].to(x.device)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :].to(x.device)
+    every = torch.arange(n, device=x.device)[:, None, None]
+    return padded[every, :, rows, cols].permute(0, 3, 1, 2)
 
 
 def augment(
@@ -217,7 +240,7 @@ def augment(
     fill = black if cfg.augment_fill == "black" else None
     x = random_shift(x, cfg.augment_shift, gen, fill)
     if cfg.augment_flip:
-        flip = torch.rand(len(x), generator=gen) < 0.5
+        flip = (torch.rand(len(x), generator=gen) < 0.5).to(x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
 
@@ -239,13 +262,19 @@ def sandwich(widths: list[float], gen: torch.Generator) -> list[float]:
 
 @torch.inference_mode()
 def batched_outputs(model: nn.Module, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Run ``model`` in eval mode over ``x`` in batches and concatenate the outputs."""
+    """Run ``model`` in eval mode over ``x`` in batches, each moved to the model's device,
+    and concatenate the outputs on the CPU."""
     model.eval()
-    return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    device = next(model.parameters()).device
+    return torch.cat(
+        [model(x[i : i + batch_size].to(device)).cpu() for i in range(0, len(x), batch_size)]
+    )
 
 
 def accuracy(logits: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy as a fraction in [0, 1]."""
+    """Top-1 accuracy as a fraction in [0, 1] (of logits on any device)."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.cpu().numpy()
     return float((np.asarray(logits).argmax(1) == labels).mean())
 
 
@@ -261,32 +290,45 @@ class Distiller:
         fresh: bool,
         progress: bool,
         workers: int | None = None,
+        device: torch.device = CPU,
     ) -> None:
         self.recipe = recipe
         self.data = data
         self.workers = workers
+        self.device = device
         fingerprint = f"{recipe.fingerprint()}:{data.spec}"
         self.runner = PhaseRunner(
             Checkpointer(out_dir / "checkpoint", fingerprint, fresh=fresh),
-            lambda order: self.normalized(data.train.batches(order, workers)),
+            lambda order: self.normalized(data.train.batches(order, workers, self.pin)),
             recipe.seed,
             progress,
+            device,
+            recipe.precision,
         )
         self.mean, self.std = split_stats(data.train, workers)
         black = np.zeros((1, len(self.mean), 1, 1), np.uint8)
         self.black = normalize(black, self.mean, self.std)[0, :, 0, 0]  # what padding shows
 
+    @property
+    def pin(self) -> bool:
+        """Whether batches are read into page-locked memory (for a GPU)."""
+        return self.device.type == "cuda"
+
     def normalized(self, batches: Iterator[Batch]) -> Iterator[Batch]:
-        """The batches with their images as the models' normalised float inputs."""
+        """The batches on the training device, their images as the models' normalised
+        float inputs (normalised there: a GPU receives the uint8 pixels, a quarter of the
+        bytes)."""
         for b in batches:
-            yield Batch(b.idx, normalize(b.x.numpy(), self.mean, self.std), b.y)
+            x = b.x.to(self.device, non_blocking=True)
+            y = b.y.to(self.device, non_blocking=True)
+            yield Batch(b.idx, normalize_tensor(x, self.mean, self.std), y)
 
     @torch.inference_mode()
     def outputs(self, model: nn.Module, split: Split, batch_size: int = 512) -> torch.Tensor:
-        """``model``'s outputs (eval mode) over every row of ``split``, in order, read in
-        batches: the split's images are never all in memory."""
+        """``model``'s outputs (eval mode) over every row of ``split``, in order, on the
+        training device, read in batches: the split's images are never all in memory."""
         model.eval()
-        batches = self.normalized(split.in_order(batch_size, self.workers))
+        batches = self.normalized(split.in_order(batch_size, self.workers, self.pin))
         return torch.cat([model(b.x) for b in batches])
 
     def teacher(self) -> nn.Module:
@@ -307,12 +349,12 @@ class Distiller:
                     f"teacher checkpoint {cfg.checkpoint} does not fit {cfg.arch.name} with "
                     f"{len(self.data.classes)} classes and args {cfg.arch.args}: {exc}"
                 ) from exc
-            return model.eval()
+            return model.to(self.device).eval()
 
         # Channels-last only while training: the bundle and the rest of the run see the
         # usual layout (the weights are saved contiguous either way).
         layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        model = _in_layout(model, layout)
+        model = _in_layout(model.to(self.device), layout)
 
         def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
             x = augment(batch.x, cfg, self.black, gen).contiguous(memory_format=layout)
@@ -335,13 +377,17 @@ class Distiller:
         encoder, decoder = build_bottleneck(
             self.data.input_shape[0], cut_shape[0], b.channels, b.widths, b.encoder, b.decoder
         )
+        encoder, decoder = encoder.to(self.device), decoder.to(self.device)
         code_spatial = self._check_shapes(encoder, decoder, cut_shape)
         cloud = CloudTail(decoder, copy.deepcopy(parts.tail))
         betas = self.recipe.rate.betas
-        rates = RatePoints(b.channels, len(betas)) if betas else None
+        rates = RatePoints(b.channels, len(betas)).to(self.device) if betas else None
         self._distil_head(encoder, decoder, cut_features, rates)
         del cut_features
         self._finetune(encoder, cloud, self.outputs(teacher, self.data.train), rates)
+        # Everything that is measured and written from here on lives on the CPU.
+        for module in (teacher, encoder, cloud, *([rates] if rates is not None else [])):
+            module.cpu()
         return DistilledModels(
             teacher,
             encoder.eval(),
@@ -358,7 +404,7 @@ class Distiller:
     ) -> tuple[int, int]:
         """Check the decoder rebuilds the cut's shape; return the code's spatial size."""
         with torch.no_grad():
-            probe_x = normalize(self.data.train.take([0]), self.mean, self.std)
+            probe_x = normalize(self.data.train.take([0]), self.mean, self.std).to(self.device)
             code = encoder.eval()(probe_x)
             probe = decoder.eval()(code)
         if tuple(probe.shape[1:]) != cut_shape:
@@ -391,7 +437,7 @@ class Distiller:
             return F.mse_loss(decoder(coded.features), goal) + rate.betas[point] * bits_per_pixel
 
         def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
-            x, goal = batch.x, target[batch.idx].float()
+            x, goal = batch.x, target[batch.idx.to(target.device)].float()
             chosen = sandwich(widths, gen)
             # Drawn only with rate points, so a recipe without them trains as it always did.
             draws = (
@@ -452,7 +498,7 @@ class Distiller:
             ce = F.cross_entropy(logits, batch.y)
             kl = F.kl_div(
                 F.log_softmax(logits / temp, 1),
-                F.log_softmax(teacher_logits[batch.idx] / temp, 1),
+                F.log_softmax(teacher_logits[batch.idx.to(teacher_logits.device)] / temp, 1),
                 log_target=True,
                 reduction="batchmean",
             )
