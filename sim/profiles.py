@@ -85,6 +85,13 @@ class TableRow(Strict):
         }
 
 
+class InputCost(Strict):
+    """Sending the input through a lossy codec: its mean bytes and the accuracy it keeps."""
+
+    bytes_per_sample: float = Field(gt=0)
+    accuracy: float = Field(ge=0, le=1)
+
+
 class BundleProfile(Strict):
     """A bundle's measured costs on one machine (see the module docstring)."""
 
@@ -96,7 +103,12 @@ class BundleProfile(Strict):
     tail: dict[float, Cost]
     full_batch: Cost
     input_bytes: float = Field(gt=0)
-    png_bytes: float = Field(gt=0)
+    png_bytes: float | None = Field(
+        default=None, gt=0, description="PNG-coded input, when measured (None: not offered)"
+    )
+    input_codecs: dict[str, InputCost] = Field(
+        default_factory=dict, description="lossy input codecs for offloading, by name"
+    )
     full_accuracy: float = Field(ge=0, le=1)
     table: list[TableRow]
     request_overhead_bytes: float = Field(gt=0, description="protobuf around the payload")

@@ -138,6 +138,35 @@ def uplink_curve(
     return {"mbps": list(mbps), "duration_s": duration, "p50_ms": p50}
 
 
+def split_wins(curve: dict[str, Any]) -> list[float] | None:
+    """The uplink rates of ``curve`` at which the fixed split's p50 is below that of local
+    inference and of every offload strategy that ran (None when split, or every one of
+    those, did not run)."""
+    p50 = curve["p50_ms"]
+    rivals = [name for name in p50 if name == "local" or name.startswith("offload-")]
+    if "split" not in p50 or not rivals:
+        return None
+    wins = []
+    for i, rate in enumerate(curve["mbps"]):
+        mine = p50["split"][i]
+        others = [p50[name][i] for name in rivals]
+        if mine is not None and all(o is None or mine < o for o in others):
+            wins.append(rate)
+    return wins
+
+
+def _wins_line(doc: dict[str, Any]) -> list[str]:
+    wins = doc.get("split_wins_mbps")
+    if wins is None:
+        return []
+    if not wins:
+        return ["At no uplink rate of the chart does the split beat both local inference and "
+                "offloading at p50.", ""]  # fmt: skip
+    rates = ", ".join(f"{w:.3g}" for w in wins)
+    return [f"The split beats local inference and every offload strategy at p50 at "
+            f"{rates} Mbit/s of the chart's rates.", ""]  # fmt: skip
+
+
 def report_steps(setup: Setup, uplink_mbps: Sequence[float] = UPLINK_MBPS) -> int:
     """How many simulations :func:`write_report` runs (for a progress bar)."""
     return len(setup.strategies) * (1 + len(uplink_mbps))
@@ -154,6 +183,7 @@ def write_report(
     runs = run_strategies(setup, progress=progress)
     doc = summary(setup, runs)
     doc["uplink_curve"] = uplink_curve(setup, uplink_mbps, progress)
+    doc["split_wins_mbps"] = split_wins(doc["uplink_curve"])
     doc["files"] = ["report.md", "summary.json", *CHARTS.values()]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,7 +270,7 @@ def markdown(setup: Setup, doc: dict[str, Any]) -> str:
         f"# Scenario `{s.name}`",
         "",
         f"{doc['devices']} devices for {s.duration_s:g} s of simulated time, SLO {s.slo_ms:g} ms, "
-        f"seed {s.seed}. Profile `{s.profile}`: bundle {setup.profile.bundle} "
+        f"seed {s.seed}. Costs: {s.source()}: {setup.profile.bundle} "
         f"v{setup.profile.version}, measured on {setup.profile.machine}. Cloud: "
         f"{cloud.workers} worker(s), batches of up to {cloud.max_batch}, "
         f"{cloud.max_delay_ms:g} ms batching delay{split}.",
@@ -264,6 +294,7 @@ def markdown(setup: Setup, doc: dict[str, Any]) -> str:
         f"p50 latency with every uplink a constant rate ({curve['duration_s']:g} s per point; "
         "the other settings as above).",
         "",
+        *_wins_line(doc),
         f"![latency CDF]({CHARTS['cdf']})",
         "",
         f"![bytes up per inference]({CHARTS['bytes']})",
@@ -271,7 +302,9 @@ def markdown(setup: Setup, doc: dict[str, Any]) -> str:
         "## Device classes",
         "",
         *_class_notes(sorted({g.device_class for g in s.devices})),
-    ]
+        *(["", "## Stated figures", "", *(f"- {line}" for line in s.model.sources())]
+          if s.model is not None else []),
+    ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

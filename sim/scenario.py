@@ -20,18 +20,31 @@ from tandem.config import settings_error
 from tandem.sim.batching import CloudModel
 from tandem.sim.des import DOWNLINK, UPLINK, Device, Strategy
 from tandem.sim.profiles import DEVICE_CLASSES, BundleProfile, TableRow, device_class
+from tandem.sim.stated import StatedModel, load_arch_profile, stated_profile
 from tandem.sim.traces import Seed, Trace, parse_spec, varies_by_seed
 
 PROFILES_DIR = Path(__file__).parent / "profiles_data"
 SCENARIOS_DIR = Path(__file__).parent / "scenarios"
-StrategyName = Literal["local", "offload-raw", "offload-png", "split", "adaptive"]
+StrategyName = Literal[
+    "local", "offload-raw", "offload-png", "offload-jpeg", "offload-webp", "split", "adaptive"
+]
 STRATEGY_NAMES: tuple[StrategyName, ...] = (
+    "local",
+    "offload-raw",
+    "offload-png",
+    "offload-jpeg",
+    "offload-webp",
+    "split",
+    "adaptive",
+)
+DEFAULT_STRATEGIES: tuple[StrategyName, ...] = (
     "local",
     "offload-raw",
     "offload-png",
     "split",
     "adaptive",
 )
+"""What a scenario compares when it names none: the input codecs a bundle profile measures."""
 
 
 class _Strict(BaseModel):
@@ -104,10 +117,16 @@ class Scenario(_Strict):
     """One scenario file (see the README's simulator section for an example)."""
 
     name: str = Field(min_length=1)
-    profile: str = Field(min_length=1, description="shipped profile name or JSON file")
+    profile: str | None = Field(
+        default=None, min_length=1, description="shipped bundle profile name or JSON file"
+    )
+    model: StatedModel | None = Field(
+        default=None, description="instead of a profile: an architecture profile and stated "
+        "figures (tandem.sim.stated)"
+    )  # fmt: skip
     devices: list[DeviceGroup] = Field(min_length=1)
     cloud: CloudSettings = CloudSettings()
-    strategies: list[StrategyName] = Field(default=list(STRATEGY_NAMES), min_length=1)
+    strategies: list[StrategyName] = Field(default=list(DEFAULT_STRATEGIES), min_length=1)
     split: SplitPoint | None = None
     slo_ms: float = Field(default=100.0, gt=0)
     duration_s: float = Field(default=60.0, gt=0)
@@ -128,6 +147,18 @@ class Scenario(_Strict):
                 f"devices.{slow[0]}: fps x duration_s is below 1, so no input would arrive"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Scenario:
+        if (self.profile is None) == (self.model is None):
+            raise ValueError("give a profile or a model block, exactly one")
+        return self
+
+    def source(self) -> str:
+        """Where the costs come from, in words: the profile's name or the stated model's."""
+        if self.model is not None:
+            return f"stated figures on the architecture profile `{self.model.arch_profile}`"
+        return f"profile `{self.profile}`"
 
     @model_validator(mode="after")
     def _split_given(self) -> Scenario:
@@ -178,7 +209,12 @@ def open_scenario(path: Path) -> Setup:
 
 def build(scenario: Scenario, base: Path) -> Setup:
     """Devices, cloud and strategies for ``scenario``; relative paths are relative to ``base``."""
-    profile = load_profile(scenario.profile, base)
+    if scenario.model is not None:
+        arch = load_arch_profile(_profile_path(scenario.model.arch_profile, base))
+        profile = stated_profile(scenario.model, arch)
+    else:
+        assert scenario.profile is not None
+        profile = load_profile(scenario.profile, base)
     return Setup(
         scenario=scenario,
         profile=profile,
@@ -193,8 +229,8 @@ def build(scenario: Scenario, base: Path) -> Setup:
     )
 
 
-def load_profile(name: str, base: Path) -> BundleProfile:
-    """A shipped profile by name (``sim/profiles_data/NAME.json``) or a profile JSON file."""
+def _profile_path(name: str, base: Path) -> Path:
+    """A shipped profile by name (``sim/profiles_data/NAME.json``) or a JSON file."""
     shipped = PROFILES_DIR / f"{name}.json"
     path = shipped if shipped.is_file() else base / name
     if not path.is_file():
@@ -202,6 +238,12 @@ def load_profile(name: str, base: Path) -> BundleProfile:
         raise ValueError(
             f"profile: {name!r} is neither a shipped profile {names} nor a file ({path})"
         )
+    return path
+
+
+def load_profile(name: str, base: Path) -> BundleProfile:
+    """A shipped profile by name (``sim/profiles_data/NAME.json``) or a profile JSON file."""
+    path = _profile_path(name, base)
     try:
         return BundleProfile.load(path)
     except ValidationError as exc:
@@ -260,10 +302,9 @@ def build_strategy(
     wire = profile.wire_overhead_bytes()
     if name == "local":
         return Strategy("local", accuracy=profile.full_accuracy)
-    if name in ("offload-raw", "offload-png"):
-        payload = profile.input_bytes if name == "offload-raw" else profile.png_bytes
-        up = payload + wire
-        return Strategy("offload", up_bytes=up, accuracy=profile.full_accuracy)
+    if name.startswith("offload-"):
+        payload, accuracy = offload_cost(profile, name.removeprefix("offload-"))
+        return Strategy("offload", up_bytes=payload + wire, accuracy=accuracy)
     if name == "split":
         if split is None:
             raise ValueError("split: {width, bits or point} is required for 'split'")
@@ -274,6 +315,22 @@ def build_strategy(
         table = tuple(row.policy_row(wire) for row in profile.table)
         return Strategy("adaptive", table=table, slo_ms=slo_ms, accuracy=profile.full_accuracy)
     raise ValueError(f"strategies: unknown strategy {name!r}; choose from {list(STRATEGY_NAMES)}")
+
+
+def offload_cost(profile: BundleProfile, codec: str) -> tuple[float, float]:
+    """(bytes per input, accuracy) of offloading the input coded as ``codec``: raw and PNG
+    keep the full model's accuracy, a lossy codec has its own."""
+    if codec == "raw":
+        return profile.input_bytes, profile.full_accuracy
+    if codec == "png":
+        if profile.png_bytes is None:
+            raise ValueError(f"strategies: profile {profile.bundle} has no PNG size")
+        return profile.png_bytes, profile.full_accuracy
+    lossy = profile.input_codecs.get(codec)
+    if lossy is None:
+        known = ", ".join(profile.input_codecs) or "none"
+        raise ValueError(f"strategies: profile {profile.bundle} has no {codec} size ({known})")
+    return lossy.bytes_per_sample, lossy.accuracy
 
 
 def split_row(profile: BundleProfile, split: SplitPoint) -> TableRow:

@@ -275,9 +275,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from tandem.config import parse_assignment
     from tandem.device import describe, resolve_device
     from tandem.models import build_model
-    from tandem.profile import profile_cuts
+    from tandem.profile import model_latency_ms, profile_cuts
 
     device = resolve_device(args.device)
+    if args.out is not None:
+        import torch
+
+        # The simulator's profiles are of one thread: a device-class factor scales that.
+        torch.set_num_threads(1)
     kwargs = dict(parse_assignment(assignment, "--arg") for assignment in args.arg)
     model = build_model(
         args.arch, num_classes=args.num_classes, in_channels=args.input[0], **kwargs
@@ -291,6 +296,13 @@ def cmd_profile(args: argparse.Namespace) -> int:
         "device": describe(device),
         "cuts": [p.to_dict() for p in profiles],
     }
+    if args.out is not None:
+        from tandem.sim.stated import arch_profile
+
+        full_ms = model_latency_ms(model, args.input, args.repeats)
+        saved = arch_profile(args.arch, list(args.input), args.num_classes, profiles, full_ms, 1)
+        saved.save(args.out)
+        doc.update(full_ms=full_ms, threads=1, out=str(args.out))
     _emit(args, doc, lambda: _profile_text(doc["cuts"]))
     return 0
 
@@ -534,7 +546,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bundle", type=Path, help="profile this bundle for the simulator instead")
     p.add_argument("--data", help="with --bundle: inputs for it, e.g. digits, npz:PATH")
-    p.add_argument("--out", type=Path, help="with --bundle: the profile JSON to write")
+    p.add_argument(
+        "--out", type=Path,
+        help="the profile JSON to write for the simulator: with --arch, an architecture "
+        "profile timed on one thread (scenarios state its rates: tandem.sim.stated); with "
+        "--bundle, the bundle's",
+    )  # fmt: skip
     p.add_argument(
         "--calibrate",
         action="store_true",

@@ -179,6 +179,13 @@ def _prefix_sums(nodes: Sequence[fx.Node], flops: dict[str, int]) -> dict[str, i
     return sums
 
 
+def model_latency_ms(model: nn.Module, input_shape: Sequence[int], repeats: int = 5) -> float:
+    """Median wall time of ``model`` on one seeded input of ``input_shape``, in milliseconds,
+    on the model's device, after one warm-up run."""
+    with _evaluating(model):
+        return _median_latency_ms(model, _example_input(model, input_shape, 1), max(repeats, 1))
+
+
 def _median_latency_ms(module: nn.Module, batch: torch.Tensor, repeats: int) -> float:
     """Time ``module`` on ``batch`` after one warm-up run; return the median in milliseconds."""
     times: list[float] = []

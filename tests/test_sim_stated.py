@@ -1,0 +1,125 @@
+"""Simulating without a trained bundle: an architecture profile plus stated, sourced figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tandem.cli import main
+from tandem.sim.profiles import DEVICE_CLASSES
+from tandem.sim.report import split_wins, write_report
+from tandem.sim.scenario import build, open_scenario, parse_scenario
+from tandem.sim.stated import load_arch_profile
+
+
+@pytest.fixture(scope="module")
+def arch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("arch") / "resnet18-32.json"
+    argv = ["profile", "--arch", "resnet18", "--input", "3x32x32", "--num-classes", "10",
+            "--arg", "width=0.25", "--arg", "small_input=true", "--repeats", "2",
+            "--out", str(out), "--json"]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def _scenario(arch_file: Path, **changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "stated",
+        "model": {
+            "arch_profile": str(arch_file),
+            "accuracy": {"value": 0.9, "source": "a paper, table 1"},
+            "cloud_speedup": {"value": 20, "source": "a benchmark"},
+            "split": {"cut": "layer2", "bytes": 300, "accuracy": 0.89, "source": "table 2"},
+            "offload": {
+                "jpeg": {"bytes": 1200, "accuracy": 0.88, "source": "table 3"},
+                "webp": {"bytes": 900, "accuracy": 0.885, "source": "table 3"},
+            },
+        },
+        "devices": [{"count": 2, "class": "rpi4", "uplink": "const:1", "downlink": "const:5"}],
+        "strategies": ["local", "offload-jpeg", "offload-webp", "split"],
+        "split": {"width": 1.0, "point": 0},
+        "duration_s": 2,
+    }
+    data.update(changes)
+    return data
+
+
+def test_an_architecture_profile_times_every_cut_and_the_whole(arch_file: Path) -> None:
+    arch = load_arch_profile(arch_file)
+    assert arch.arch == "resnet18" and arch.input == [3, 32, 32] and arch.threads == 1
+    assert arch.full_ms > 0
+    layer2 = arch.cut("layer2")
+    assert layer2.shape == [32, 16, 16] and layer2.raw_bytes == 32 * 16 * 16 * 4
+    assert layer2.head_ms > 0 and 0 < layer2.head_flops < layer2.head_flops + layer2.tail_flops
+    with pytest.raises(ValueError, match="no cut 'layer9'"):
+        arch.cut("layer9")
+
+
+def test_stated_figures_become_the_strategies(arch_file: Path, tmp_path: Path) -> None:
+    setup = build(parse_scenario(_scenario(arch_file)), tmp_path)
+    arch, profile = load_arch_profile(arch_file), setup.profile
+    wire = profile.wire_overhead_bytes()
+    jpeg, webp, split = (setup.strategies[n] for n in ("offload-jpeg", "offload-webp", "split"))
+    assert jpeg.up_bytes == pytest.approx(1200 + wire) and jpeg.accuracy == 0.88
+    assert webp.up_bytes == pytest.approx(900 + wire) and webp.accuracy == 0.885
+    assert split.up_bytes == pytest.approx(300 + wire) and split.accuracy == 0.89
+    assert setup.strategies["local"].accuracy == 0.9
+    # The device runs the teacher's layers up to the cut, scaled by its class.
+    head = arch.cut("layer2").head_ms
+    assert setup.devices[0].profile.head_ms[1.0] == pytest.approx(
+        head * DEVICE_CLASSES["rpi4"].factor
+    )
+    # The cloud runs the rest `cloud_speedup` times faster than this machine's one thread.
+    cut = arch.cut("layer2")
+    share = cut.tail_flops / (cut.head_flops + cut.tail_flops)
+    assert profile.tail[1.0].per_input_ms == pytest.approx(arch.full_ms * share / 20)
+    assert profile.full_batch.per_input_ms == pytest.approx(arch.full_ms / 20)
+
+
+def test_a_scenario_names_a_profile_or_a_model_not_both(arch_file: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        parse_scenario(_scenario(arch_file, profile="mnist-host"))
+    data = _scenario(arch_file)
+    del data["model"]
+    with pytest.raises(ValueError, match="exactly one"):
+        parse_scenario(data)
+
+
+def test_an_unstated_codec_is_refused_by_name(arch_file: Path, tmp_path: Path) -> None:
+    data = _scenario(arch_file, strategies=["offload-png", "split"])
+    with pytest.raises(ValueError, match="no PNG size"):
+        build(parse_scenario(data), tmp_path)
+    bundle = _scenario(arch_file, strategies=["offload-jpeg"], split=None)
+    del bundle["model"]
+    bundle["profile"] = "mnist-host"
+    with pytest.raises(ValueError, match="no jpeg size"):
+        build(parse_scenario(bundle), tmp_path)
+
+
+def test_the_report_names_the_sources_and_where_split_wins(arch_file: Path, tmp_path: Path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_scenario(arch_file)))
+    doc = write_report(open_scenario(path), tmp_path / "out", uplink_mbps=(0.1, 50.0))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Stated figures" in report and "table 2" in report and "a benchmark" in report
+    assert doc["split_wins_mbps"] == split_wins(doc["uplink_curve"])
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert saved["split_wins_mbps"] == doc["split_wins_mbps"]
+
+
+def test_split_wins_where_its_p50_is_below_every_rival() -> None:
+    curve = {
+        "mbps": [0.1, 1.0, 10.0],
+        "p50_ms": {
+            "local": [50.0, 50.0, 50.0],
+            "offload-jpeg": [900.0, 90.0, 20.0],
+            "split": [120.0, 40.0, 30.0],
+            "adaptive": [1.0, 1.0, 1.0],  # not a rival: it may choose the split itself
+        },
+    }
+    assert split_wins(curve) == [1.0]
+    assert split_wins({"mbps": [1.0], "p50_ms": {"local": [1.0]}}) is None
