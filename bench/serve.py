@@ -1,9 +1,9 @@
 """Benchmark the cloud service and the edge daemon against their raw compute, side by side.
 
-Usage: ``python bench/serve.py [--bundle DIR] [--data npz:PATH] [--runs N] [--requests N]``
+Usage: ``python bench/serve.py [--bundle DIR --data SPEC]... [--runs N] [--requests N]``
 
-In one run, on one bundle (MNIST by default; a quick one is trained when ``--bundle`` is
-not given), it measures:
+In one run, on each bundle given (each with its ``--data``, one after the other; a quick
+MNIST bundle is trained when none is given), it measures:
 
 * ``raw``: decoder + tail in-process on one thread (decode included), at batch sizes
   1..128; the best batch size's samples/s is the reference;
@@ -19,7 +19,7 @@ not given), it measures:
 
 Ratios: service / raw (the issue's target is 0.8), service / grpc_floor (what Tandem costs
 above gRPC itself), and edge / head. Each figure is the median of ``--runs`` runs.
-Prints exactly one JSON line on stdout.
+Prints exactly one JSON line on stdout: ``{"bench": "serve", "cases": [one per bundle]}``.
 """
 
 from __future__ import annotations
@@ -260,6 +260,7 @@ def _serve_command(repo: Path, compute: str) -> list[str]:
 def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, Any]:
     """Every figure of the benchmark; see the module docstring."""
     torch.set_num_threads(1)
+    tmp.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(bundle)
     width, bits = min(manifest.bottleneck.widths), manifest.codec.bits
     x = load_data(data).test.x[:n]
@@ -315,10 +316,17 @@ def measure(bundle: Path, data: str, runs: int, n: int, tmp: Path) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print one JSON line."""
+    """Run the benchmark on each bundle in turn and print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, help="default: train a quick MNIST bundle")
-    parser.add_argument("--data", default=f"npz:{MNIST}", help="source of test inputs")
+    parser.add_argument(
+        "--bundle", type=Path, action="append", default=[],
+        help="a bundle to serve (repeatable, each with its --data; default: train a quick "
+        "MNIST bundle)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data", action="append", default=[],
+        help=f"the test inputs of each --bundle, in the same order (default: npz:{MNIST})",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--echo", type=int, help=argparse.SUPPRESS)  # internal: floor server
@@ -326,10 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo is not None:
         serve_echo(args.echo)
         return 0
+    data = args.data or [f"npz:{MNIST}"] * max(len(args.bundle), 1)
+    if args.bundle and len(data) != len(args.bundle):
+        parser.error(f"give one --data per --bundle ({len(args.bundle)} bundles, {len(data)} data)")
+    cases = []
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
-        bundle = args.bundle or quick_bundle(args.data, Path(tmp) / "bundle")
-        doc = measure(bundle, args.data, args.runs, args.requests, Path(tmp))
-    print(json.dumps(doc))
+        bundles = args.bundle or [quick_bundle(data[0], Path(tmp) / "bundle")]
+        for i, (bundle, spec) in enumerate(zip(bundles, data, strict=True)):
+            cases.append(measure(bundle, spec, args.runs, args.requests, Path(tmp) / str(i)))
+    print(json.dumps({"bench": "serve", "cases": cases}))
     return 0
 
 

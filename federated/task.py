@@ -117,7 +117,8 @@ def client_inputs(wire: Wire, spec: ClientSpec, images: bool = False) -> tuple[F
     seed = spec.seed * 1000 + spec.partition
     rows = np.random.default_rng(seed).permutation(rows)
     held = min(spec.eval_samples, max(1, int(len(rows) * HOLDOUT)))
-    x = apply_domain(spec.domain, data.train.x[rows[: held + spec.max_samples]], seed)
+    # Only this client's rows are read: an image folder's split stays on disk.
+    x = apply_domain(spec.domain, data.train.take(rows[: held + spec.max_samples]), seed)
     y = data.train.y[rows[: held + spec.max_samples]]
     inputs = functools.partial(normalized, wire) if images else functools.partial(features, wire)
     return inputs(x[held:], y[held:]), inputs(x[:held], y[:held])
@@ -135,7 +136,8 @@ def domain_inputs(
     """The first ``samples`` test images seen through ``domain``, and their labels: what a
     device in that domain would send."""
     test = _data(data_spec).test
-    return apply_domain(domain, test.x[:samples], seed + 7919), test.y[:samples]
+    first = np.arange(min(samples, len(test)))
+    return apply_domain(domain, test.take(first), seed + 7919), test.y[first]
 
 
 @functools.lru_cache(maxsize=4)
