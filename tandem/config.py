@@ -119,6 +119,11 @@ class DistillConfig(StrictModel):
     temperature: float = Field(default=4.0, gt=0)
     kd_weight: float = Field(default=0.5, ge=0, le=1)
     quant_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
+    augment: bool = Field(
+        default=False, description="the student phases see the teacher's augmentation "
+        "(teacher.augment_*), the teacher's targets computed for each augmented batch; "
+        "otherwise they see the images as they are, the targets computed once and cached"
+    )  # fmt: skip
 
     _quant_bits_valid = field_validator("quant_bits")(_check_bits)
 

@@ -278,6 +278,22 @@ def accuracy(logits: torch.Tensor | np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(1) == labels).mean())
 
 
+class Targets:
+    """The teacher's outputs (features at the cut, or logits) for a batch of the student's
+    inputs: looked up by row in ``cached``, or, without a cache, computed for the batch."""
+
+    def __init__(self, model: nn.Module, cached: torch.Tensor | None) -> None:
+        self.model = model
+        self.cached = cached
+
+    def __call__(self, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Float targets for the batch of ``rows`` whose (maybe augmented) inputs are ``x``."""
+        if self.cached is not None:
+            return self.cached[rows.to(self.cached.device)].float()
+        with torch.no_grad():
+            return self.model(x).float()
+
+
 class Distiller:
     """Runs a recipe's phases on one data set, checkpointing into ``out_dir``."""
 
@@ -367,10 +383,8 @@ class Distiller:
         """Distil the bottleneck student from a trained teacher (both stages)."""
         torch.manual_seed(self.recipe.seed + 1)
         parts = split_model(teacher, self.recipe.cut)
-        # The teacher's targets are cached, the images not: the student phases read the
-        # training split again each epoch, without augmentation, so the targets stay valid.
-        cut_features = self.outputs(parts.head, self.data.train).half()
-        cut_shape = tuple(cut_features.shape[1:])
+        with torch.no_grad():
+            cut_shape = tuple(parts.head.eval()(self._probe()).shape[1:])
         if len(cut_shape) != 3:
             raise RecipeError(f"cut {self.recipe.cut!r} carries shape {cut_shape}; need (C, H, W)")
         b = self.recipe.bottleneck
@@ -382,9 +396,8 @@ class Distiller:
         cloud = CloudTail(decoder, copy.deepcopy(parts.tail))
         betas = self.recipe.rate.betas
         rates = RatePoints(b.channels, len(betas)).to(self.device) if betas else None
-        self._distil_head(encoder, decoder, cut_features, rates)
-        del cut_features
-        self._finetune(encoder, cloud, self.outputs(teacher, self.data.train), rates)
+        self._distil_head(encoder, decoder, self._targets(parts.head), rates)
+        self._finetune(encoder, cloud, self._targets(teacher), rates)
         # Everything that is measured and written from here on lives on the CPU.
         for module in (teacher, encoder, cloud, *([rates] if rates is not None else [])):
             module.cpu()
@@ -399,13 +412,31 @@ class Distiller:
             rates.freeze() if rates is not None else None,
         )
 
+    def _probe(self) -> torch.Tensor:
+        """The first training image, normalised, on the training device: for shape checks."""
+        return normalize(self.data.train.take([0]), self.mean, self.std).to(self.device)
+
+    def _targets(self, model: nn.Module) -> Targets:
+        """``model``'s outputs as the student phases' targets: cached once over the training
+        split when those phases see the images as they are (stored in half precision when
+        they are features), computed for each batch when they see them augmented."""
+        if self.recipe.distill.augment:
+            return Targets(model.eval(), None)
+        cached = self.outputs(model, self.data.train)
+        return Targets(model, cached.half() if cached.dim() > 2 else cached)
+
+    def _student_input(self, batch: Batch, gen: torch.Generator) -> torch.Tensor:
+        """A batch as the student phases see it: augmented as the teacher was, or not."""
+        if not self.recipe.distill.augment:
+            return batch.x
+        return augment(batch.x, self.recipe.teacher, self.black, gen)
+
     def _check_shapes(
         self, encoder: nn.Module, decoder: nn.Module, cut_shape: tuple
     ) -> tuple[int, int]:
         """Check the decoder rebuilds the cut's shape; return the code's spatial size."""
         with torch.no_grad():
-            probe_x = normalize(self.data.train.take([0]), self.mean, self.std).to(self.device)
-            code = encoder.eval()(probe_x)
+            code = encoder.eval()(self._probe())
             probe = decoder.eval()(code)
         if tuple(probe.shape[1:]) != cut_shape:
             raise RecipeError(
@@ -419,7 +450,7 @@ class Distiller:
         self,
         encoder: BottleneckEncoder,
         decoder: nn.Module,
-        target: torch.Tensor,
+        target: Targets,
         rates: RatePoints | None,
     ) -> None:
         widths = self.recipe.bottleneck.widths
@@ -437,7 +468,8 @@ class Distiller:
             return F.mse_loss(decoder(coded.features), goal) + rate.betas[point] * bits_per_pixel
 
         def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
-            x, goal = batch.x, target[batch.idx.to(target.device)].float()
+            x = self._student_input(batch, gen)
+            goal = target(batch.idx, x)
             chosen = sandwich(widths, gen)
             # Drawn only with rate points, so a recipe without them trains as it always did.
             draws = (
@@ -454,13 +486,13 @@ class Distiller:
         modules: dict[str, nn.Module] = {"encoder": encoder, "decoder": decoder}
         if rates is not None:
             modules["rates"] = rates
-        self.runner.run("head", self.recipe.distill.head, modules, len(target), loss)
+        self.runner.run("head", self.recipe.distill.head, modules, len(self.data.train), loss)
 
     def _finetune(
         self,
         encoder: BottleneckEncoder,
         cloud: CloudTail,
-        teacher_logits: torch.Tensor,
+        teacher_logits: Targets,
         rates: RatePoints | None,
     ) -> None:
         d, rate = self.recipe.distill, self.recipe.rate
@@ -492,23 +524,28 @@ class Distiller:
             coded = rates.straight_through(z, point, gen)
             return coded.features, rate.betas[point] * coded.bits().mean() / pixels
 
-        def one_width(batch: Batch, w: float, mode: int, gen: torch.Generator) -> torch.Tensor:
-            features, rate_term = sent(batch.x, w, mode, gen)
+        def one_width(
+            x: torch.Tensor, batch: Batch, goal: torch.Tensor, w: float, mode: int,
+            gen: torch.Generator,
+        ) -> torch.Tensor:  # fmt: skip
+            features, rate_term = sent(x, w, mode, gen)
             logits = cloud(features)
             ce = F.cross_entropy(logits, batch.y)
             kl = F.kl_div(
                 F.log_softmax(logits / temp, 1),
-                F.log_softmax(teacher_logits[batch.idx.to(teacher_logits.device)] / temp, 1),
+                F.log_softmax(goal / temp, 1),
                 log_target=True,
                 reduction="batchmean",
             )
             return (1 - d.kd_weight) * ce + d.kd_weight * temp * temp * kl + rate_term
 
         def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
+            x = self._student_input(batch, gen)
+            goal = teacher_logits(batch.idx, x)
             draws = torch.randint(modes, (len(widths),), generator=gen).tolist()
             return sum(
                 (
-                    one_width(batch, w, draw, gen)
+                    one_width(x, batch, goal, w, draw, gen)
                     for w, draw in zip(sandwich(widths, gen), draws, strict=False)
                 ),
                 torch.zeros(()),
@@ -519,4 +556,4 @@ class Distiller:
             modules["rates"] = rates
         if frozen:
             del modules["encoder"]
-        self.runner.run("finetune", d.finetune, modules, len(teacher_logits), loss)
+        self.runner.run("finetune", d.finetune, modules, len(self.data.train), loss)

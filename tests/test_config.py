@@ -10,9 +10,38 @@ from tandem.config import RecipeError, apply_override, builtin_recipes, load_rec
 
 
 def test_builtin_recipes_are_listed_and_valid() -> None:
-    assert {"digits", "mnist"} <= set(builtin_recipes())
+    assert {"digits", "mnist", "cifar10"} <= set(builtin_recipes())
     for name in builtin_recipes():
         assert load_recipe(name).name == name
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "head_share"),
+    [("mnist", (1, 28, 28), 0.2), ("cifar10", (3, 32, 32), 0.2)],
+)
+def test_builtin_shapes_fit_and_heads_stay_light(
+    name: str, shape: tuple[int, int, int], head_share: float
+) -> None:
+    """The decoder rebuilds the cut's tensor from the code, and the device's encoder costs at
+    most ``head_share`` of the teacher's FLOPs (CIFAR-10's target is 0.2)."""
+    import torch
+
+    from tandem.bottleneck import build_bottleneck
+    from tandem.models import build_model
+    from tandem.profile import model_flops
+    from tandem.split import split_model
+
+    r = load_recipe(name)
+    teacher = build_model(r.teacher.arch.name, num_classes=10, in_channels=shape[0],
+                          **r.teacher.arch.args).eval()  # fmt: skip
+    x = torch.zeros(1, *shape)
+    cut = split_model(teacher, r.cut).head(x)
+    b = r.bottleneck
+    encoder, decoder = build_bottleneck(shape[0], cut.shape[1], b.channels, b.widths,
+                                        b.encoder, b.decoder)  # fmt: skip
+    with torch.no_grad():
+        assert decoder.eval()(encoder.eval()(x)).shape == cut.shape
+    assert model_flops(encoder, shape) / model_flops(teacher, shape) <= head_share
 
 
 def test_override_parses_toml_literals() -> None:

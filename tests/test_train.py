@@ -14,12 +14,13 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
 
+from tandem import train as train_module
 from tandem.build import build_bundle
 from tandem.bundle import read_manifest
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, RecipeError, TeacherConfig, load_recipe
 from tandem.data import Batch, load_data
-from tandem.train import PhaseRunner, augment, lr_at, random_shift, sandwich
+from tandem.train import PhaseRunner, Targets, augment, lr_at, random_shift, sandwich
 
 SHORT = ["teacher.train.epochs=2", "distill.head.epochs=1", "distill.finetune.epochs=2"]
 
@@ -285,3 +286,53 @@ def test_channels_last_trains_the_teacher_in_that_layout_and_saves_the_usual_one
     build_bundle(recipe, load_data("digits"), tmp_path / "b")
     assert layouts == [True]
     assert read_manifest(tmp_path / "b").teacher_accuracy > 0.5  # it learned, and was saved
+
+
+def test_targets_are_cached_rows_or_computed_for_the_batch() -> None:
+    model = nn.Linear(3, 2)
+    x = torch.randn(5, 3)
+    cached = Targets(model, model(x).detach().half())
+    fresh = Targets(model, None)
+    rows = torch.tensor([4, 1])
+    torch.testing.assert_close(cached(rows, x[rows]), model(x[rows]).detach(), atol=1e-2, rtol=0)
+    flipped = -x[rows]  # an "augmented" batch: only fresh targets follow it
+    torch.testing.assert_close(fresh(rows, flipped), model(flipped).detach())
+    assert not fresh(rows, flipped).requires_grad
+
+
+def test_student_phases_can_see_the_teachers_augmentation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With distill.augment the student phases train on augmented batches, with the teacher's
+    targets computed for each one (nothing cached); without, on the images as they are."""
+    seen: list[bool] = []
+    real = Targets.__init__
+
+    def spy(self: Targets, model: nn.Module, cached: torch.Tensor | None) -> None:
+        seen.append(cached is None)
+        real(self, model, cached)
+
+    monkeypatch.setattr(Targets, "__init__", spy)
+    calls: list[int] = []
+    real_augment = train_module.augment
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(1)
+        return real_augment(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "augment", counted)
+    sets = [*SHORT, "teacher.augment_shift=1", "distill.finetune.epochs=1"]
+    recipe, data = load_recipe("digits", sets), load_data("digits")
+
+    def steps(cfg: OptimConfig) -> int:
+        return cfg.epochs * -(-len(data.train) // cfg.batch_size)
+
+    teacher = steps(recipe.teacher.train)
+    student = steps(recipe.distill.head) + steps(recipe.distill.finetune)
+    plain = build_bundle(recipe, data, tmp_path / "a")
+    assert seen == [False, False] and len(calls) == teacher  # the teacher's steps only
+    seen.clear(), calls.clear()
+    recipe = load_recipe("digits", [*sets, "distill.augment=true"])
+    augmented = build_bundle(recipe, data, tmp_path / "b")
+    assert seen == [True, True] and len(calls) == teacher + student  # and each student step
+    assert plain.table != augmented.table
