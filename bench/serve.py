@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_echo(args.echo)
         return 0
     data = args.data or [f"npz:{MNIST}"] * max(len(args.bundle), 1)
-    if args.bundle and len(data) != len(args.bundle):
+    if len(data) != max(len(args.bundle), 1):
         parser.error(f"give one --data per --bundle ({len(args.bundle)} bundles, {len(data)} data)")
     cases = []
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -20,7 +20,7 @@ from tandem.config import settings_error
 from tandem.sim.batching import CloudModel
 from tandem.sim.des import DOWNLINK, UPLINK, Device, Strategy
 from tandem.sim.profiles import DEVICE_CLASSES, BundleProfile, TableRow, device_class
-from tandem.sim.stated import StatedModel, load_arch_profile, stated_profile
+from tandem.sim.stated import STATED_WIDTH, StatedModel, load_arch_profile, stated_profile
 from tandem.sim.traces import Seed, Trace, parse_spec, varies_by_seed
 
 PROFILES_DIR = Path(__file__).parent / "profiles_data"
@@ -131,6 +131,22 @@ class Scenario(_Strict):
     slo_ms: float = Field(default=100.0, gt=0)
     duration_s: float = Field(default=60.0, gt=0)
     seed: int = Field(default=0, ge=0, description="device i gets seed + i")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stated_defaults(cls, data: Any) -> Any:
+        """With a ``model`` block, the defaults fit it: local, raw input, each stated input
+        codec and the split, at its one point."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        data = dict(data)
+        codecs = data["model"].get("offload") or {}
+        data.setdefault(
+            "strategies",
+            ["local", "offload-raw", *(f"offload-{c}" for c in codecs), "split"],
+        )
+        data.setdefault("split", {"width": STATED_WIDTH, "point": 0})
+        return data
 
     @field_validator("strategies")
     @classmethod

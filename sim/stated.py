@@ -14,8 +14,12 @@ bytes) a scenario **states**, each figure with its source (a paper's table), in 
       accuracy: {value: 0.7615, source: "..."}
       cloud_speedup: {value: 40, source: "..."}
       split: {cut: layer1, bytes: 4300, accuracy: 0.7508, source: "..."}
-      offload:
+      offload:                            # jpeg and webp, each optional
         jpeg: {bytes: 9000, accuracy: 0.75, source: "..."}
+
+(The numbers above show the form only.) Without ``strategies`` such a scenario compares local
+inference, the raw input, each stated input codec and the split; its ``split`` point is
+``{width: 1.0, point: 0}``, the one row of the profile it makes.
 
 :func:`stated_profile` turns the two into the :class:`BundleProfile` the simulator runs: the
 device runs the head up to the split's cut (the teacher's own layers: a learned encoder in
@@ -30,14 +34,14 @@ from __future__ import annotations
 import json
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tandem.config import settings_error
 from tandem.sim.profiles import BundleProfile, Cost, InputCost, TableRow, request_overhead
 
-if TYPE_CHECKING:  # the simulator itself runs without torch
+if TYPE_CHECKING:  # reading a profile needs no torch of its own
     from tandem.profile import CutProfile
 
 STATED_WIDTH = 1.0
@@ -63,7 +67,7 @@ class ArchProfile(_Strict):
     """A zoo architecture's compute on this machine, without trained weights."""
 
     arch: str
-    input: list[int]
+    input: list[int] = Field(min_length=3, max_length=3, description="C, H, W")
     num_classes: int = Field(ge=1)
     machine: str
     threads: int = Field(ge=1)
@@ -137,7 +141,7 @@ class StatedModel(_Strict):
     accuracy: Stated
     cloud_speedup: Stated
     split: StatedSplit
-    offload: dict[str, StatedCodec] = Field(default_factory=dict)
+    offload: dict[Literal["jpeg", "webp"], StatedCodec] = Field(default_factory=dict)
 
     def sources(self) -> list[str]:
         """Each stated figure and its source, one line each, for the report."""
@@ -173,7 +177,7 @@ def stated_profile(model: StatedModel, arch: ArchProfile) -> BundleProfile:
     # difference of two timings can come out negative on a busy machine, and the cloud's
     # time is a stated speedup of this one's anyway.
     tail_ms = arch.full_ms * cut.tail_flops / max(cut.head_flops + cut.tail_flops, 1)
-    raw = float(arch.input[0] * arch.input[1] * arch.input[2]) if len(arch.input) == 3 else 0.0
+    channels, height, width = arch.input
     return BundleProfile(
         bundle=f"{arch.arch} (stated figures, no trained bundle)",
         version="-",
@@ -182,7 +186,7 @@ def stated_profile(model: StatedModel, arch: ArchProfile) -> BundleProfile:
         full_ms=arch.full_ms,
         tail={STATED_WIDTH: Cost(fixed_ms=0.0, per_input_ms=tail_ms / speedup)},
         full_batch=Cost(fixed_ms=0.0, per_input_ms=arch.full_ms / speedup),
-        input_bytes=raw or float(cut.raw_bytes),
+        input_bytes=float(channels * height * width),  # uint8 pixels
         png_bytes=None,  # not stated: offload-png is refused rather than guessed
         full_accuracy=model.accuracy.value,
         table=[

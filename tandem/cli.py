@@ -266,6 +266,13 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 def cmd_profile(args: argparse.Namespace) -> int:
     """``tandem profile --arch NAME --input CxHxW``: cost of every valid cut point; with
     ``--bundle``, a trained bundle's costs on this machine for the simulator."""
+    from tandem.device import describe, resolve_device
+
+    device = resolve_device(args.device)
+    if (args.bundle is not None or args.out is not None) and device.type != "cpu":
+        # A device class scales this machine's one CPU thread: a GPU timing would be wrong.
+        raise ValueError(f"profiles for the simulator are timed on one CPU thread, not {device}: "
+                         "leave --device out or give cpu")  # fmt: skip
     if args.bundle is not None:
         from tandem.sim.cli import profile_bundle
 
@@ -273,15 +280,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.arch is None or args.input is None:
         raise ValueError("profile needs --arch and --input (or --bundle)")
     from tandem.config import parse_assignment
-    from tandem.device import describe, resolve_device
     from tandem.models import build_model
     from tandem.profile import model_latency_ms, profile_cuts
 
-    device = resolve_device(args.device)
     if args.out is not None:
         import torch
 
-        # The simulator's profiles are of one thread: a device-class factor scales that.
+        if args.repeats < 1:
+            raise ValueError("an architecture profile for the simulator needs --repeats >= 1")
         torch.set_num_threads(1)
     kwargs = dict(parse_assignment(assignment, "--arg") for assignment in args.arg)
     model = build_model(

@@ -179,9 +179,11 @@ class Recipe(StrictModel):
         return self
 
     def fingerprint(self) -> str:
-        """A short hash of the recipe, used to refuse resuming a different run."""
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """A short hash of the recipe, used to refuse resuming a different run. Keys left at
+        their defaults are not hashed, so a key added in a later version (at a default that
+        keeps the old behaviour) leaves the runs of earlier versions resumable."""
+        blob = json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def builtin_recipes() -> list[str]:

@@ -395,7 +395,8 @@ def _decode(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's decoders raise all three
+    # PIL's decoders raise the first three; the last is its guard against huge images.
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise DataSpecError(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from exc
 
 

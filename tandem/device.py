@@ -1,9 +1,9 @@
 """Where computation runs: ``--device auto|cpu|cuda[:N]``, and mixed precision on CUDA.
 
-One spelling for every command that computes (train, eval, profile, cloud serve, the
-federated clients). ``auto`` takes the first CUDA device when PyTorch sees one, else the CPU.
-A CUDA device this machine lacks is a one-line :class:`DeviceError`, never a fallback: a
-user who asked for the GPU must not get a silent CPU run.
+One spelling for every command that computes (so far train, eval and profile). ``auto``
+takes the first CUDA device when PyTorch sees one, else the CPU. A CUDA device this machine
+lacks is a one-line :class:`DeviceError`, never a fallback: a user who asked for the GPU must
+not get a silent CPU run.
 
 Whatever the device, what is written to disk (bundles, checkpoints) holds CPU tensors, so a
 bundle trained on a GPU serves on a CPU and the other way round.

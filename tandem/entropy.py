@@ -86,21 +86,25 @@ class FactorizedPrior(nn.Module):
         """Pre-sigmoid CDF of ``x`` shaped (k, 1, N), one row of points for each of the first
         ``k`` channels (all by default); ``detach`` keeps gradients off the network."""
         k = self.channels if k is None else k
-        for i, (matrix, bias) in enumerate(zip(self.matrices, self.biases, strict=True)):
-            h, b = F.softplus(matrix[:k]), bias[:k]
-            a = torch.tanh(self.factors[i][:k]) if i < len(self.factors) else None
-            if detach:
-                h, b = h.detach(), b.detach()
-                a = a.detach() if a is not None else None
-            x = torch.matmul(h, x) + b
-            if a is not None:
-                x = x + a * torch.tanh(x)
+        # Always in fp32, mixed-precision training or not: the exported tables and medians
+        # are computed in fp32, and training must round and count bits as inference will.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            for i, (matrix, bias) in enumerate(zip(self.matrices, self.biases, strict=True)):
+                h, b = F.softplus(matrix[:k]), bias[:k]
+                a = torch.tanh(self.factors[i][:k]) if i < len(self.factors) else None
+                if detach:
+                    h, b = h.detach(), b.detach()
+                    a = a.detach() if a is not None else None
+                x = torch.matmul(h, x) + b
+                if a is not None:
+                    x = x + a * torch.tanh(x)
         return x
 
     def likelihood(self, y: torch.Tensor) -> torch.Tensor:
         """Mass of the unit bin around each value of ``y`` (N, k, H, W), k <= channels."""
         k = y.shape[1]
-        flat = y.transpose(0, 1).reshape(k, 1, -1)
+        flat = y.float().transpose(0, 1).reshape(k, 1, -1)
         lower = self._logits_cdf(flat - 0.5, k)
         upper = self._logits_cdf(flat + 0.5, k)
         # Subtract on the side of the median where the sigmoid is not saturated.

@@ -155,13 +155,17 @@ class PhaseRunner:
             return
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # One loss scale per phase (fp16 on CUDA only); a resumed phase starts it afresh.
+        scaler = grad_scaler(self.device, self.precision)
         start = self.ckpt.restore(phase, modules, opt) if status is not None else 0
         for epoch in range(start, cfg.epochs):
             seed = _phase_seed(self.seed, phase, epoch)
             # The global RNG drives dropout: reseeding it too makes a resumed epoch identical.
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            loss = self._epoch(phase, epoch, cfg, modules, opt, n_samples, batch_loss, gen)
+            loss = self._epoch(
+                phase, epoch, cfg, modules, (opt, scaler), n_samples, batch_loss, gen
+            )
             log.info("%s epoch %d/%d: loss %.4f", phase, epoch + 1, cfg.epochs, loss)
             self.ckpt.save(phase, epoch + 1, modules, opt, done=epoch + 1 == cfg.epochs)
         if cfg.epochs == 0:
@@ -173,7 +177,7 @@ class PhaseRunner:
         epoch: int,
         cfg: OptimConfig,
         modules: dict[str, nn.Module],
-        opt: torch.optim.Optimizer,
+        step: tuple[torch.optim.Optimizer, torch.amp.GradScaler],
         n_samples: int,
         batch_loss: BatchLoss,
         gen: torch.Generator,
@@ -190,7 +194,7 @@ class PhaseRunner:
             show=self.show_progress,
         )
         running = 0.0
-        scaler = grad_scaler(self.device, self.precision)
+        opt, scaler = step
         for i, batch in enumerate(bar):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, epoch * steps_per_epoch + i, steps_per_epoch * cfg.epochs)

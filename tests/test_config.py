@@ -128,3 +128,12 @@ def test_set_has_one_grammar_for_train_and_fed_simulate() -> None:
     assert parse_settings(["adapter-name='my-adapter'", "num_rounds=3", "domains=rotate:35"]) == {
         "adapter-name": "my-adapter", "num-rounds": 3, "domains": "rotate:35",
     }  # fmt: skip
+
+
+def test_keys_at_their_defaults_leave_the_fingerprint_alone() -> None:
+    """A key added later, at the default that keeps the old behaviour, must not make the
+    runs of earlier versions unresumable; any other value must."""
+    base = load_recipe("digits").fingerprint()
+    assert load_recipe("digits", ["precision='fp32'", "distill.augment=false"]).fingerprint() == base
+    assert load_recipe("digits", ["precision='bf16'"]).fingerprint() != base
+    assert load_recipe("digits", ["distill.augment=true"]).fingerprint() != base

@@ -142,3 +142,19 @@ def test_a_larger_gain_costs_more_bits() -> None:
     with torch.no_grad():
         bits = [float(points.rounded(y, i).bits().mean()) for i in range(2)]
     assert bits[1] > bits[0] + 16 * 1.5, bits  # 16 symbols, about 2 bits more each
+
+
+def test_priors_stay_fp32_under_mixed_precision() -> None:
+    """Mixed-precision training must round and count bits as fp32 inference will: the prior
+    runs in fp32 under autocast (the CPU's autocast lowers matmul as CUDA's does)."""
+    torch.manual_seed(0)
+    rates = RatePoints(12, 3)
+    y = torch.randn(4, 12, 5, 5) * 3
+    plain_q = rates.prior(1).quantiles()
+    plain_l = rates.prior(1).likelihood(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed_q = rates.prior(1).quantiles()
+        mixed_l = rates.prior(1).likelihood(y.bfloat16())
+    torch.testing.assert_close(mixed_q, plain_q, rtol=0, atol=0)
+    torch.testing.assert_close(mixed_l, rates.prior(1).likelihood(y.bfloat16().float()))
+    assert mixed_l.dtype == torch.float32 and plain_l.dtype == torch.float32

@@ -123,3 +123,26 @@ def test_split_wins_where_its_p50_is_below_every_rival() -> None:
     }
     assert split_wins(curve) == [1.0]
     assert split_wins({"mbps": [1.0], "p50_ms": {"local": [1.0]}}) is None
+
+
+def test_a_model_scenario_defaults_to_its_own_strategies(arch_file: Path, tmp_path: Path) -> None:
+    data = _scenario(arch_file)
+    del data["strategies"], data["split"]
+    setup = build(parse_scenario(data), tmp_path)
+    assert list(setup.strategies) == ["local", "offload-raw", "offload-jpeg", "offload-webp",
+                                      "split"]  # fmt: skip
+    assert setup.strategies["offload-raw"].up_bytes > 3 * 32 * 32  # uint8 pixels and envelope
+
+
+def test_simulator_profiles_are_timed_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["profile", "--arch", "resnet18", "--input", "3x32x32", "--device", "cuda",
+            "--out", str(tmp_path / "p.json"), "--json"]  # fmt: skip
+    assert main(argv) == 2
+    assert "one CPU thread" in json.loads(capsys.readouterr().out)["error"]
+    assert not (tmp_path / "p.json").exists()
