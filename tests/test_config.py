@@ -134,6 +134,7 @@ def test_keys_at_their_defaults_leave_the_fingerprint_alone() -> None:
     """A key added later, at the default that keeps the old behaviour, must not make the
     runs of earlier versions unresumable; any other value must."""
     base = load_recipe("digits").fingerprint()
-    assert load_recipe("digits", ["precision='fp32'", "distill.augment=false"]).fingerprint() == base
+    defaults = ["precision='fp32'", "distill.augment=false"]
+    assert load_recipe("digits", defaults).fingerprint() == base
     assert load_recipe("digits", ["precision='bf16'"]).fingerprint() != base
     assert load_recipe("digits", ["distill.augment=true"]).fingerprint() != base
