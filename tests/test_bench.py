@@ -49,7 +49,7 @@ def test_serve_bench_prints_one_json_line(
     assert _load("serve").main(args) == 0
     out = capsys.readouterr().out
     assert out.count("\n") == 1
-    doc = json.loads(out)
+    (doc,) = json.loads(out)["cases"]  # one per --bundle
     assert doc["raw_best"]["samples_per_s"] > 0
     for compute in ("threads", "processes"):
         for mode in ("unary", "stream", "pipelined"):
