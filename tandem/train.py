@@ -116,8 +116,18 @@ def _batches(n: int, size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
         yield order[start : start + size]
 
 
+def make_optimizer(cfg: OptimConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The phase's optimizer, as its config names it."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
 class PhaseRunner:
-    """Runs the epochs of one phase with AdamW, a warm-up/cosine schedule and checkpoints.
+    """Runs the epochs of one phase with its optimizer, a warm-up/cosine schedule and
+    checkpoints.
 
     Each step runs under :func:`tandem.device.autocast` for ``device`` and ``precision``
     (a no-op on the CPU and in fp32), with fp16's loss scaling on CUDA.
@@ -154,7 +164,7 @@ class PhaseRunner:
             log.info("%s: already complete, weights restored", phase)
             return
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = make_optimizer(cfg, params)
         # One loss scale per phase (fp16 on CUDA only); a resumed phase starts it afresh.
         scaler = grad_scaler(self.device, self.precision)
         start = self.ckpt.restore(phase, modules, opt) if status is not None else 0
@@ -378,7 +388,7 @@ class Distiller:
 
         def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
             x = augment(batch.x, cfg, self.black, gen).contiguous(memory_format=layout)
-            return F.cross_entropy(model(x), batch.y)
+            return F.cross_entropy(model(x), batch.y, label_smoothing=cfg.label_smoothing)
 
         self.runner.run("teacher", cfg.train, {"teacher": model}, len(self.data.train), loss)
         return _in_layout(model, torch.contiguous_format).eval()

@@ -20,7 +20,15 @@ from tandem.bundle import read_manifest
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, RecipeError, TeacherConfig, load_recipe
 from tandem.data import Batch, load_data
-from tandem.train import PhaseRunner, Targets, augment, lr_at, random_shift, sandwich
+from tandem.train import (
+    PhaseRunner,
+    Targets,
+    augment,
+    lr_at,
+    make_optimizer,
+    random_shift,
+    sandwich,
+)
 
 SHORT = ["teacher.train.epochs=2", "distill.head.epochs=1", "distill.finetune.epochs=2"]
 
@@ -336,3 +344,32 @@ def test_student_phases_can_see_the_teachers_augmentation(
     augmented = build_bundle(recipe, data, tmp_path / "b")
     assert seen == [True, True] and len(calls) == teacher + student  # and each student step
     assert plain.table != augmented.table
+
+
+def test_sgd_phases_resume_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SGD with Nesterov momentum, as photographs' teachers train: its momentum is
+    checkpointed, so a resumed run ends with an uninterrupted one's weights."""
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    cfg = OptimConfig(epochs=3, batch_size=16, lr=0.1, optimizer="sgd", weight_decay=5e-4)
+
+    def train(folder: Path) -> nn.Module:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+        runner = PhaseRunner(
+            Checkpointer(folder, "fp"),
+            lambda order: (Batch(i, x[i], y[i]) for i in order),
+            seed=0,
+            show_progress=False,
+        )
+        runner.run("p", cfg, {"m": model}, len(y), lambda b, g: F.cross_entropy(model(b.x), b.y))
+        return model
+
+    straight = train(tmp_path / "a")
+    with monkeypatch.context() as patch:
+        _crash_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "b")
+    resumed = train(tmp_path / "b")
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert isinstance(make_optimizer(cfg, list(straight.parameters())), torch.optim.SGD)
