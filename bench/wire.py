@@ -128,10 +128,17 @@ def points(head: HeadRunner) -> list[Point]:
     return out
 
 
-async def measure(bundle: Path, data: str, n: int, accuracy: bool) -> list[dict[str, Any]]:
-    """One row per (width, codec) point; see the module docstring."""
+async def measure(
+    bundle: Path, data: str, n: int, accuracy: bool, widths: list[float] | None = None
+) -> list[dict[str, Any]]:
+    """One row per (width, codec) point, of ``widths`` (default: all); see the module
+    docstring."""
     head = HeadRunner.from_bundle(bundle)
-    x = load_data(data).test.x[:n]
+    chosen = [p for p in points(head) if widths is None or p.width in widths]
+    if not chosen:
+        raise SystemExit(f"none of widths {widths} is in the bundle")
+    test = load_data(data).test
+    x = test.take(range(min(n, len(test))))
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         tmp = Path(workdir)
@@ -140,7 +147,7 @@ async def measure(bundle: Path, data: str, n: int, accuracy: bool) -> list[dict[
                                          metrics_listen=None))  # fmt: skip
         await server.start()
         try:
-            for p in points(head):
+            for p in chosen:
                 z = head.features(x, p.width)
                 payloads = head.pack(z, p.bits) if p.point is None else head.pack_entropy(
                     z, p.width, p.point
@@ -172,7 +179,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and print one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True, help="a bundle directory")
-    parser.add_argument("--data", required=True, help="digits | npz:PATH")
+    parser.add_argument("--data", required=True, help="digits | npz:PATH | imagefolder:DIR")
+    parser.add_argument(
+        "--widths", type=float, nargs="+",
+        help="measure only these of the bundle's widths (default: every one)",
+    )  # fmt: skip
     parser.add_argument("--requests", type=int, default=200, help="inputs sent each way")
     parser.add_argument(
         "--accuracy", action="store_true",
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1:
         parser.error("--requests must be >= 1")
     logging.getLogger("tandem").setLevel(logging.WARNING)
-    rows = asyncio.run(measure(args.bundle, args.data, args.requests, args.accuracy))
+    rows = asyncio.run(measure(args.bundle, args.data, args.requests, args.accuracy, args.widths))
     print(json.dumps({"bench": "wire", "bundle": str(args.bundle), "requests": args.requests,
                       "points": rows}))  # fmt: skip
     return 0
