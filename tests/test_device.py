@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from phases import run_phase
 from torch import nn
 
-from tandem.checkpoint import Checkpointer
 from tandem.cli import main
 from tandem.config import OptimConfig, RecipeError, load_recipe
-from tandem.data import Batch
 from tandem.device import DeviceError, autocast, grad_scaler, resolve_device
-from tandem.train import PhaseRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -91,25 +89,13 @@ def test_mixed_precision_is_cuda_only() -> None:
 def test_a_cpu_run_trains_the_same_whatever_the_precision(tmp_path: Path) -> None:
     """The recipe's precision applies on CUDA; on the CPU a bf16 recipe trains in fp32,
     bit for bit as an fp32 one."""
-    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     cfg = OptimConfig(epochs=2, batch_size=16, lr=1e-2)
 
-    def train(precision: str, folder: Path) -> dict[str, torch.Tensor]:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-        runner = PhaseRunner(
-            Checkpointer(folder, "fp"),
-            lambda order: (Batch(i, x[i], y[i]) for i in order),
-            seed=0,
-            show_progress=False,
-            device=CPU,
-            precision=precision,  # type: ignore[arg-type]
-        )
-        runner.run("p", cfg, {"m": model}, len(y), lambda b, g: nn.functional.cross_entropy(
-            model(b.x), b.y))  # fmt: skip
-        return model.state_dict()
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 
-    fp32, bf16 = train("fp32", tmp_path / "a"), train("bf16", tmp_path / "b")
+    fp32 = run_phase(tmp_path / "a", cfg, model, device=CPU, precision="fp32").state_dict()
+    bf16 = run_phase(tmp_path / "b", cfg, model, device=CPU, precision="bf16").state_dict()
     for key in fp32:
         torch.testing.assert_close(fp32[key], bf16[key], rtol=0, atol=0)
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
+from phases import assert_resumes_exactly, crash_after, run_phase
 from pydantic import ValidationError
 from safetensors.torch import load_file
 from torch import nn
@@ -17,9 +16,8 @@ from torch import nn
 from tandem import train as train_module
 from tandem.build import build_bundle
 from tandem.bundle import read_manifest
-from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, RecipeError, TeacherConfig, load_recipe
-from tandem.data import Batch, load_data
+from tandem.data import load_data
 from tandem.train import (
     PhaseRunner,
     Targets,
@@ -88,19 +86,6 @@ def straight_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _crash_after(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
-    real_save = Checkpointer.save
-    saves = {"n": 0}
-
-    def save_then_maybe_crash(self: Checkpointer, *args: Any, **kwargs: Any) -> None:
-        real_save(self, *args, **kwargs)
-        saves["n"] += 1
-        if saves["n"] == n:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpointer, "save", save_then_maybe_crash)
-
-
 # With SHORT, save 1 ends teacher epoch 1 of 2 and save 4 ends fine-tuning epoch 1 of 2: both
 # resume inside a phase, with the optimizer's state restored from the checkpoint.
 @pytest.mark.parametrize("crash_at", [1, 4])
@@ -109,7 +94,7 @@ def test_interrupted_run_resumes_to_identical_weights(
 ) -> None:
     recipe, data = load_recipe("digits", SHORT), load_data("digits")
     with monkeypatch.context() as patch:
-        _crash_after(patch, crash_at)
+        crash_after(patch, crash_at)
         with pytest.raises(KeyboardInterrupt):
             build_bundle(recipe, data, tmp_path / "resumed")
     assert not (tmp_path / "resumed" / "manifest.json").exists()
@@ -123,33 +108,12 @@ def test_interrupted_run_resumes_to_identical_weights(
 
 def test_resume_reproduces_dropout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Dropout draws from the global RNG; a resumed epoch must draw the same masks."""
-    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     cfg = OptimConfig(epochs=3, batch_size=16, lr=1e-2)
 
-    def train(folder: Path) -> nn.Module:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.5), nn.Linear(32, 3))
 
-        def read(order: list[torch.Tensor]) -> Iterator[Batch]:
-            return (Batch(idx, x[idx], y[idx]) for idx in order)
-
-        runner = PhaseRunner(Checkpointer(folder, "fp"), read, seed=0, show_progress=False)
-
-        def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
-            return F.cross_entropy(model(batch.x), batch.y)
-
-        runner.run("p", cfg, {"m": model}, len(y), loss)
-        return model
-
-    straight = train(tmp_path / "a")
-    with monkeypatch.context() as patch:
-        _crash_after(patch, 1)
-        with pytest.raises(KeyboardInterrupt):
-            train(tmp_path / "b")
-    torch.randn(1000)  # disturb the global RNG, as a fresh process would
-    resumed = train(tmp_path / "b")
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_resumes_exactly(tmp_path, monkeypatch, lambda folder: run_phase(folder, cfg, model))
 
 
 def test_teacher_loaded_from_user_checkpoint(tmp_path: Path, digits_bundle: Path) -> None:
@@ -349,27 +313,10 @@ def test_student_phases_can_see_the_teachers_augmentation(
 def test_sgd_phases_resume_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SGD with Nesterov momentum, as photographs' teachers train: its momentum is
     checkpointed, so a resumed run ends with an uninterrupted one's weights."""
-    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     cfg = OptimConfig(epochs=3, batch_size=16, lr=0.1, optimizer="sgd", weight_decay=5e-4)
 
-    def train(folder: Path) -> nn.Module:
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
-        runner = PhaseRunner(
-            Checkpointer(folder, "fp"),
-            lambda order: (Batch(i, x[i], y[i]) for i in order),
-            seed=0,
-            show_progress=False,
-        )
-        runner.run("p", cfg, {"m": model}, len(y), lambda b, g: F.cross_entropy(model(b.x), b.y))
-        return model
+    def model() -> nn.Module:
+        return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 
-    straight = train(tmp_path / "a")
-    with monkeypatch.context() as patch:
-        _crash_after(patch, 1)
-        with pytest.raises(KeyboardInterrupt):
-            train(tmp_path / "b")
-    resumed = train(tmp_path / "b")
-    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert isinstance(make_optimizer(cfg, list(straight.parameters())), torch.optim.SGD)
+    assert_resumes_exactly(tmp_path, monkeypatch, lambda folder: run_phase(folder, cfg, model))
+    assert isinstance(make_optimizer(cfg, list(model().parameters())), torch.optim.SGD)
