@@ -12,7 +12,7 @@ import torch
 from tandem import __version__
 from tandem.bundle import HeadRunner, Manifest, TailRunner, bottleneck_shapes, write_bundle
 from tandem.config import Recipe
-from tandem.data import DataSet, Split
+from tandem.data import DataSet
 from tandem.evaluate import measure_points
 from tandem.profile import model_flops, profile_cuts
 from tandem.progress import bar as progress_bar
@@ -76,8 +76,7 @@ def build_bundle(
     provisional = Manifest.model_validate({**fields, "version": "unsaved", "files": {}})
     rate_points = trained.rates.export() if trained.rates is not None else []
     total = len(recipe.bottleneck.widths) * (len(recipe.eval_bits) + len(rate_points))
-    # Every point is measured over the whole test split: read it once, into memory.
-    test = Split(data.test.in_memory(workers), data.test.y)
+    test = data.test.in_memory(workers)  # every point is measured over all of it
     with progress_bar(total=total, desc="measuring", show=progress) as bar:
         points = measure_points(
             HeadRunner(trained.encoder, provisional, rate_points),

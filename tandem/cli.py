@@ -222,7 +222,7 @@ def _evaluate(
     args: argparse.Namespace, bundle: Path, data_spec: str, skip: bool = False
 ) -> dict[str, Any]:
     from tandem.bundle import FULL_FILE, read_manifest
-    from tandem.data import Split, load_data
+    from tandem.data import load_data
     from tandem.device import resolve_device
     from tandem.evaluate import evaluate_bundle
     from tandem.input_codecs import count
@@ -230,8 +230,7 @@ def _evaluate(
     device = resolve_device(args.device)  # before anything is read: a wrong one fails at once
     manifest = read_manifest(bundle)
     test = load_data(data_spec, skip_unreadable=skip).test
-    # Every point is measured over the whole test split: read it once, into memory.
-    split = Split(test.in_memory(args.workers), test.y)
+    split = test.in_memory(args.workers)  # every point is measured over all of it
     bits = args.bits or manifest.recipe.get("eval_bits") or [16, 8, 4, 2]
     rates = len(manifest.entropy.betas) if manifest.entropy is not None else 0
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)

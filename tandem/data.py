@@ -110,14 +110,17 @@ class Split:
     @property
     def x(self) -> np.ndarray:
         """Every image of the split as one uint8 ``(N, C, H, W)`` array (read whole)."""
-        return self.in_memory().array
+        images = self.in_memory().images
+        assert isinstance(images, ArrayImages)  # what in_memory gives
+        return images.array
 
-    def in_memory(self, workers: int | None = None) -> ArrayImages:
-        """The split's images read whole into memory, through its loader (an array split's
-        own array, uncopied)."""
+    def in_memory(self, workers: int | None = None) -> Split:
+        """The split with its images read whole into memory, once, through its loader: for
+        work that goes over all of them several times. An array split is itself."""
         if isinstance(self.images, ArrayImages):
-            return self.images
-        return ArrayImages(np.concatenate([b.x.numpy() for b in self.in_order(1024, workers)]))
+            return self
+        x = np.concatenate([b.x.numpy() for b in self.in_order(1024, workers)])
+        return Split(ArrayImages(x), self.y)
 
     def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """The images at ``rows``."""

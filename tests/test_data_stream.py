@@ -52,7 +52,7 @@ def test_a_folder_is_read_on_demand_in_the_order_asked(tmp_path: Path) -> None:
 
 def test_reading_in_workers_gives_the_whole_split(tmp_path: Path) -> None:
     data = load_data(f"imagefolder:{_folder(tmp_path, 30)}")
-    whole = data.train.in_memory(workers=2).array
+    whole = data.train.in_memory(workers=2).x
     assert whole.shape == (60, 3, 32, 32) and whole.dtype == np.uint8
     # Streamed statistics equal those of the array read whole.
     assert split_stats(data.train, workers=2) == channel_stats(whole)
