@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tandem.cli import device_option
+
 if TYPE_CHECKING:
     from tandem.cloud.config import ServeConfig
     from tandem.cloud.server import CloudServer
@@ -32,6 +34,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="longest wait to fill a batch")
     p.add_argument("--max-queue", type=int, default=1024, help="queued inputs before refusing more")
     p.add_argument("--workers", type=int, default=1, help="threads or processes running the tail")
+    device_option(
+        p,
+        "where decoder + tail run: auto (CUDA when PyTorch sees one, else the "
+        "CPU; the CPU with --compute processes), cpu, cuda or cuda:N",
+    )
     p.add_argument(
         "--compute",
         choices=["threads", "processes"],
@@ -131,7 +138,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         else:
             metrics = f", metrics on {doc['metrics']}" if doc["metrics"] else ""
             print(
-                f"serving {len(doc['models'])} model version(s) on {doc['address']}{metrics}",
+                f"serving {len(doc['models'])} model version(s) on {doc['address']} "
+                f"({doc['device']}){metrics}",
                 flush=True,
             )
 
@@ -156,6 +164,7 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
         "workers": args.workers,
         "compute": args.compute,
         "torch_threads": args.torch_threads,
+        "device": args.device,
         "max_message_bytes": args.max_message_bytes,
         "cache_entries": args.cache_entries,
         "cache_max_bytes": args.cache_max_bytes,
@@ -184,11 +193,14 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def _ready_doc(server: CloudServer) -> dict[str, Any]:
+    from tandem.device import describe
+
     return {
         "event": "listening",
         "address": server.address,
         "port": server.port,
         "metrics": server.metrics_address,
+        "device": describe(server.device),
         "tls": server.cfg.tls,
         "mtls": server.cfg.tls_client_ca is not None,
         "auth": server.tokens.enabled,

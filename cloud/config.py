@@ -28,6 +28,10 @@ class ServeConfig(StrictModel):
         "threads", description="run batches in worker threads or in worker processes"
     )
     torch_threads: int = Field(1, ge=1, le=256, description="torch threads per worker")
+    device: str = Field(
+        "auto", description="where decoder + tail run: auto, cpu, cuda or cuda:N (worker "
+        "processes run on the CPU, so with compute=processes auto is the CPU)"
+    )  # fmt: skip
     max_message_bytes: int = Field(1 << 20, ge=1024, le=1 << 30)
     cache_entries: int = Field(50_000, ge=0, description="responses kept for retried ids")
     cache_max_bytes: int = Field(

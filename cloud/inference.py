@@ -100,7 +100,7 @@ def run_batch(
     logits = np.zeros((0, 0), np.float32)
     if arrays:
         batch = torch.from_numpy(np.stack(arrays).astype(np.float32))
-        logits = _forward(entry, decoded, batch)
+        logits = _forward(entry, decoded, entry.runner.to_device(batch))
     return BatchOutput(logits, errors, mid - start, time.perf_counter() - mid)
 
 
@@ -146,10 +146,10 @@ def _forward(
         else:
             alone.setdefault(_key(adapter), []).append(row)
     if not alone:
-        return mixed(batch, adapters).numpy()
+        return mixed(batch, adapters).cpu().numpy()
     parts = [(rows, _merged(entry, adapters[rows[0]], batch[rows])) for rows in alone.values()]
     if shared:
-        parts.append((shared, mixed(batch[shared], [adapters[r] for r in shared]).numpy()))
+        parts.append((shared, mixed(batch[shared], [adapters[r] for r in shared]).cpu().numpy()))
     out = np.empty((len(adapters), parts[0][1].shape[1]), np.float32)
     for rows, logits in parts:
         out[rows] = logits
@@ -159,7 +159,7 @@ def _forward(
 def _merged(entry: ModelEntry, adapter: Adapter | None, batch: torch.Tensor) -> np.ndarray:
     """Logits of ``batch`` on the plain model, or on ``adapter``'s merged copy."""
     model = entry.runner.model if adapter is None else entry.model_for(adapter)
-    return model(batch).numpy()
+    return model(batch).cpu().numpy()
 
 
 def run_targets(targets: Sequence[Target]) -> list[Outcome]:

@@ -48,11 +48,12 @@ class MixedLoRA:
         """Hook ``model`` (a private copy: it must not be shared with plain callers), then
         probe it on zero inputs of each (C, H, W) in ``input_shapes``."""
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         for name, module in model.named_modules():
             if _hookable(module):
                 module.register_forward_hook(functools.partial(_add_terms, name))
         self.adaptable = _probe(self.model, input_shapes)
-        self._pool = Pool()
+        self._pool = Pool(device=self.device)
         self._lock = threading.Lock()
         self._serves: dict[AdapterKey, bool] = {}
 
@@ -106,9 +107,10 @@ def _add_terms(name: str, module: nn.Module, args: tuple[Any, ...], output: Any)
 def _probe(model: nn.Module, input_shapes: Iterable[tuple[int, ...]]) -> frozenset[str]:
     """The hooked modules called on row-aligned inputs at every probed batch size."""
     probes = [_Probe(rows) for rows in _PROBE_ROWS]
+    device = next(model.parameters()).device
     for shape in input_shapes:
         for probe in probes:
-            _run(model, torch.zeros(probe.rows, *shape), probe)
+            _run(model, torch.zeros(probe.rows, *shape, device=device), probe)
     aligned = frozenset.intersection(*(frozenset(p.aligned) for p in probes))
     return aligned - frozenset().union(*(p.misaligned for p in probes))
 
@@ -133,7 +135,7 @@ class _Plan:
     def __init__(self, pool: Pool, adapters: Sequence[Adapter | None]) -> None:
         self.pool = pool
         slots = [0 if a is None else pool.slots[key_of(a)] for a in adapters]
-        self.slots = torch.tensor(slots, dtype=torch.long)
+        self.slots = torch.tensor(slots, dtype=torch.long, device=pool.device)
         self.used = set(slots) - {0}
 
     def apply(self, name: str, module: nn.Module, x: torch.Tensor, output: Any) -> Any:
@@ -155,23 +157,27 @@ class _Plan:
         rank = max((bank.ranks[s] for s in self.used), default=0)
         if rank == 0:
             return None
-        a_out, b_out = _buffers()
+        a_out, b_out = _buffers(self.pool.device)
         a = _select(bank.a[:, :rank], self.slots, a_out)
         return a, _select(bank.b[:, :rank], self.slots, b_out)
 
 
-def _buffers() -> tuple[torch.Tensor, torch.Tensor]:
-    """This thread's two tensors to gather a module's factors into.
+def _buffers(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This thread's two tensors on ``device`` to gather a module's factors into.
 
     Gathered factors run to megabytes per module and batch; fresh tensors each time would
     go back to the OS when freed and fault their pages in again on every batch, which on a
     small tail costs more than the arithmetic. Reusing them is safe: a thread runs one
     forward pass at a time, and each module's terms are computed before the next gathers.
     """
-    buffers: tuple[torch.Tensor, torch.Tensor] | None = getattr(_local, "buffers", None)
-    if buffers is None:
-        buffers = _local.buffers = (torch.empty(0), torch.empty(0))
-    return buffers
+    kept: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] | None = getattr(
+        _local, "buffers", None
+    )
+    if kept is None:
+        kept = _local.buffers = {}
+    if device not in kept:
+        kept[device] = (torch.empty(0, device=device), torch.empty(0, device=device))
+    return kept[device]
 
 
 def _select(source: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

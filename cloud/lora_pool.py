@@ -8,7 +8,8 @@ pair, zero-padded to the module's largest rank; slot 0 is all zeros, for rows th
 adapter and adapters that do not target the module. A batch then gathers each module's
 factors with one index per factor.
 
-A pool is immutable: a batch naming adapters it lacks gets a new pool with them added, and
+Banks live on the model's device (``Pool.device``), so a batch on a GPU gathers its factors
+there. A pool is immutable: a batch naming adapters it lacks gets a new pool with them added, and
 batches already running keep the one they started with. Slots are never reused for other
 weights, since adapter versions are immutable; past :data:`MAX_SLOTS` adapters, the new pool
 holds only the batch's own adapters (all of them, not just the ones it lacked), so adapters
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tandem.adapters import Adapter
+from tandem.device import CPU
 
 MAX_SLOTS = 1024
 AdapterKey = tuple[str, str]
@@ -50,6 +52,7 @@ class Pool:
     adapters: tuple[Adapter, ...] = ()
     slots: dict[AdapterKey, int] = field(default_factory=dict)
     banks: dict[str, Bank] = field(default_factory=dict)
+    device: torch.device = CPU
 
     def lacks(self, adapters: Iterable[Adapter | None]) -> list[Adapter]:
         """The adapters among ``adapters`` that have no slot here, each once."""
@@ -69,10 +72,11 @@ class Pool:
         adapters = (*Pool().lacks(batch),) if full else (*self.adapters, *new)
         slots = {key_of(a): slot for slot, a in enumerate(adapters, start=1)}
         modules = sorted({m for a in adapters for m in a.factors})
-        return Pool(adapters, slots, {m: _bank(m, adapters) for m in modules})
+        banks = {m: _bank(m, adapters, self.device) for m in modules}
+        return Pool(adapters, slots, banks, self.device)
 
 
-def _bank(module: str, adapters: tuple[Adapter, ...]) -> Bank:
+def _bank(module: str, adapters: tuple[Adapter, ...], device: torch.device) -> Bank:
     """Module ``module``'s stacked factors; slot s + 1 is ``adapters[s]``."""
     pairs = [a.factors.get(module) for a in adapters]
     present = [f for f in pairs if f is not None]
@@ -85,4 +89,4 @@ def _bank(module: str, adapters: tuple[Adapter, ...]) -> Bank:
             a[slot, : factors.rank] = factors.a
             b[slot, : factors.rank] = factors.b
     ranks = (0, *(0 if f is None else f.rank for f in pairs))
-    return Bank(a, b, ranks)
+    return Bank(a.to(device), b.to(device), ranks)

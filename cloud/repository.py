@@ -62,6 +62,7 @@ from tandem.bundle import (
 )
 from tandem.cloud.config import ServeConfig
 from tandem.cloud.lora_batch import MixedLoRA
+from tandem.device import CPU
 from tandem.entropy_points import ENTROPY_FILE
 from tandem.files import Stamp, resolves_inside, stamp
 
@@ -187,7 +188,8 @@ class ModelEntry:
     def _copy(self) -> nn.Module:
         """A private copy of decoder + tail: built from the weights in memory, not from disk,
         which may hold a newer version by now; and not a deepcopy, which would copy hooks."""
-        return TailRunner.from_state(self.manifest, self.runner.model.state_dict()).model
+        state, device = self.runner.model.state_dict(), self.runner.device
+        return TailRunner.from_state(self.manifest, state, (), device).model
 
 
 def newest(versions: dict[str, Adapter]) -> str:
@@ -244,8 +246,15 @@ class ModelRepository:
     :meth:`resolve` and :meth:`models` never wait on a scan's file reads.
     """
 
-    def __init__(self, root: Path, scan_budget_s: float = SCAN_BUDGET_S) -> None:
+    def __init__(
+        self,
+        root: Path,
+        scan_budget_s: float = SCAN_BUDGET_S,
+        device: torch.device = CPU,
+    ) -> None:
+        """Serve the bundles under ``root``, each decoder + tail loaded onto ``device``."""
         self.root = Path(root)
+        self.device = device
         if not self.root.is_dir():
             raise NotADirectoryError(f"model repository {self.root} is not a directory")
         self.scan_budget_s = scan_budget_s
@@ -310,7 +319,7 @@ class ModelRepository:
             return held
         budget.loads += 1
         try:
-            runner = TailRunner.from_bundle(path, manifest)
+            runner = TailRunner.from_bundle(path, manifest, self.device)
         except Exception as exc:  # a bad cut, wrong sizes or hashes, unreadable weights...
             self._fail(path, stamps, "skipping bundle %s: %s", exc)
             return None

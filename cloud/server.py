@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tandem.address import format_address, parse_address
@@ -30,6 +31,7 @@ from tandem.cloud.health import BoundedHealth
 from tandem.cloud.metrics import ServiceMetrics
 from tandem.cloud.repository import ModelRepository
 from tandem.cloud.service import SERVICE_NAME, SplitInferenceService, handlers
+from tandem.device import DeviceError, resolve_device
 from tandem.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -66,13 +68,28 @@ def grpc_options(cfg: ServeConfig) -> list[tuple[str, int]]:
     ]
 
 
+def serving_device(cfg: ServeConfig) -> torch.device:
+    """Where decoder + tail run: ``cfg.device`` resolved. Worker processes run on the CPU, so
+    with ``compute=processes`` ``auto`` is the CPU and a CUDA device is refused (one line)."""
+    if cfg.compute == "processes" and cfg.device == "auto":
+        return torch.device("cpu")
+    device = resolve_device(cfg.device)
+    if cfg.compute == "processes" and device.type != "cpu":
+        raise DeviceError(
+            f"--compute processes runs the tail in CPU worker processes, not on {cfg.device}: "
+            "serve on the GPU with --compute threads"
+        )
+    return device
+
+
 class CloudServer:
     """One running service. ``await start()``, then ``await drain()`` to stop it."""
 
     def __init__(self, cfg: ServeConfig) -> None:
         self.cfg = cfg
+        self.device = serving_device(cfg)  # first: a wrong device fails before anything loads
         self.tokens = TokenStore(cfg.tokens)
-        self.repo = ModelRepository(cfg.models, cfg.scan_budget_s)
+        self.repo = ModelRepository(cfg.models, cfg.scan_budget_s, self.device)
         self.metrics = ServiceMetrics()
         # Repository scans read files: one thread of their own keeps them off the loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="scan")

@@ -2,9 +2,10 @@
 
 Every setting arrives in the message's config (the server validated it); the node itself
 contributes only its ``partition-id`` and ``num-partitions`` (node config), which pick its rows
-and its domain. What the server sends arrives codec-encoded and is decoded first
-(:func:`federated.updates.decode_down`); replies leave through
-:func:`federated.updates.compress_updates`.
+and its domain, and optionally its ``device`` (``auto``, the default: CUDA when PyTorch sees
+one; ``cpu``; ``cuda[:N]``), where it trains and evaluates. What the server sends arrives
+codec-encoded and is decoded first (:func:`federated.updates.decode_down`); replies leave
+through :func:`federated.updates.compress_updates`.
 
 Message contents, by key: ``arrays`` the adapter weights to start from and train (their keys
 are what comes back), ``frozen`` weights to load but keep fixed (FFA-LoRA's A), ``base`` an
@@ -16,12 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import cast, get_args
 
+import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from peft import PeftModel
 
+from tandem.device import resolve_device
 from tandem.federated.config import rank_list
 from tandem.federated.domains import domain_list
 from tandem.federated.lora import (
@@ -69,6 +72,11 @@ def _partition(context: Context) -> tuple[int, int]:
             "this SuperNode has no partition: start it with "
             "--node-config 'partition-id=N num-partitions=M'"
         ) from None
+
+
+def node_device(context: Context) -> torch.device:
+    """Where this node computes: its node config's ``device`` (default ``auto``)."""
+    return resolve_device(str(context.node_config.get("device", "auto")))
 
 
 def _get(config: ConfigRecord, key: str) -> str:
@@ -140,31 +148,35 @@ def build_model(msg: Message, context: Context) -> tuple[PeftModel, set[str]]:
 
 def _train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[CONFIG_KEY]
+    device = node_device(context)
     model, keys = build_model(msg, context)
+    model.to(device)
     train_data, test_data = client_data(config, context, has_head(keys))
-    before = accuracy(model, test_data)
+    before = accuracy(model, test_data, device)
     settings = TrainSettings(
         epochs=int(_get(config, "local-epochs")), lr=float(_get(config, "lr")),
         batch_size=int(_get(config, "batch-size")),
         proximal_mu=float(_get(config, "proximal-mu")),
         seed=int(_get(config, "seed")) + int(number(config, "server-round")),
     )  # fmt: skip
-    loss = train(model, train_data, settings)
+    loss = train(model, train_data, settings, device)
     trained = lora_arrays(model)
     arrays = {k: v for k, v in trained.items() if k in keys}
     metrics = MetricRecord({
         "num-examples": len(train_data), "train-loss": loss, "partition": _partition(context)[0],
         "rank": rank_of(trained), "acc-before": before,
-        "acc-after": accuracy(model, test_data),
+        "acc-after": accuracy(model, test_data, device),
     })  # fmt: skip
     return Message(RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: metrics}), reply_to=msg)
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
+    device = node_device(context)
     model, keys = build_model(msg, context)
+    model.to(device)
     _, test_data = client_data(msg.content.config_records[CONFIG_KEY], context, has_head(keys))
     metrics = MetricRecord({
-        "num-examples": len(test_data), "accuracy": accuracy(model, test_data),
+        "num-examples": len(test_data), "accuracy": accuracy(model, test_data, device),
         "partition": _partition(context)[0],
     })  # fmt: skip
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

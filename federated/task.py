@@ -6,6 +6,9 @@ and bits, or the entropy codec at a rate point: decoded, rounded symbols), so tr
 exactly the tensors the cloud decodes from the wire. When the head adapts too,
 the images themselves (normalised) are the inputs of a :class:`EndToEnd`, which runs the
 whole path every step with the codec's rounding in it.
+
+Training and evaluation run on the device the caller gives (the model already there); the
+inputs stay on the CPU and go over a batch at a time, and what is returned is on the CPU.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from tandem import codec
 from tandem.bottleneck import BottleneckEncoder, CloudTail, fake_quantize
 from tandem.bundle import HeadRunner, TailRunner
 from tandem.data import DataSet, load_data, normalize
+from tandem.device import CPU
 from tandem.federated.domains import apply_domain
 from tandem.federated.partition import Scheme, partition_rows
 
@@ -194,18 +198,21 @@ def model_for(wire: Wire, head: bool) -> nn.Module:
 
 
 @torch.inference_mode()
-def predictions(model: nn.Module, data: Features) -> torch.Tensor:
-    """The predicted class of every sample."""
+def predictions(model: nn.Module, data: Features, device: torch.device = CPU) -> torch.Tensor:
+    """The predicted class of every sample, by ``model`` on ``device`` (where it is)."""
     model.eval()
-    out = [model(data.z[i : i + EVAL_BATCH]).argmax(1) for i in range(0, len(data), EVAL_BATCH)]
+    out = [
+        model(data.z[i : i + EVAL_BATCH].to(device)).argmax(1).cpu()
+        for i in range(0, len(data), EVAL_BATCH)
+    ]
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
-def accuracy(model: nn.Module, data: Features) -> float:
-    """Top-1 accuracy of ``model`` on ``data`` (0 for no data)."""
+def accuracy(model: nn.Module, data: Features, device: torch.device = CPU) -> float:
+    """Top-1 accuracy of ``model`` (on ``device``) on ``data`` (0 for no data)."""
     if not len(data):
         return 0.0
-    return float((predictions(model, data) == data.y).float().mean())
+    return float((predictions(model, data, device) == data.y).float().mean())
 
 
 @dataclass(frozen=True)
@@ -219,10 +226,13 @@ class TrainSettings:
     seed: int = 0
 
 
-def train(model: PeftModel, data: Features, settings: TrainSettings) -> float:
-    """Train the adapter's trainable weights on ``data``; returns the mean loss of the last
-    epoch. With ``proximal_mu`` > 0 the loss adds FedProx's (mu / 2) * ||w - w_start||^2,
-    which keeps a client on skewed data from drifting far from the global adapter."""
+def train(
+    model: PeftModel, data: Features, settings: TrainSettings, device: torch.device = CPU
+) -> float:
+    """Train the adapter's trainable weights on ``data`` (on ``device``, where the model
+    is); returns the mean loss of the last epoch. With ``proximal_mu`` > 0 the loss adds
+    FedProx's (mu / 2) * ||w - w_start||^2, which keeps a client on skewed data from drifting
+    far from the global adapter."""
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     opt = torch.optim.Adam(params, lr=settings.lr)
@@ -236,7 +246,8 @@ def train(model: PeftModel, data: Features, settings: TrainSettings) -> float:
         total = 0.0
         for i in range(0, len(data), settings.batch_size):
             idx = order[i : i + settings.batch_size]
-            loss = F.cross_entropy(model(data.z[idx]), data.y[idx])
+            z, y = data.z[idx].to(device), data.y[idx].to(device)
+            loss = F.cross_entropy(model(z), y)
             if settings.proximal_mu:
                 drift = sum(((p - s) ** 2).sum() for p, s in zip(params, start, strict=True))
                 loss = loss + settings.proximal_mu / 2 * drift

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -138,12 +138,33 @@ def uplink_curve(
     return {"mbps": list(mbps), "duration_s": duration, "p50_ms": p50}
 
 
-def split_wins(curve: dict[str, Any]) -> list[float] | None:
-    """The uplink rates of ``curve`` at which the fixed split's p50 is below that of local
-    inference and of every offload strategy that ran (None when split, or every one of
-    those, did not run)."""
+def split_rivals(
+    curve: dict[str, Any], accuracy: Mapping[str, float] | None = None
+) -> tuple[list[str], list[str]]:
+    """The strategies of ``curve`` the split is compared with, and the offloads left out.
+
+    Rivals are local inference and every offload strategy, except (when ``accuracy`` gives
+    strategy accuracies) an offload less accurate than the split: a smaller input codec that
+    loses accuracy is a different product, not a faster way to the split's answers.
+    """
+    accuracy = accuracy or {}
+    mine = accuracy.get("split", 0.0)
+    rivals: list[str] = []
+    left_out: list[str] = []
+    for name in curve["p50_ms"]:
+        if name == "local" or name.startswith("offload-"):
+            worse = name != "local" and accuracy.get(name, mine) < mine
+            (left_out if worse else rivals).append(name)
+    return rivals, left_out
+
+
+def split_wins(
+    curve: dict[str, Any], accuracy: Mapping[str, float] | None = None
+) -> list[float] | None:
+    """The uplink rates of ``curve`` at which the fixed split's p50 is below that of every
+    rival (:func:`split_rivals`); None when split, or every rival, did not run."""
     p50 = curve["p50_ms"]
-    rivals = [name for name in p50 if name == "local" or name.startswith("offload-")]
+    rivals, _ = split_rivals(curve, accuracy)
     if "split" not in p50 or not rivals:
         return None
     wins = []
@@ -159,12 +180,20 @@ def _wins_line(doc: dict[str, Any]) -> list[str]:
     wins = doc.get("split_wins_mbps")
     if wins is None:
         return []
+    rivals = doc.get("split_rivals", {})
+    compared = ", ".join(rivals.get("compared", [])) or "local inference and offloading"
+    left_out = rivals.get("less_accurate", [])
+    note = (
+        [f"Left out of the comparison, as less accurate than the split: "
+         f"{', '.join(left_out)} (see the table's accuracy column).", ""]
+        if left_out else []
+    )  # fmt: skip
     if not wins:
-        return ["At no uplink rate of the chart does the split beat both local inference and "
-                "offloading at p50.", ""]  # fmt: skip
+        return [f"At no uplink rate of the chart does the split beat {compared} at p50.", "",
+                *note]  # fmt: skip
     rates = ", ".join(f"{w:.3g}" for w in wins)
-    return [f"The split beats local inference and every offload strategy at p50 at "
-            f"{rates} Mbit/s of the chart's rates.", ""]  # fmt: skip
+    return [f"The split beats {compared} at p50 at {rates} Mbit/s of the chart's rates.", "",
+            *note]  # fmt: skip
 
 
 def report_steps(setup: Setup, uplink_mbps: Sequence[float] = UPLINK_MBPS) -> int:
@@ -183,7 +212,10 @@ def write_report(
     runs = run_strategies(setup, progress=progress)
     doc = summary(setup, runs)
     doc["uplink_curve"] = uplink_curve(setup, uplink_mbps, progress)
-    doc["split_wins_mbps"] = split_wins(doc["uplink_curve"])
+    accuracy = {name: s.accuracy for name, s in setup.strategies.items()}
+    doc["split_wins_mbps"] = split_wins(doc["uplink_curve"], accuracy)
+    compared, left_out = split_rivals(doc["uplink_curve"], accuracy)
+    doc["split_rivals"] = {"compared": compared, "less_accurate": left_out}
     doc["files"] = ["report.md", "summary.json", *CHARTS.values()]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

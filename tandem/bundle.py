@@ -528,10 +528,14 @@ class TailRunner:
         """Logits ``(N, classes)`` for payloads that all have the same width (which
         entropy-coded payloads need stated). On a GPU the decoded batch is copied from
         page-locked memory, asynchronously."""
-        z = self.unpack(payloads, width)
-        if self.device.type == "cuda":
-            z = z.pin_memory().to(self.device, non_blocking=True)
-        return self.model(z).cpu().numpy()
+        return self.model(self.to_device(self.unpack(payloads, width))).cpu().numpy()
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A decoded batch on the runner's device: on a GPU, copied from page-locked memory
+        without waiting (the forward pass that follows queues behind the copy)."""
+        if self.device.type != "cuda":
+            return batch
+        return batch.pin_memory().to(self.device, non_blocking=True)
 
 
 def tail_bytes(manifest: Manifest) -> tuple[int, int]:

@@ -455,13 +455,14 @@ def _workers(text: str) -> int | None:
     return count
 
 
-def _device_option(p: argparse.ArgumentParser) -> None:
-    """``--device``, for the commands that compute with a model."""
-    p.add_argument(
-        "--device", default="auto",
-        help="where to compute: auto (CUDA when PyTorch sees one, else the CPU), cpu, cuda "
-        "or cuda:N",
-    )  # fmt: skip
+DEVICE_OPTION_HELP = (
+    "where to compute: auto (CUDA when PyTorch sees one, else the CPU), cpu, cuda or cuda:N"
+)
+
+
+def device_option(p: argparse.ArgumentParser, help: str = DEVICE_OPTION_HELP) -> None:
+    """``--device`` (default auto), for the commands that compute with a model."""
+    p.add_argument("--device", default="auto", help=help)
 
 
 def _reading_options(p: argparse.ArgumentParser) -> None:
@@ -507,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set distill.finetune.epochs=2 --set name=my-digits (repeatable)",
     )
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --out")
-    _device_option(p)
+    device_option(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="measure a bundle's accuracy against bytes per sample")
@@ -527,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE.png",
         help="also draw accuracy against bytes per sample to this PNG (needs tandem[sim])",
     )
-    _device_option(p)
+    device_option(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -563,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --bundle: also measure the edge daemon's per-request overhead (runs the real "
         "daemon and service over loopback for a few seconds)",
     )
-    _device_option(p)
+    device_option(p)
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="train, serve and simulate on the bundled digits data")

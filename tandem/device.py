@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 
+CPU = torch.device("cpu")
 DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
 Precision = Literal["fp32", "bf16", "fp16"]
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -49,7 +49,7 @@ from tandem.bottleneck import (
 from tandem.checkpoint import Checkpointer
 from tandem.config import OptimConfig, Recipe, RecipeError, TeacherConfig
 from tandem.data import Batch, DataSet, Split, normalize, normalize_tensor, split_stats
-from tandem.device import Precision, autocast, grad_scaler
+from tandem.device import CPU, Precision, autocast, grad_scaler
 from tandem.entropy import RatePoints
 from tandem.models import build_model
 from tandem.progress import bar as progress_bar
@@ -57,7 +57,6 @@ from tandem.split import split_model
 
 log = logging.getLogger(__name__)
 
-CPU = torch.device("cpu")
 
 BatchLoss = Callable[[Batch, torch.Generator], torch.Tensor]
 # Reads the training split in the given batches of row indices, normalised, in that order.

@@ -137,3 +137,89 @@ def test_the_gpu_bench_measures_on_the_cpu_what_it_measures_on_a_gpu(
     payloads = HeadRunner.from_bundle(digits_bundle).encode(x, 1.0)
     rates = bench.serve_rates(digits_bundle, payloads, 1.0, CPU, 1)  # type: ignore[attr-defined]
     assert set(rates) == {"1", "8", "32", "128", "512"} and min(rates.values()) > 0
+
+
+# ------------------------------------------------------------------ the cloud service
+
+
+def _serve_cfg(tmp_path: Path, **changes: object) -> object:
+    from tandem.cloud.config import ServeConfig
+
+    return ServeConfig.model_validate({"models": tmp_path, **changes})
+
+
+def test_serving_device_resolves_like_the_other_commands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tandem.cloud.server import serving_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert serving_device(_serve_cfg(tmp_path)) == torch.device("cuda")  # type: ignore[arg-type]
+    assert serving_device(_serve_cfg(tmp_path, device="cpu")) == CPU  # type: ignore[arg-type]
+    # Worker processes run on the CPU: auto means the CPU there, and a GPU is refused.
+    processes = _serve_cfg(tmp_path, compute="processes")
+    assert serving_device(processes) == CPU  # type: ignore[arg-type]
+    with pytest.raises(DeviceError, match="--compute threads"):
+        serving_device(_serve_cfg(tmp_path, compute="processes", device="cuda"))  # type: ignore[arg-type]
+
+
+def test_cloud_serve_refuses_an_absent_gpu_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    missing = tmp_path / "no-such-repository"  # would fail too, but later: the device goes first
+    argv = ["cloud", "serve", "--models", str(missing), "--device", "cuda", "--json"]
+    assert main(argv) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["type"] == "DeviceError" and "sees no CUDA device" in doc["error"]
+
+
+def test_the_repository_loads_its_tails_onto_its_device(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from tandem.cloud.repository import ModelRepository
+
+    shutil.copytree(digits_bundle, tmp_path / "digits")
+    device = torch.device("cuda") if torch.cuda.is_available() else CPU
+    repository = ModelRepository(tmp_path, device=device)
+    assert repository.scan() == 1
+    (entry,) = repository.models()
+    assert entry.runner.device == device
+    assert {p.device.type for p in entry.runner.model.parameters()} == {device.type}
+    assert {p.device.type for p in entry.mixed().model.parameters()} == {device.type}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_service_answers_on_the_gpu_what_it_answers_on_the_cpu(digits_bundle: Path) -> None:
+    from tandem.bundle import HeadRunner, TailRunner
+    from tandem.data import load_data
+
+    x = load_data("digits").test.take(range(64))
+    payloads = HeadRunner.from_bundle(digits_bundle).encode(x, 1.0)
+    cpu = TailRunner.from_bundle(digits_bundle).infer(payloads, 1.0)
+    gpu = TailRunner.from_bundle(digits_bundle, device=torch.device("cuda")).infer(payloads, 1.0)
+    assert (cpu.argmax(1) == gpu.argmax(1)).mean() > 0.98
+    torch.testing.assert_close(torch.from_numpy(gpu), torch.from_numpy(cpu), rtol=1e-3, atol=1e-3)
+
+
+# ------------------------------------------------------------------ federated clients
+
+
+class _Context:
+    def __init__(self, node_config: dict[str, object]) -> None:
+        self.node_config = node_config
+
+
+def test_a_federated_node_computes_where_its_node_config_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tandem.federated.client_app import node_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert node_device(_Context({"partition-id": 0})) == CPU  # type: ignore[arg-type]
+    assert node_device(_Context({"device": "cpu"})) == CPU  # type: ignore[arg-type]
+    with pytest.raises(DeviceError, match="sees no CUDA device"):
+        node_device(_Context({"device": "cuda"}))  # type: ignore[arg-type]

@@ -97,6 +97,21 @@ def test_mixed_batch_equals_each_row_on_its_merged_model(tmp_path: Path) -> None
     assert not torch.allclose(got[[0, 1]], base[[0, 1]], atol=1e-2)  # the adapters act
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_mixed_batch_on_the_gpu_equals_the_cpu(tmp_path: Path) -> None:
+    """Banks, slots and gather buffers follow the model onto its device."""
+    net = Net().eval()
+    every = ["conv", "dilated", "collapse", "head"]
+    x_adapter = _publish(net, tmp_path / "x" / "1", every, 4, seed=1)
+    y_adapter = _publish(net, tmp_path / "y" / "1", ["dilated"], 2, seed=2)
+    adapters = [x_adapter, None, y_adapter, x_adapter]
+    x = torch.randn(len(adapters), 3, 8, 8)
+    cpu = MixedLoRA(copy.deepcopy(net), [(3, 8, 8)])(x, adapters)
+    cuda = torch.device("cuda")
+    gpu = MixedLoRA(copy.deepcopy(net).to(cuda), [(3, 8, 8)])(x.to(cuda), adapters)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-3)
+
+
 def test_mixed_batch_equals_peft_itself(tmp_path: Path) -> None:
     net = Net().eval()
     peft_model = get_peft_model(

@@ -11,7 +11,7 @@ import yaml
 
 from tandem.cli import main
 from tandem.sim.profiles import DEVICE_CLASSES
-from tandem.sim.report import split_wins, write_report
+from tandem.sim.report import split_rivals, split_wins, write_report
 from tandem.sim.scenario import build, open_scenario, parse_scenario
 from tandem.sim.stated import load_arch_profile
 
@@ -106,7 +106,13 @@ def test_the_report_names_the_sources_and_where_split_wins(arch_file: Path, tmp_
     doc = write_report(open_scenario(path), tmp_path / "out", uplink_mbps=(0.1, 50.0))
     report = (tmp_path / "out" / "report.md").read_text()
     assert "## Stated figures" in report and "table 2" in report and "a benchmark" in report
-    assert doc["split_wins_mbps"] == split_wins(doc["uplink_curve"])
+    accuracy = {"local": 0.9, "offload-jpeg": 0.88, "offload-webp": 0.885, "split": 0.89}
+    assert doc["split_wins_mbps"] == split_wins(doc["uplink_curve"], accuracy)
+    assert doc["split_rivals"] == {
+        "compared": ["local"],
+        "less_accurate": ["offload-jpeg", "offload-webp"],
+    }
+    assert "less accurate than the split" in report
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["split_wins_mbps"] == doc["split_wins_mbps"]
 
@@ -123,6 +129,24 @@ def test_split_wins_where_its_p50_is_below_every_rival() -> None:
     }
     assert split_wins(curve) == [1.0]
     assert split_wins({"mbps": [1.0], "p50_ms": {"local": [1.0]}}) is None
+
+
+def test_split_wins_counts_only_offloads_at_least_as_accurate() -> None:
+    """A smaller but less accurate input codec is another product, not a faster way to the
+    split's answers: it is left out of the comparison, and the report says so."""
+    curve = {
+        "mbps": [0.1, 1.0],
+        "p50_ms": {
+            "local": [500.0, 500.0],
+            "offload-jpeg": [300.0, 40.0],  # faster everywhere, but less accurate
+            "offload-webp": [900.0, 90.0],
+            "split": [400.0, 60.0],
+        },
+    }
+    accuracy = {"local": 0.76, "offload-jpeg": 0.72, "offload-webp": 0.753, "split": 0.753}
+    assert split_wins(curve) == []
+    assert split_wins(curve, accuracy) == [0.1, 1.0]
+    assert split_rivals(curve, accuracy) == (["local", "offload-webp"], ["offload-jpeg"])
 
 
 def test_a_model_scenario_defaults_to_its_own_strategies(arch_file: Path, tmp_path: Path) -> None:
@@ -146,3 +170,38 @@ def test_simulator_profiles_are_timed_on_the_cpu(
     assert main(argv) == 2
     assert "one CPU thread" in json.loads(capsys.readouterr().out)["error"]
     assert not (tmp_path / "p.json").exists()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "sim" / "scenarios" / "imagenet-resnet50-rpi4.yaml"
+TRACES = ROOT.parent / "shared" / "traces"
+
+
+def test_the_shipped_resnet50_scenario_sources_every_figure() -> None:
+    data = yaml.safe_load(SHIPPED.read_text())
+    model = parse_scenario(data).model
+    assert model is not None
+    arch = load_arch_profile(ROOT / "sim" / "profiles_data" / f"{model.arch_profile}.json")
+    assert arch.arch == "resnet50" and arch.input == [3, 224, 224] and arch.threads == 1
+    arch.cut(model.split.cut)  # the stated cut exists in the profile
+    assert len(model.sources()) == 5 and all(
+        "github.com" in s or "NVIDIA" in s for s in model.sources()
+    )
+
+
+@pytest.mark.skipif(not TRACES.is_dir(), reason=f"{TRACES} is not there")
+def test_the_shipped_resnet50_scenario_runs_on_the_shared_traces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)  # its traces are named from the repository root
+    doc = write_report(open_scenario(SHIPPED), tmp_path, uplink_mbps=(0.5, 5.0))
+    assert set(doc["strategies"]) == {
+        "local",
+        "offload-raw",
+        "offload-jpeg",
+        "offload-webp",
+        "split",
+    }
+    # JPEG's stated point is less accurate than the split's: it is not a rival.
+    assert doc["split_rivals"]["less_accurate"] == ["offload-jpeg"]
+    assert (tmp_path / "report.md").read_text().count("github.com/duanzhiihao/edge-cloud-rac") >= 3
