@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--bundle", required=True, type=Path, help="the bundle whose head runs here")
     p.add_argument("--cloud", required=True, help="HOST:PORT of `tandem cloud serve`")
     p.add_argument(
-        "--source", required=True, help="DIR | digits | npz:PATH | jsonl:PATH | - (stdin)"
+        "--source",
+        required=True,
+        help="DIR | digits | npz:PATH | imagefolder:DIR | jsonl:PATH | - (stdin)",
     )
     p.add_argument("--sink", default="-", help="JSON-lines output file, or - for stdout")
     p.add_argument(

@@ -19,7 +19,10 @@ class DaemonConfig(StrictModel):
 
     bundle: Path
     cloud: str = Field(description="HOST:PORT of the cloud service")
-    source: str = Field(description="DIR, npz:PATH, jsonl:PATH, or - for JSON lines on stdin")
+    source: str = Field(
+        description="DIR, digits, npz:PATH, imagefolder:DIR (a test split), jsonl:PATH, or - "
+        "for JSON lines on stdin"
+    )
     sink: str = Field("-", description="JSON-lines file, or - for stdout")
     spool: Path | None = Field(
         None,

@@ -5,7 +5,8 @@ stable ``index``. The daemon stores, per source ``key``, the next index it has n
 (``edge.spool``); after a restart it calls ``iter_from(cursor)`` and so neither skips nor repeats
 an input. That only works if the same key always yields the same inputs at the same indices:
 
-- ``digits`` is the test split of the shipped digits set.
+- ``digits`` is the test split of the shipped digits set; ``imagefolder:DIR`` the test split
+  of an image folder (``DIR/test/<class>/``), as ``tandem train`` and ``eval`` read it.
 - ``npz:PATH`` and ``jsonl:PATH`` are files the daemon only reads; replace them and the cursor
   points into different data.
 - ``dir:PATH`` numbers the image files in sorted order of their relative paths, listed when the
@@ -57,6 +58,7 @@ DIR_SUFFIXES = frozenset(IMAGE_SUFFIXES | {".bmp", ".gif", ".webp"})
 #: floor keeps a camera's photo (12 Mpx) usable for a bundle of tiny inputs.
 PIXEL_FACTOR = 64
 MIN_PIXEL_CAP = 4096 * 4096
+_CHUNK = 256  # test-split rows read at once: one read per chunk, a bounded few MB held
 
 #: PIL mode for each supported channel count of the bundle's input.
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
@@ -100,12 +102,14 @@ class Source(Protocol):
 
 
 class HeldOutSource:
-    """The test split of a data spec (``digits``, ``npz:PATH``), with labels, keyed by the spec.
+    """The test split of a data spec (``digits``, ``npz:PATH``, ``imagefolder:DIR``), with
+    labels, keyed by the spec.
 
     Loaded through :func:`tandem.data.load_data`, so the rows (the held-out split that
     ``tandem.data`` defines) and the ``(C, H, W)`` layout are exactly those the bundle was
-    evaluated on. If ``input_shape`` is given, a mismatch is a :class:`SourceError` up front
-    rather than one failed request per input.
+    evaluated on. An image folder's files are read as the daemon reaches them, a chunk at a
+    time, never all at once. If ``input_shape`` is given, a mismatch is a
+    :class:`SourceError` up front rather than one failed request per input.
     """
 
     has_labels = True
@@ -117,22 +121,24 @@ class HeldOutSource:
             test = load_data(spec).test
         except DataSpecError as exc:
             raise SourceError(str(exc)) from exc
-        shape = tuple(int(d) for d in test.x.shape[1:])
+        shape = tuple(int(d) for d in test.shape)
         if input_shape is not None and shape != tuple(input_shape):
             raise SourceError(
                 f"{self.key}: inputs have shape {shape}, the bundle takes {tuple(input_shape)}"
             )
-        self._x, self._y = test.x, test.y
+        self._test = test
 
     def __len__(self) -> int:
         """The number of inputs: the test split's rows."""
-        return int(self._x.shape[0])
+        return len(self._test)
 
     def iter_from(self, start: int, limit: int | None = None) -> Iterator[Item]:
         """Rows ``start`` up to ``limit`` (or the end) of the test split."""
         stop = len(self) if limit is None else min(len(self), limit)
-        for i in range(max(0, start), stop):
-            yield Item(i, self._x[i], int(self._y[i]))
+        for first in range(max(0, start), stop, _CHUNK):
+            rows = np.arange(first, min(first + _CHUNK, stop))
+            for i, x in zip(rows, self._test.take(rows), strict=True):
+                yield Item(int(i), x, int(self._test.y[i]))
 
 
 class NpzSource(HeldOutSource):
@@ -362,9 +368,10 @@ def _shape3(shape: Sequence[int]) -> tuple[int, int, int]:
 def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) -> Source:
     """The source named by ``spec``, for a bundle with ``input_shape`` and class ``labels``.
 
-    Specs: ``digits`` or ``npz:PATH`` (the test split), ``jsonl:PATH``, ``-`` or ``jsonl:-``
-    (JSON lines on stdin), ``dir:PATH`` or the path of an existing directory (image files). Raises
-    :class:`SourceError` with a one-line message for anything else, or a missing path.
+    Specs: ``digits``, ``npz:PATH`` or ``imagefolder:DIR`` (the test split), ``jsonl:PATH``,
+    ``-`` or ``jsonl:-`` (JSON lines on stdin), ``dir:PATH`` or the path of an existing
+    directory (image files). Raises :class:`SourceError` with a one-line message for anything
+    else, or a missing path.
     """
     kind, sep, arg = spec.partition(":")
     if spec in ("-", "jsonl:-"):
@@ -383,6 +390,8 @@ def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) ->
     if sep and arg:
         if kind == "npz":
             return NpzSource(arg, input_shape)
+        if kind == "imagefolder":
+            return HeldOutSource(f"imagefolder:{Path(arg).expanduser().resolve()}", input_shape)
         if kind == "jsonl":
             return JsonlSource(arg, input_shape, num_classes=len(labels) or None)
         if kind == "dir":
@@ -390,6 +399,6 @@ def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) ->
     if spec and Path(spec).expanduser().is_dir():
         return ImageDirSource(spec, input_shape, labels)
     raise SourceError(
-        f"unknown or missing source {spec!r}: expected digits, npz:PATH, jsonl:PATH, dir:PATH, "
-        "an existing directory, or - for JSON lines on stdin"
+        f"unknown or missing source {spec!r}: expected digits, npz:PATH, imagefolder:DIR, "
+        "jsonl:PATH, dir:PATH, an existing directory, or - for JSON lines on stdin"
     )

@@ -270,3 +270,33 @@ def test_open_source_bad_npz(tmp_path: Path) -> None:
     np.savez(tmp_path / "odd.npz", x=np.zeros((5, 4, 4), np.uint8), y=np.zeros(4, np.int64))
     with pytest.raises(SourceError, match="5 images and 4 labels"):
         open_source(f"npz:{tmp_path / 'odd.npz'}", (1, 4, 4), LABELS)
+
+
+def _image_folder(root: Path) -> Path:
+    """train/ and test/ with one class folder each of 4x4 RGB PNGs (lossless: exact pixels)."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 3), ("test", 4)):
+        for name in LABELS:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_spec_is_its_test_split_as_eval_reads_it(tmp_path: Path) -> None:
+    """``imagefolder:DIR``, the spec ``train`` and ``eval`` take, is a source too: the test
+    split with its labels, row for row as ``tandem eval`` reads it."""
+    from tandem.data import load_data
+
+    spec = f"imagefolder:{_image_folder(tmp_path / 'f')}"
+    source = open_source(spec, (3, 4, 4), LABELS)
+    assert source.has_labels and source.replayable and len(source) == 8  # type: ignore[attr-defined]
+    test = load_data(spec).test
+    items = list(source.iter_from(2, limit=6))
+    assert [i.index for i in items] == [2, 3, 4, 5]
+    for item in items:
+        np.testing.assert_array_equal(item.x, test.take([item.index])[0])
+        assert item.label == test.y[item.index]
+    with pytest.raises(SourceError, match=r"inputs have shape \(3, 4, 4\)"):
+        open_source(spec, (1, 4, 4), LABELS)
