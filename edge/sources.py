@@ -108,25 +108,36 @@ class HeldOutSource:
     Loaded through :func:`tandem.data.load_data`, so the rows (the held-out split that
     ``tandem.data`` defines) and the ``(C, H, W)`` layout are exactly those the bundle was
     evaluated on. An image folder's files are read as the daemon reaches them, a chunk at a
-    time, never all at once. If ``input_shape`` is given, a mismatch is a
-    :class:`SourceError` up front rather than one failed request per input.
+    time, never all at once; a file that breaks after opening is an error item, alone. If
+    ``input_shape`` is given, a mismatch is a :class:`SourceError` up front rather than one
+    failed request per input; so is, given ``labels``, a set of classes other than the
+    bundle's (labels are class indices: they would score every answer against another class).
     """
 
     has_labels = True
     replayable = True
 
-    def __init__(self, spec: str, input_shape: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        spec: str,
+        input_shape: Sequence[int] | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
         self.key = spec
         try:
-            test = load_data(spec).test
+            data = load_data(spec)
         except DataSpecError as exc:
             raise SourceError(str(exc)) from exc
-        shape = tuple(int(d) for d in test.shape)
+        shape = tuple(int(d) for d in data.test.shape)
         if input_shape is not None and shape != tuple(input_shape):
             raise SourceError(
                 f"{self.key}: inputs have shape {shape}, the bundle takes {tuple(input_shape)}"
             )
-        self._test = test
+        if labels is not None and list(labels) != data.classes:
+            raise SourceError(
+                f"{self.key}: classes {data.classes}, the bundle's are {list(labels)}"
+            )
+        self._test = data.test
 
     def __len__(self) -> int:
         """The number of inputs: the test split's rows."""
@@ -136,9 +147,23 @@ class HeldOutSource:
         """Rows ``start`` up to ``limit`` (or the end) of the test split."""
         stop = len(self) if limit is None else min(len(self), limit)
         for first in range(max(0, start), stop, _CHUNK):
-            rows = np.arange(first, min(first + _CHUNK, stop))
-            for i, x in zip(rows, self._test.take(rows), strict=True):
-                yield Item(int(i), x, int(self._test.y[i]))
+            yield from self._chunk(np.arange(first, min(first + _CHUNK, stop)))
+
+    def _chunk(self, rows: np.ndarray) -> Iterator[Item]:
+        """Items for ``rows``: read at once, or, when one fails, one by one."""
+        try:
+            images: Iterable[np.ndarray | None] = self._test.take(rows)
+        except DataSpecError:
+            yield from (self._one(int(i)) for i in rows)
+            return
+        for i, x in zip(rows, images, strict=True):
+            yield Item(int(i), x, int(self._test.y[i]))
+
+    def _one(self, i: int) -> Item:
+        try:
+            return Item(i, self._test.take([i])[0], int(self._test.y[i]))
+        except DataSpecError as exc:
+            return Item(i, None, int(self._test.y[i]), str(exc))
 
 
 class NpzSource(HeldOutSource):
@@ -391,7 +416,8 @@ def open_source(spec: str, input_shape: Sequence[int], labels: Sequence[str]) ->
         if kind == "npz":
             return NpzSource(arg, input_shape)
         if kind == "imagefolder":
-            return HeldOutSource(f"imagefolder:{Path(arg).expanduser().resolve()}", input_shape)
+            spec = f"imagefolder:{Path(arg).expanduser().resolve()}"
+            return HeldOutSource(spec, input_shape, labels)
         if kind == "jsonl":
             return JsonlSource(arg, input_shape, num_classes=len(labels) or None)
         if kind == "dir":

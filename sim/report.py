@@ -138,14 +138,19 @@ def uplink_curve(
     return {"mbps": list(mbps), "duration_s": duration, "p50_ms": p50}
 
 
+_LOSSLESS = {"offload-raw", "offload-png"}
+
+
 def split_rivals(
     curve: dict[str, Any], accuracy: Mapping[str, float] | None = None
 ) -> tuple[list[str], list[str]]:
     """The strategies of ``curve`` the split is compared with, and the offloads left out.
 
     Rivals are local inference and every offload strategy, except (when ``accuracy`` gives
-    strategy accuracies) an offload less accurate than the split: a smaller input codec that
-    loses accuracy is a different product, not a faster way to the split's answers.
+    strategy accuracies) a lossy offload known to be less accurate than the split: a smaller
+    input codec that loses accuracy is a different product, not a faster way to the split's
+    answers. Lossless offloads (raw, PNG) run the whole model, and an accuracy of 0 means
+    unknown: those always stay rivals.
     """
     accuracy = accuracy or {}
     mine = accuracy.get("split", 0.0)
@@ -153,7 +158,8 @@ def split_rivals(
     left_out: list[str] = []
     for name in curve["p50_ms"]:
         if name == "local" or name.startswith("offload-"):
-            worse = name != "local" and accuracy.get(name, mine) < mine
+            theirs = accuracy.get(name, 0.0)
+            worse = name not in _LOSSLESS and 0 < theirs < mine
             (left_out if worse else rivals).append(name)
     return rivals, left_out
 
@@ -178,8 +184,6 @@ def split_wins(
 
 def _wins_line(doc: dict[str, Any]) -> list[str]:
     wins = doc.get("split_wins_mbps")
-    if wins is None:
-        return []
     rivals = doc.get("split_rivals", {})
     compared = ", ".join(rivals.get("compared", [])) or "local inference and offloading"
     left_out = rivals.get("less_accurate", [])
@@ -188,6 +192,8 @@ def _wins_line(doc: dict[str, Any]) -> list[str]:
          f"{', '.join(left_out)} (see the table's accuracy column).", ""]
         if left_out else []
     )  # fmt: skip
+    if wins is None:
+        return note
     if not wins:
         return [f"At no uplink rate of the chart does the split beat {compared} at p50.", "",
                 *note]  # fmt: skip

@@ -183,7 +183,8 @@ def test_the_repository_loads_its_tails_onto_its_device(
     from tandem.cloud.repository import ModelRepository
 
     shutil.copytree(digits_bundle, tmp_path / "digits")
-    device = torch.device("cuda") if torch.cuda.is_available() else CPU
+    # "cpu:0" is a device of its own name: a repository that dropped it would load onto "cpu".
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu", 0)
     repository = ModelRepository(tmp_path, device=device)
     assert repository.scan() == 1
     (entry,) = repository.models()
@@ -193,16 +194,30 @@ def test_the_repository_loads_its_tails_onto_its_device(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_the_service_answers_on_the_gpu_what_it_answers_on_the_cpu(digits_bundle: Path) -> None:
-    from tandem.bundle import HeadRunner, TailRunner
+def test_the_service_answers_on_the_gpu_what_it_answers_on_the_cpu(
+    digits_bundle: Path, tmp_path: Path
+) -> None:
+    """The service's batch path (decode, copy, forward; a corrupt row failing alone) on a GPU
+    repository, against the same on the CPU."""
+    import shutil
+
+    from tandem.bundle import HeadRunner
+    from tandem.cloud.inference import run_batch
+    from tandem.cloud.repository import ModelRepository
     from tandem.data import load_data
 
+    shutil.copytree(digits_bundle, tmp_path / "digits")
     x = load_data("digits").test.take(range(64))
-    payloads = HeadRunner.from_bundle(digits_bundle).encode(x, 1.0)
-    cpu = TailRunner.from_bundle(digits_bundle).infer(payloads, 1.0)
-    gpu = TailRunner.from_bundle(digits_bundle, device=torch.device("cuda")).infer(payloads, 1.0)
-    assert (cpu.argmax(1) == gpu.argmax(1)).mean() > 0.98
-    torch.testing.assert_close(torch.from_numpy(gpu), torch.from_numpy(cpu), rtol=1e-3, atol=1e-3)
+    payloads = [*HeadRunner.from_bundle(digits_bundle).encode(x, 1.0), b"corrupt"]
+    logits = []
+    for device in (CPU, torch.device("cuda")):
+        repository = ModelRepository(tmp_path, device=device)
+        repository.scan()
+        (entry,) = repository.models()
+        out = run_batch(entry, [None] * len(payloads), payloads, 1.0)
+        assert list(out.errors) == [64]
+        logits.append(torch.from_numpy(out.logits))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-3, atol=1e-3)
 
 
 # ------------------------------------------------------------------ federated clients

@@ -140,13 +140,20 @@ def test_split_wins_counts_only_offloads_at_least_as_accurate() -> None:
             "local": [500.0, 500.0],
             "offload-jpeg": [300.0, 40.0],  # faster everywhere, but less accurate
             "offload-webp": [900.0, 90.0],
+            "offload-raw": [9000.0, 900.0],
+            "offload-png": [5000.0, 500.0],
             "split": [400.0, 60.0],
         },
     }
-    accuracy = {"local": 0.76, "offload-jpeg": 0.72, "offload-webp": 0.753, "split": 0.753}
+    accuracy = {"local": 0.76, "offload-jpeg": 0.72, "offload-webp": 0.753, "split": 0.753,
+                "offload-raw": 0.0, "offload-png": 0.0}  # fmt: skip
     assert split_wins(curve) == []
     assert split_wins(curve, accuracy) == [0.1, 1.0]
-    assert split_rivals(curve, accuracy) == (["local", "offload-webp"], ["offload-jpeg"])
+    # Lossless offloads keep the model's accuracy whatever figure stands for it (0: unknown).
+    rivals = ["local", "offload-webp", "offload-raw", "offload-png"]
+    assert split_rivals(curve, accuracy) == (rivals, ["offload-jpeg"])
+    # An offload whose accuracy is unknown stays a rival too.
+    assert split_rivals(curve, {**accuracy, "offload-jpeg": 0.0})[1] == []
 
 
 def test_a_model_scenario_defaults_to_its_own_strategies(arch_file: Path, tmp_path: Path) -> None:
@@ -190,10 +197,7 @@ def test_the_shipped_resnet50_scenario_sources_every_figure() -> None:
 
 
 @pytest.mark.skipif(not TRACES.is_dir(), reason=f"{TRACES} is not there")
-def test_the_shipped_resnet50_scenario_runs_on_the_shared_traces(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(ROOT)  # its traces are named from the repository root
+def test_the_shipped_resnet50_scenario_runs_on_the_shared_traces(tmp_path: Path) -> None:
     doc = write_report(open_scenario(SHIPPED), tmp_path, uplink_mbps=(0.5, 5.0))
     assert set(doc["strategies"]) == {
         "local",

@@ -284,11 +284,14 @@ def _image_folder(root: Path) -> Path:
     return root
 
 
-def test_an_image_folder_spec_is_its_test_split_as_eval_reads_it(tmp_path: Path) -> None:
+def test_an_image_folder_spec_is_its_test_split_as_eval_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``imagefolder:DIR``, the spec ``train`` and ``eval`` take, is a source too: the test
-    split with its labels, row for row as ``tandem eval`` reads it."""
+    split with its labels, row for row as ``tandem eval`` reads it (across chunks)."""
     from tandem.data import load_data
 
+    monkeypatch.setattr("tandem.edge.sources._CHUNK", 3)
     spec = f"imagefolder:{_image_folder(tmp_path / 'f')}"
     source = open_source(spec, (3, 4, 4), LABELS)
     assert source.has_labels and source.replayable and len(source) == 8  # type: ignore[attr-defined]
@@ -300,3 +303,27 @@ def test_an_image_folder_spec_is_its_test_split_as_eval_reads_it(tmp_path: Path)
         assert item.label == test.y[item.index]
     with pytest.raises(SourceError, match=r"inputs have shape \(3, 4, 4\)"):
         open_source(spec, (1, 4, 4), LABELS)
+
+
+def test_an_image_folder_file_gone_after_opening_is_one_error_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One file that breaks after the source opened fails alone: its neighbours in the same
+    chunk are still sent, and the daemon goes on (a stuck cursor would fail every restart)."""
+    monkeypatch.setattr("tandem.edge.sources._CHUNK", 4)
+    root = _image_folder(tmp_path / "f")
+    source = open_source(f"imagefolder:{root}", (3, 4, 4), LABELS)
+    (root / "test" / "cat" / "1.png").write_bytes(b"not an image any more")
+    items = list(source.iter_from(0))
+    assert [i.index for i in items] == list(range(8))
+    broken = [i for i in items if i.error is not None]
+    assert len(broken) == 1 and broken[0].x is None and "1.png" in broken[0].error
+    assert all(i.x is not None for i in items if i.error is None)
+
+
+def test_an_image_folder_with_other_classes_than_the_bundle_is_refused(tmp_path: Path) -> None:
+    """Labels are class indices: a folder whose classes differ from the bundle's would score
+    every answer against the wrong class, so it is refused up front."""
+    spec = f"imagefolder:{_image_folder(tmp_path / 'f')}"
+    with pytest.raises(SourceError, match=r"classes \['cat', 'dog'\].*\['dog', 'cat'\]"):
+        open_source(spec, (3, 4, 4), ["dog", "cat"])
