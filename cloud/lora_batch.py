@@ -52,7 +52,7 @@ class MixedLoRA:
         for name, module in model.named_modules():
             if _hookable(module):
                 module.register_forward_hook(functools.partial(_add_terms, name))
-        self.adaptable = _probe(self.model, input_shapes)
+        self.adaptable = _probe(self.model, input_shapes, self.device)
         self._pool = Pool(device=self.device)
         self._lock = threading.Lock()
         self._serves: dict[AdapterKey, bool] = {}
@@ -104,10 +104,12 @@ def _add_terms(name: str, module: nn.Module, args: tuple[Any, ...], output: Any)
 
 
 @torch.inference_mode()
-def _probe(model: nn.Module, input_shapes: Iterable[tuple[int, ...]]) -> frozenset[str]:
-    """The hooked modules called on row-aligned inputs at every probed batch size."""
+def _probe(
+    model: nn.Module, input_shapes: Iterable[tuple[int, ...]], device: torch.device
+) -> frozenset[str]:
+    """The hooked modules called on row-aligned inputs (zeros on the model's ``device``) at
+    every probed batch size."""
     probes = [_Probe(rows) for rows in _PROBE_ROWS]
-    device = next(model.parameters()).device
     for shape in input_shapes:
         for probe in probes:
             _run(model, torch.zeros(probe.rows, *shape, device=device), probe)

@@ -31,7 +31,7 @@ from tandem.cloud.health import BoundedHealth
 from tandem.cloud.metrics import ServiceMetrics
 from tandem.cloud.repository import ModelRepository
 from tandem.cloud.service import SERVICE_NAME, SplitInferenceService, handlers
-from tandem.device import DeviceError, resolve_device
+from tandem.device import CPU, DeviceError, resolve_device
 from tandem.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def serving_device(cfg: ServeConfig) -> torch.device:
     """Where decoder + tail run: ``cfg.device`` resolved. Worker processes run on the CPU, so
     with ``compute=processes`` ``auto`` is the CPU and a CUDA device is refused (one line)."""
     if cfg.compute == "processes" and cfg.device == "auto":
-        return torch.device("cpu")
+        return CPU
     device = resolve_device(cfg.device)
     if cfg.compute == "processes" and device.type != "cpu":
         raise DeviceError(

@@ -152,7 +152,7 @@ class HeldOutSource:
     def _chunk(self, rows: np.ndarray) -> Iterator[Item]:
         """Items for ``rows``: read at once, or, when one fails, one by one."""
         try:
-            images: Iterable[np.ndarray | None] = self._test.take(rows)
+            images = self._test.take(rows)
         except DataSpecError:
             yield from (self._one(int(i)) for i in rows)
             return

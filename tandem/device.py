@@ -32,7 +32,7 @@ def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if spec == "cpu":
-        return torch.device("cpu")
+        return CPU
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
     if match is None:
         raise DeviceError(f"unknown device {spec!r}: expected {DEVICE_HELP}")
