@@ -100,6 +100,23 @@ _BASELINE_NAMES = {"png": "PNG", "zstd19": "zstd-19", "webp_lossless": "WebP los
 _INPUT_NAMES = {"jpeg": "JPEG", "webp": "WebP"}
 
 
+def _mark_equal_accuracy(ax: Any, compared: dict[str, Any] | None) -> None:
+    """The line ``within`` below the teacher, and a star on the cheapest point of each route
+    above it (:mod:`tandem.equal_accuracy`)."""
+    if compared is None:
+        return
+    pp = 100 * compared["within"]
+    ax.axhline(100 * compared["teacher_accuracy"] - pp, color="black", linewidth=0.8,
+               linestyle=":", label=f"{pp:g} pp below the teacher")  # fmt: skip
+    for route, colour in (("input", "tab:brown"), ("bottleneck", "tab:blue")):
+        point = compared[route]
+        if point is not None:
+            size = point["bytes_per_sample"]
+            ax.plot([size], [100 * point["accuracy"]], "*", color=colour, markersize=13,
+                    markeredgecolor="black", linestyle="none",
+                    label=f"cheapest {route} within {pp:g} pp ({size:.0f} B)")  # fmt: skip
+
+
 def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
     """A ``tandem eval`` report as a rate-accuracy chart: bytes per sample (log axis) against
     accuracy, one line per codec of the bottleneck (each rate point, each bit depth) across
@@ -109,11 +126,16 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     series: dict[str, list[tuple[float, float]]] = {}
+    # One width: its rate points are one curve; several: each rate point across the widths.
+    one_width = len({p["width"] for p in report["points"]}) == 1
+    betas = sorted({p["beta"] for p in report["points"] if p.get("codec") == "entropy"})
     for p in report["points"]:
-        if p.get("codec") == "entropy":
-            name = f"entropy-coded, β={p['beta']:g}"
-        else:
+        if p.get("codec") != "entropy":
             name = f"{p['bits']}-bit + zstd"
+        elif one_width:
+            name = f"entropy-coded, β={betas[0]:g} to {betas[-1]:g}"
+        else:
+            name = f"entropy-coded, β={p['beta']:g}"
         series.setdefault(name, []).append((p["bytes_per_sample"], 100 * p["accuracy"]))
     for name, xy in series.items():
         xs, ys = zip(*sorted(xy), strict=True)
@@ -143,6 +165,7 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
         shown = [max(100 * r["accuracy"], floor) for r in rows]
         ax.plot(sizes, shown, style, color="grey" if codec == "jpeg" else "tab:brown",
                 markersize=6, label=label)  # fmt: skip
+    _mark_equal_accuracy(ax, report.get("equal_accuracy"))
     ax.set_ylim(bottom=floor)
     ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")
     ax.set_title("Accuracy against bytes per sample")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 
 from tandem import __version__
+from tandem.equal_accuracy import DEFAULT_WITHIN
 from tandem.progress import bar as progress_bar
 
 log = logging.getLogger("tandem")
@@ -175,7 +176,39 @@ def _inputs_table(report: dict[str, Any]) -> str:
         quality = "lossless" if r["quality"] is None else str(r["quality"])
         lines.append(f"{r['codec']:<6} {quality:>8} {r['bytes_per_sample']:>8.1f} "
                      f"{100 * r['accuracy']:>8.2f}%")  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + _equal_accuracy_text(report.get("equal_accuracy"))
+
+
+def _point_name(point: dict[str, Any]) -> str:
+    """One bottleneck or input-codec point as the tables name it."""
+    if "quality" in point:
+        quality = "lossless" if point["quality"] is None else f"q{point['quality']}"
+        return f"{point['codec'].upper()} {quality}"
+    if point.get("codec") == "entropy":
+        return f"width {point['width']:g} entropy β={point['beta']:g}"
+    return f"width {point['width']:g} {point['bits']}-bit+zstd"
+
+
+def _equal_accuracy_text(compared: dict[str, Any] | None) -> str:
+    """The line comparing both routes at equal accuracy, when the teacher was measured."""
+    if compared is None:
+        return ""
+    cheapest = []
+    for route in ("input", "bottleneck"):
+        point = compared[route]
+        cheapest.append(
+            "none"
+            if point is None
+            else f"{_point_name(point)}, {point['bytes_per_sample']:.1f} B "
+            f"({100 * point['accuracy']:.2f}%)"
+        )
+    ratio = compared["ratio"]
+    return (
+        f"\nwithin {100 * compared['within']:g} pp of the teacher: cheapest input {cheapest[0]}; "
+        f"cheapest bottleneck {cheapest[1]}"
+        + (f"; bottleneck/input bytes {ratio:.3f}" if ratio is not None else "")
+        + "\n"
+    )
 
 
 def _train(
@@ -236,7 +269,9 @@ def _evaluate(
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
     total += count() if FULL_FILE in manifest.files else 0
     with _bar(args, total, "evaluating") as on_point:
-        return evaluate_bundle(bundle, split, bits, progress=on_point, device=device)
+        return evaluate_bundle(
+            bundle, split, bits, progress=on_point, device=device, within=args.within / 100
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -455,6 +490,17 @@ def _workers(text: str) -> int | None:
     return count
 
 
+def _non_negative(text: str) -> float:
+    """A number >= 0 (``--within``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 DEVICE_OPTION_HELP = (
     "where to compute: auto (CUDA when PyTorch sees one, else the CPU), cpu, cuda or cuda:N"
 )
@@ -527,6 +573,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="FILE.png",
         help="also draw accuracy against bytes per sample to this PNG (needs tandem[sim])",
+    )
+    p.add_argument(
+        "--within",
+        type=_non_negative,
+        default=100 * DEFAULT_WITHIN,
+        metavar="PP",
+        help="compare the cheapest bottleneck and input-codec points within this many "
+        "percentage points of the teacher's accuracy",
     )
     device_option(p)
     p.set_defaults(func=cmd_eval)

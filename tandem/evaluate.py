@@ -21,7 +21,8 @@ import zstandard
 from tandem.bundle import HeadRunner, TailRunner, load_full, read_manifest
 from tandem.data import Split, normalize
 from tandem.entropy_points import information_bits
-from tandem.input_codecs import measure_input_codecs, pil_image
+from tandem.equal_accuracy import DEFAULT_WITHIN, at_equal_accuracy
+from tandem.input_codecs import InputPoint, measure_input_codecs, pil_image
 from tandem.train import accuracy, batched_outputs
 
 Progress = Callable[[int], object]
@@ -116,11 +117,14 @@ def evaluate_bundle(
     bits_list: list[int],
     progress: Progress | None = None,
     device: torch.device | None = None,
+    within: float = DEFAULT_WITHIN,
 ) -> dict[str, Any]:
     """The full ``tandem eval`` report for a bundle on a test split.
 
     The head runs on the CPU, as on a device; decoder, tail and teacher on ``device``
-    (default: the CPU)."""
+    (default: the CPU). When the bundle carries its teacher, ``equal_accuracy`` compares the
+    cheapest bottleneck and input-codec points within ``within`` of the teacher's accuracy
+    (:mod:`tandem.equal_accuracy`)."""
     manifest = read_manifest(bundle)
     head, tail = HeadRunner.from_bundle(bundle), TailRunner.from_bundle(bundle, device=device)
     if tuple(split.x.shape[1:]) != tuple(manifest.input.shape):
@@ -129,16 +133,16 @@ def evaluate_bundle(
         )
     teacher = load_full(bundle)
     teacher_acc = manifest.teacher_accuracy
+    points = measure_points(head, tail, split, bits_list, progress=progress)
+    inputs: list[InputPoint] = []
+    compared = None  # both routes need the teacher measured on this split
     if teacher is not None:
         teacher = teacher.to(tail.device)
-        x = normalize(split.x, manifest.input.mean, manifest.input.std)
-        teacher_acc = accuracy(batched_outputs(teacher, x), split.y)
-    points = measure_points(head, tail, split, bits_list, progress=progress)
-    inputs = (
-        []
-        if teacher is None
-        else measure_input_codecs(teacher, split, manifest.input.mean, manifest.input.std, progress)
-    )
+        mean, std = manifest.input.mean, manifest.input.std
+        measured = accuracy(batched_outputs(teacher, normalize(split.x, mean, std)), split.y)
+        inputs = measure_input_codecs(teacher, split, mean, std, progress)
+        compared = at_equal_accuracy(measured, points, inputs, within).to_dict()
+        teacher_acc = measured
     return {
         "bundle": str(bundle),
         "samples": len(split),
@@ -147,6 +151,7 @@ def evaluate_bundle(
         "points": [asdict(p) for p in points],
         # Sending the input instead; empty when the bundle carries no teacher to measure.
         "input_codecs": [asdict(p) for p in inputs],
+        "equal_accuracy": compared,
         # Both counts were measured with FlopCounterMode when the bundle was built.
         "head_flops_share": manifest.head_flops / manifest.teacher_flops,
     }

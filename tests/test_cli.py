@@ -34,12 +34,14 @@ def test_eval_json_report(digits_bundle: Path, capsys: pytest.CaptureFixture[str
         assert 0 <= p["accuracy"] <= 1 and p["bytes_per_sample"] > 0
     assert 0 < report["head_flops_share"] < 1
     assert len(report["input_codecs"]) == 13  # JPEG and WebP at six qualities, and PNG
+    assert report["equal_accuracy"]["within"] == 0.01  # the default, 1 pp
 
 
 def test_eval_text_and_bits(digits_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["eval", str(digits_bundle), "--data", "digits", "--bits", "4"]) == 0
     out = capsys.readouterr().out
     assert "sending the input instead" in out and "png    lossless" in out
+    assert "within 1 pp of the teacher: cheapest input " in out
     assert "teacher accuracy" in out and "bytes/sample" in out
     rows = [line.split() for line in out.splitlines() if line.strip()[:2] in ("0.", "1.")]
     assert [(r[0], r[1]) for r in rows] == [
@@ -247,6 +249,15 @@ def test_json_usage_error_is_a_json_error_object(capsys: pytest.CaptureFixture[s
     assert main(["eval", "b", "--data", "digits", "--bits", "x", "--json"]) == 2
     doc = json.loads(capsys.readouterr().out)
     assert doc["type"] == "UsageError" and "--bits" in doc["error"]
+
+
+@pytest.mark.parametrize("within", ["-1", "nan", "x"])
+def test_a_negative_or_unreadable_within_is_a_usage_error(
+    within: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["eval", "b", "--data", "digits", "--within", within, "--json"]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["type"] == "UsageError" and "--within" in doc["error"]
 
 
 def test_output_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_the_chart_keeps_its_axis_on_the_bottleneck_and_names_what_falls_below(
 
     monkeypatch.setattr(charts, "save", keep)
     report = {
-        "points": [{"codec": "entropy", "beta": 0.3, "accuracy": 0.98, "bytes_per_sample": 20}],
+        "points": [_entropy(1.0, 0.3, 0.98, 20)],
         "teacher": {"accuracy": 0.99},
         "baselines": {"png": 100.0},
         "input_codecs": [
@@ -81,3 +81,56 @@ def test_the_chart_keeps_its_axis_on_the_bottleneck_and_names_what_falls_below(
     charts.plot_rate_accuracy(report, tmp_path / "chart.png")
     assert seen["bottom"] == pytest.approx(97.0)  # the lowest bottleneck point, less 1 pp
     assert "input as JPEG (q5 to q90); below the axis: q5 50.0%" in seen["labels"]
+
+
+def _drawn(report: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list]:
+    """The chart's lines for ``report``, by label: their (x, y) data."""
+    from tandem.sim import charts
+
+    seen: dict[str, list] = {}
+
+    def keep(plt: object, fig: object, ax: object, path: Path) -> None:
+        for line in ax.get_lines():  # type: ignore[attr-defined]
+            seen[line.get_label()] = list(zip(line.get_xdata(), line.get_ydata(), strict=True))
+        plt.close(fig)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(charts, "save", keep)
+    charts.plot_rate_accuracy(report, tmp_path / "chart.png")
+    return seen
+
+
+def _entropy(width: float, beta: float, accuracy: float, size: float) -> dict:
+    return {"width": width, "codec": "entropy", "beta": beta, "accuracy": accuracy,
+            "bytes_per_sample": size}  # fmt: skip
+
+
+def test_one_width_draws_its_rate_points_as_one_curve_and_marks_equal_accuracy(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    webp = {"codec": "webp", "quality": 75, "accuracy": 0.985, "bytes_per_sample": 300.0}
+    best = _entropy(1.0, 0.6, 0.982, 60.0)
+    report = {
+        "points": [_entropy(1.0, 0.2, 0.99, 120.0), best, _entropy(1.0, 1.8, 0.95, 30.0)],
+        "teacher": {"accuracy": 0.99},
+        "baselines": {},
+        "input_codecs": [webp],
+        "equal_accuracy": dict(
+            teacher_accuracy=0.99, within=0.01, input=webp, bottleneck=best, ratio=0.2
+        ),
+    }
+    lines = _drawn(report, monkeypatch, tmp_path)
+    assert lines["entropy-coded, β=0.2 to 1.8"] == [(30.0, 95.0), (60.0, 98.2), (120.0, 99.0)]
+    assert lines["cheapest bottleneck within 1 pp (60 B)"] == [(60.0, 98.2)]
+    assert lines["cheapest input within 1 pp (300 B)"] == [(300.0, 98.5)]
+    assert lines["1 pp below the teacher"][0][1] == pytest.approx(98.0)
+
+
+def test_several_widths_draw_each_rate_point_across_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    points = [_entropy(w, b, 0.9, 10 * w + b) for w in (0.5, 1.0) for b in (0.1, 1.0)]
+    report = {"points": points, "teacher": {"accuracy": None}, "baselines": {}}
+    lines = _drawn(report, monkeypatch, tmp_path)
+    assert lines["entropy-coded, β=0.1"] == [(5.1, 90.0), (10.1, 90.0)]
+    assert lines["entropy-coded, β=1"] == [(6.0, 90.0), (11.0, 90.0)]
+    assert not any(label.startswith("cheapest") for label in lines)
