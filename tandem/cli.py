@@ -252,7 +252,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(
-    args: argparse.Namespace, bundle: Path, data_spec: str, skip: bool = False
+    args: argparse.Namespace,
+    bundle: Path,
+    data_spec: str,
+    skip: bool = False,
+    within: float = DEFAULT_WITHIN,
 ) -> dict[str, Any]:
     from tandem.bundle import FULL_FILE, read_manifest
     from tandem.data import load_data
@@ -269,15 +273,15 @@ def _evaluate(
     total = len(manifest.bottleneck.widths) * (len(bits) + rates)
     total += count() if FULL_FILE in manifest.files else 0
     with _bar(args, total, "evaluating") as on_point:
-        return evaluate_bundle(
-            bundle, split, bits, progress=on_point, device=device, within=args.within / 100
-        )
+        return evaluate_bundle(bundle, split, bits, progress=on_point, device=device, within=within)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``tandem eval BUNDLE --data SPEC``: accuracy and bytes at every operating point, next
     to the lossless input codecs; ``--plot`` draws them."""
-    report = _evaluate(args, Path(args.bundle), args.data, args.skip_unreadable)
+    report = _evaluate(
+        args, Path(args.bundle), args.data, args.skip_unreadable, within=args.within / 100
+    )
     if args.plot is not None:
         from tandem.sim.charts import plot_rate_accuracy
 
