@@ -133,6 +133,13 @@ def _emit(args: argparse.Namespace, doc: dict[str, Any], text: Callable[[], str]
     print(json.dumps(doc, allow_nan=False) if args.json else text())
 
 
+def _codec_name(point: dict[str, Any]) -> str:
+    """A bottleneck point's codec as the tables name it: a rate point or a bit depth."""
+    if point.get("codec", "quantize") == "entropy":
+        return f"entropy β={point['beta']:g}"
+    return f"{point['bits']}-bit+zstd"
+
+
 def _points_table(points: list[dict[str, Any]], teacher_acc: float | None) -> str:
     lines = [
         f"{'width':>6} {'codec':>14} {'accuracy':>9} {'vs teacher':>10} {'bytes/sample':>13} "
@@ -140,12 +147,9 @@ def _points_table(points: list[dict[str, Any]], teacher_acc: float | None) -> st
     ]
     for p in points:
         delta = f"{100 * (p['accuracy'] - teacher_acc):+.2f} pp" if teacher_acc is not None else "-"
-        if p.get("codec", "quantize") == "entropy":
-            codec, bits = f"entropy β={p['beta']:g}", f"{p['entropy_bits']:.1f}"
-        else:
-            codec, bits = f"{p['bits']}-bit+zstd", "-"
+        bits = f"{p['entropy_bits']:.1f}" if p.get("codec") == "entropy" else "-"
         lines.append(
-            f"{p['width']:>6.2f} {codec:>14} {100 * p['accuracy']:>8.2f}% {delta:>10} "
+            f"{p['width']:>6.2f} {_codec_name(p):>14} {100 * p['accuracy']:>8.2f}% {delta:>10} "
             f"{p['bytes_per_sample']:>13.1f} {bits:>10}"
         )
     return "\n".join(lines)
@@ -184,9 +188,7 @@ def _point_name(point: dict[str, Any]) -> str:
     if "quality" in point:
         quality = "lossless" if point["quality"] is None else f"q{point['quality']}"
         return f"{point['codec'].upper()} {quality}"
-    if point.get("codec") == "entropy":
-        return f"width {point['width']:g} entropy β={point['beta']:g}"
-    return f"width {point['width']:g} {point['bits']}-bit+zstd"
+    return f"width {point['width']:g} {_codec_name(point)}"
 
 
 def _equal_accuracy_text(compared: dict[str, Any] | None) -> str:
