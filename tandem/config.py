@@ -141,7 +141,9 @@ class DistillConfig(StrictModel):
 class RateConfig(StrictModel):
     """The learned entropy model: one rate point per β (none: the quantise+zstd codec only).
 
-    Head distillation minimises feature distortion + β · bits per input pixel at each point;
+    Head distillation minimises feature distortion + β · bits per input pixel at each point
+    (``distortion``: plain MSE, whose scale is the teacher's, or MSE relative to the teacher's
+    feature variance, whose scale is not);
     fine-tuning then trains decoder and tail on the rounded, coded features. With
     ``end_to_end``, fine-tuning also trains encoder, gains and priors, on the task loss +
     β · bits per input pixel, so each point keeps the bits the task needs rather than those
@@ -154,6 +156,11 @@ class RateConfig(StrictModel):
     end_to_end: bool = Field(
         default=False, description="fine-tuning also trains encoder and priors with the rate"
     )
+    distortion: Literal["mse", "relative"] = Field(
+        default="mse", description="head distillation's distortion: the features' mean squared "
+        "error, or that error over the variance of the teacher's features at the cut (so a β "
+        "weighs bits against the same share of the features on any teacher)"
+    )  # fmt: skip
 
     @field_validator("betas")
     @classmethod

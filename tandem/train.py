@@ -57,6 +57,9 @@ from tandem.split import split_model
 
 log = logging.getLogger(__name__)
 
+# Inputs over which the teacher's feature variance (the relative distortion's unit) is taken.
+VARIANCE_SAMPLE = 2048
+
 
 BatchLoss = Callable[[Batch, torch.Generator], torch.Tensor]
 # Reads the training split in the given batches of row indices, normalised, in that order.
@@ -409,7 +412,10 @@ class Distiller:
         cloud = CloudTail(decoder, copy.deepcopy(parts.tail))
         betas = self.recipe.rate.betas
         rates = RatePoints(b.channels, len(betas)).to(self.device) if betas else None
-        self._distil_head(encoder, decoder, self._targets(parts.head), rates)
+        scale = (
+            self._feature_variance(parts.head) if self.recipe.rate.distortion == "relative" else 1.0
+        )
+        self._distil_head(encoder, decoder, self._targets(parts.head), rates, scale)
         self._finetune(encoder, cloud, self._targets(teacher), rates)
         # Everything that is measured and written from here on lives on the CPU.
         for module in (teacher, encoder, cloud, *([rates] if rates is not None else [])):
@@ -428,6 +434,19 @@ class Distiller:
     def _probe(self) -> torch.Tensor:
         """The first training image, normalised, on the training device: for shape checks."""
         return normalize(self.data.train.take([0]), self.mean, self.std).to(self.device)
+
+    def _feature_variance(self, head: nn.Module, n: int = VARIANCE_SAMPLE) -> float:
+        """The variance of ``head``'s features over the first ``n`` training inputs: the unit
+        of the relative distortion. Raises when the features are constant (nothing to imitate)."""
+        rows = np.arange(min(n, len(self.data.train)))
+        x = normalize(self.data.train.take(rows), self.mean, self.std)
+        with torch.no_grad():
+            variance = float(batched_outputs(head, x).float().var())
+        if not variance > 0:
+            raise RecipeError(f"the teacher's features at {self.recipe.cut!r} are constant")
+        log.info("teacher features at %s: variance %.4g (the distortion's unit)",
+                 self.recipe.cut, variance)  # fmt: skip
+        return variance
 
     def _targets(self, model: nn.Module) -> Targets:
         """``model``'s outputs as the student phases' targets: cached once over the training
@@ -465,7 +484,10 @@ class Distiller:
         decoder: nn.Module,
         target: Targets,
         rates: RatePoints | None,
+        scale: float = 1.0,
     ) -> None:
+        """Stage 2: encoder and decoder imitate the teacher's features at the cut, the
+        distortion being their MSE over ``scale`` (1, or the features' variance)."""
         widths = self.recipe.bottleneck.widths
         rate = self.recipe.rate
         pixels = math.prod(self.data.input_shape[1:])
@@ -475,10 +497,11 @@ class Distiller:
         ) -> torch.Tensor:
             z = encoder(x, w)
             if rates is None or point == len(rates):  # the plain features (quantise+zstd)
-                return F.mse_loss(decoder(z), goal)
+                return F.mse_loss(decoder(z), goal) / scale
             coded = rates.noisy(z, point, gen)
             bits_per_pixel = coded.bits().mean() / pixels
-            return F.mse_loss(decoder(coded.features), goal) + rate.betas[point] * bits_per_pixel
+            distortion = F.mse_loss(decoder(coded.features), goal) / scale
+            return distortion + rate.betas[point] * bits_per_pixel
 
         def loss(batch: Batch, gen: torch.Generator) -> torch.Tensor:
             x = self._student_input(batch, gen)

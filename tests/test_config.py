@@ -112,6 +112,7 @@ def test_fingerprint_tracks_content() -> None:
         # The entropy codec's header has room for 8 rate points.
         "rate.betas=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]",
         "rate.betas=[0.1, 0.1]",
+        "rate.distortion='l1'",
     ],
 )
 def test_values_that_would_fail_late_are_rejected_early(override: str) -> None:

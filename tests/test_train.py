@@ -320,3 +320,58 @@ def test_sgd_phases_resume_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
     assert_resumes_exactly(tmp_path, monkeypatch, lambda folder: run_phase(folder, cfg, model))
     assert isinstance(make_optimizer(cfg, list(model().parameters())), torch.optim.SGD)
+
+
+class _Stop(Exception):
+    """Raised by a spy to end a run once it has seen what it came for."""
+
+
+def _first_head_loss(
+    tmp_path: Path, teacher: nn.Module, distortion: str, monkeypatch: pytest.MonkeyPatch
+) -> float:
+    """The head phase's loss on the first 64 training digits, before any step, with
+    ``rate.distortion`` set to ``distortion`` (and no rate points: distortion only)."""
+    from tandem.data import Batch, normalize
+    from tandem.train import Distiller
+
+    recipe = load_recipe("digits", ["teacher.train.epochs=1", f"rate.distortion='{distortion}'"])
+    data = load_data("digits")
+    distiller = Distiller(recipe, data, tmp_path / distortion, fresh=True, progress=False)
+    rows = torch.arange(64)
+    x = normalize(data.train.take(rows.numpy()), distiller.mean, distiller.std)
+    batch = Batch(rows, x, torch.as_tensor(data.train.y[:64]))
+    seen: list[float] = []
+
+    def spy(self: PhaseRunner, phase: str, cfg: Any, modules: Any, n: int, loss: Any) -> None:
+        if phase == "head":
+            seen.append(loss(batch, torch.Generator().manual_seed(0)).item())
+            raise _Stop
+
+    monkeypatch.setattr(PhaseRunner, "run", spy)
+    with pytest.raises(_Stop):
+        distiller.student(teacher)
+    return seen[0]
+
+
+def test_relative_distortion_is_the_mse_over_the_teachers_feature_variance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``rate.distortion = "relative"`` divides the head phase's MSE by the variance of the
+    teacher's features at the cut, so a β weighs bits against the same share of the
+    features whatever the teacher's scale."""
+    from tandem.data import normalize
+    from tandem.split import split_model
+    from tandem.train import VARIANCE_SAMPLE, Distiller
+
+    recipe = load_recipe("digits", ["teacher.train.epochs=1"])
+    data = load_data("digits")
+    teacher = Distiller(recipe, data, tmp_path / "t", fresh=True, progress=False).teacher()
+    plain = _first_head_loss(tmp_path, teacher, "mse", monkeypatch)
+    relative = _first_head_loss(tmp_path, teacher, "relative", monkeypatch)
+    rows = torch.arange(min(VARIANCE_SAMPLE, len(data.train))).numpy()
+    stats = Distiller(recipe, data, tmp_path / "s", fresh=True, progress=False)
+    x = normalize(data.train.take(rows), stats.mean, stats.std)
+    with torch.no_grad():
+        variance = float(split_model(teacher, recipe.cut).head.eval()(x).var())
+    assert variance != pytest.approx(1.0, abs=0.05)  # else the test could not tell them apart
+    assert relative == pytest.approx(plain / variance, rel=1e-4)
