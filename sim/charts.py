@@ -63,12 +63,18 @@ def plot_bytes(strategies: dict[str, dict[str, Any]], path: Path) -> None:
     save(plt, fig, None, path)
 
 
-def save(plt: Any, fig: Any, legend_ax: Any, path: Path) -> None:
-    if legend_ax is not None:
-        legend_ax.legend(fontsize="small")
-        legend_ax.grid(True, which="major", alpha=0.3)
+def save(plt: Any, fig: Any, legend_ax: Any, path: Path, below: bool = False) -> None:
+    """Write ``fig`` to ``path`` and close it; with ``legend_ax``, draw its legend (inside
+    the axes, or under them when ``below``: a long legend there covers no point) and grid."""
+    # Laid out before the legend, so a legend under the axes does not squeeze them.
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    if legend_ax is not None:
+        if below:
+            legend_ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16))
+        else:
+            legend_ax.legend(fontsize="small")
+        legend_ax.grid(True, which="major", alpha=0.3)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -159,7 +165,8 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
             continue
         below = [f"q{r['quality']} {100 * r['accuracy']:.1f}%" for r in rows
                  if 100 * r["accuracy"] < floor]  # fmt: skip
-        label = f"input as {_INPUT_NAMES[codec]} (q5 to q90)"
+        qualities = sorted(r["quality"] for r in rows)
+        label = f"input as {_INPUT_NAMES[codec]} (q{qualities[0]} to q{qualities[-1]})"
         label += f"; below the axis: {', '.join(below)}" if below else ""
         sizes = [r["bytes_per_sample"] for r in rows]
         shown = [max(100 * r["accuracy"], floor) for r in rows]
@@ -169,4 +176,4 @@ def plot_rate_accuracy(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(bottom=floor)
     ax.set(xscale="log", xlabel="bytes per sample (log)", ylabel="top-1 accuracy (%)")
     ax.set_title("Accuracy against bytes per sample")
-    save(plt, fig, ax, path)
+    save(plt, fig, ax, path, below=True)

@@ -20,11 +20,13 @@ from tandem.data import Split, normalize
 from tandem.train import accuracy, batched_outputs
 
 QUALITIES: dict[str, tuple[int | None, ...]] = {
-    "jpeg": (5, 10, 25, 50, 75, 90),
-    "webp": (5, 10, 25, 50, 75, 90),
+    "jpeg": (5, 10, 25, 50, 75, 80, 85, 90),
+    "webp": (5, 10, 25, 50, 75, 80, 85, 90),
     "png": (None,),
 }
-"""The codecs and qualities measured, in the order reported."""
+"""The codecs and qualities measured, in the order reported. Denser from 75 to 90, where a
+photograph's accuracy comes within a point of the teacher's: a coarse grid there would set the
+equal-accuracy reference at a needlessly large input."""
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -63,7 +64,7 @@ def test_the_chart_keeps_its_axis_on_the_bottleneck_and_names_what_falls_below(
 
     seen: dict = {}
 
-    def keep(plt: object, fig: object, ax: object, path: Path) -> None:
+    def keep(plt: object, fig: object, ax: object, path: Path, below: bool = False) -> None:
         seen["labels"] = [line.get_label() for line in ax.get_lines()]  # type: ignore[attr-defined]
         seen["bottom"] = ax.get_ylim()[0]  # type: ignore[attr-defined]
         plt.close(fig)  # type: ignore[attr-defined]
@@ -80,7 +81,7 @@ def test_the_chart_keeps_its_axis_on_the_bottleneck_and_names_what_falls_below(
     }
     charts.plot_rate_accuracy(report, tmp_path / "chart.png")
     assert seen["bottom"] == pytest.approx(97.0)  # the lowest bottleneck point, less 1 pp
-    assert "input as JPEG (q5 to q90); below the axis: q5 50.0%" in seen["labels"]
+    assert "input as JPEG (q5 to q50); below the axis: q5 50.0%" in seen["labels"]
 
 
 def _drawn(report: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, list]:
@@ -89,7 +90,7 @@ def _drawn(report: dict, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dic
 
     seen: dict[str, list] = {}
 
-    def keep(plt: object, fig: object, ax: object, path: Path) -> None:
+    def keep(plt: object, fig: object, ax: object, path: Path, below: bool = False) -> None:
         for line in ax.get_lines():  # type: ignore[attr-defined]
             seen[line.get_label()] = list(zip(line.get_xdata(), line.get_ydata(), strict=True))
         plt.close(fig)  # type: ignore[attr-defined]
@@ -134,3 +135,40 @@ def test_several_widths_draw_each_rate_point_across_them(
     assert lines["entropy-coded, β=0.1"] == [(5.1, 90.0), (10.1, 90.0)]
     assert lines["entropy-coded, β=1"] == [(6.0, 90.0), (11.0, 90.0)]
     assert not any(label.startswith("cheapest") for label in lines)
+
+
+def test_the_charts_legend_sits_under_its_axes_and_covers_no_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rate-accuracy chart's legend is long (a line per curve and mark): drawn under the
+    axes, its box does not overlap them, and the image is written."""
+    from tandem.sim import charts
+
+    real, boxes = charts.save, {}
+
+    class KeepOpen:
+        """pyplot, but the figure stays open for measuring after ``save`` has drawn it."""
+
+        def close(self, fig: Any) -> None:
+            pass
+
+    def measure(plt: Any, fig: Any, ax: Any, path: Path, below: bool = False) -> None:
+        real(KeepOpen(), fig, ax, path, below)
+        renderer = fig.canvas.get_renderer()
+        boxes["axes"] = ax.get_window_extent(renderer)
+        boxes["legend"] = ax.get_legend().get_window_extent(renderer)
+        plt.close(fig)
+
+    monkeypatch.setattr(charts, "save", measure)
+    report = {
+        "points": [_entropy(1.0, 0.3, 0.98, 20), _entropy(1.0, 1.0, 0.97, 12)],
+        "teacher": {"accuracy": 0.99},
+        "baselines": {"png": 100.0},
+        "input_codecs": [
+            {"codec": "webp", "quality": q, "accuracy": a, "bytes_per_sample": b}
+            for q, a, b in ((5, 0.9, 40.0), (50, 0.985, 80.0), (90, 0.99, 120.0))
+        ],
+    }
+    charts.plot_rate_accuracy(report, tmp_path / "chart.png")
+    assert (tmp_path / "chart.png").stat().st_size > 0
+    assert boxes["legend"].y1 <= boxes["axes"].y0
