@@ -70,7 +70,10 @@ def save(plt: Any, fig: Any, legend_ax: Any, path: Path, below: bool = False) ->
     fig.tight_layout()
     if legend_ax is not None:
         if below:
-            legend_ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16))
+            # Under everything the axes draw (tick labels, the axis label), whatever the size.
+            bottom = legend_ax.get_tightbbox(fig.canvas.get_renderer()).y0
+            y = legend_ax.transAxes.inverted().transform((0, bottom))[1]
+            legend_ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, y - 0.02))
         else:
             legend_ax.legend(fontsize="small")
         legend_ax.grid(True, which="major", alpha=0.3)
@@ -98,7 +101,7 @@ def plot_sweep(doc: dict[str, Any], path: Path) -> None:
         ax.grid(True, alpha=0.3)
     lat.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

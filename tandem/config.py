@@ -142,8 +142,8 @@ class RateConfig(StrictModel):
     """The learned entropy model: one rate point per β (none: the quantise+zstd codec only).
 
     Head distillation minimises feature distortion + β · bits per input pixel at each point
-    (``distortion``: plain MSE, whose scale is the teacher's, or MSE relative to the teacher's
-    feature variance, whose scale is not);
+    (``distortion``: plain MSE, in the units of the teacher's features, or MSE over their
+    variance, which does not change when they are scaled);
     fine-tuning then trains decoder and tail on the rounded, coded features. With
     ``end_to_end``, fine-tuning also trains encoder, gains and priors, on the task loss +
     β · bits per input pixel, so each point keeps the bits the task needs rather than those
@@ -159,7 +159,7 @@ class RateConfig(StrictModel):
     distortion: Literal["mse", "relative"] = Field(
         default="mse", description="head distillation's distortion: the features' mean squared "
         "error, or that error over the variance of the teacher's features at the cut (so a β "
-        "weighs bits against the same share of the features on any teacher)"
+        "does not depend on the overall scale of the teacher's features)"
     )  # fmt: skip
 
     @field_validator("betas")

@@ -58,6 +58,7 @@ from tandem.split import split_model
 log = logging.getLogger(__name__)
 
 # Inputs over which the teacher's feature variance (the relative distortion's unit) is taken.
+# Not part of a checkpoint's fingerprint: changing it changes the loss a resumed run continues.
 VARIANCE_SAMPLE = 2048
 
 
@@ -435,15 +436,28 @@ class Distiller:
         """The first training image, normalised, on the training device: for shape checks."""
         return normalize(self.data.train.take([0]), self.mean, self.std).to(self.device)
 
-    def _feature_variance(self, head: nn.Module, n: int = VARIANCE_SAMPLE) -> float:
-        """The variance of ``head``'s features over the first ``n`` training inputs: the unit
-        of the relative distortion. Raises when the features are constant (nothing to imitate)."""
-        rows = np.arange(min(n, len(self.data.train)))
-        x = normalize(self.data.train.take(rows), self.mean, self.std)
+    def _feature_variance(self, head: nn.Module) -> float:
+        """The variance of every value of ``head``'s features over the first
+        :data:`VARIANCE_SAMPLE` training inputs (as they are, not augmented): the relative
+        distortion's unit, so that β does not depend on the overall scale of the teacher's
+        features. Read 256 inputs at a time and summed in float64: a large cut's features
+        are never all in memory."""
+        count, total, squares = 0, 0.0, 0.0
         with torch.no_grad():
-            variance = float(batched_outputs(head, x).float().var())
-        if not variance > 0:
-            raise RecipeError(f"the teacher's features at {self.recipe.cut!r} are constant")
+            for start in range(0, min(VARIANCE_SAMPLE, len(self.data.train)), 256):
+                rows = np.arange(start, min(start + 256, VARIANCE_SAMPLE, len(self.data.train)))
+                x = normalize(self.data.train.take(rows), self.mean, self.std)
+                f = batched_outputs(head, x).double()
+                count += f.numel()
+                total += float(f.sum())
+                squares += float((f * f).sum())
+        if count < 2:
+            raise RecipeError("the relative distortion needs training inputs to measure")
+        variance = (squares - total * total / count) / (count - 1)
+        if not (math.isfinite(variance) and variance > 0):
+            raise RecipeError(
+                f"the teacher's features at {self.recipe.cut!r} are constant or not finite"
+            )
         log.info("teacher features at %s: variance %.4g (the distortion's unit)",
                  self.recipe.cut, variance)  # fmt: skip
         return variance
