@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tandem.cli import main
+from tandem.input_codecs import QUALITIES
 
 
 def _json(capsys: pytest.CaptureFixture[str]) -> dict:
@@ -33,7 +34,8 @@ def test_eval_json_report(digits_bundle: Path, capsys: pytest.CaptureFixture[str
         assert p["codec"] == "quantize" and p["point"] is None  # a bundle without rate points
         assert 0 <= p["accuracy"] <= 1 and p["bytes_per_sample"] > 0
     assert 0 < report["head_flops_share"] < 1
-    assert len(report["input_codecs"]) == 13  # JPEG and WebP at six qualities, and PNG
+    grid = [(codec, q) for codec, qualities in QUALITIES.items() for q in qualities]
+    assert [(r["codec"], r["quality"]) for r in report["input_codecs"]] == grid
     assert report["equal_accuracy"]["within"] == 0.01  # the default, 1 pp
 
 
