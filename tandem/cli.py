@@ -335,7 +335,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     model.to(device).eval()
     with _bar(args, None, "profiling") as tick:
-        profiles = profile_cuts(model, args.input, repeats=args.repeats, progress=lambda: tick(1))
+        profiles = profile_cuts(
+            model, args.input, repeats=args.repeats, cuts=args.cut or None, progress=lambda: tick(1)
+        )
     doc = {
         "arch": args.arch,
         "input": list(args.input),
@@ -606,6 +608,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="model constructor argument, as --set reads it, e.g. --arg width=0.5 "
         "--arg small_input=true (repeatable)",
+    )
+    p.add_argument(
+        "--cut",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="profile only this cut point, e.g. --cut layer2 (repeatable; default: every one)",
     )
     p.add_argument(
         "--repeats", type=int, default=5, help="timed runs per cut, median reported (0: no timing)"

@@ -65,6 +65,17 @@ def test_profile_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert layer2["shape"] == [32, 14, 14] and layer2["raw_bytes"] == 32 * 14 * 14 * 4
 
 
+def test_profile_only_the_named_cuts_in_execution_order(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["profile", "--arch", "resnet18", "--input", "1x28x28", "--num-classes", "10"]
+    extra = ["--arg", "width=0.25", "--cut", "layer3", "--cut", "layer1", "--repeats", "0"]
+    assert main([*args, *extra, "--json"]) == 0
+    assert [c["name"] for c in _json(capsys)["cuts"]] == ["layer1", "layer3"]
+    assert main([*args, "--cut", "layer9"]) == 2
+    assert "unknown cut point 'layer9'" in capsys.readouterr().err
+
+
 def test_train_json_via_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sets = ["teacher.train.epochs=1", "distill.head.epochs=1", "distill.finetune.epochs=1"]
     argv = ["train", "digits", "--data", "digits", "--out", str(tmp_path / "b"), "--json"]
