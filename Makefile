@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml
 	touch $@
 
 lint: $(STAMP)
-	$(BIN)/ruff check tandem edge cloud sim federated tests bench proto
-	$(BIN)/ruff format --check tandem edge cloud sim federated tests bench proto
+	$(BIN)/ruff check tandem edge cloud sim federated tests bench proto examples
+	$(BIN)/ruff format --check tandem edge cloud sim federated tests bench proto examples
 
 typecheck: $(STAMP)
 	$(BIN)/mypy tandem

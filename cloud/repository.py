@@ -58,12 +58,14 @@ from tandem.bundle import (
     TailRunner,
     read_manifest,
     tail_bytes,
+    tail_template,
     tensor_bytes,
 )
 from tandem.cloud.config import ServeConfig
 from tandem.cloud.lora_batch import MixedLoRA
 from tandem.device import CPU
 from tandem.entropy_points import ENTROPY_FILE
+from tandem.exported import PROGRAM_FILE
 from tandem.files import Stamp, resolves_inside, stamp
 
 log = logging.getLogger(__name__)
@@ -74,7 +76,7 @@ LAYOUT = "REPO/<bundle>/manifest.json (or REPO/<bundle>/<version>/manifest.json)
 _VERSIONS_LISTED = 8  # versions a NOT_FOUND names (status details are short)
 # What the service reads of a bundle: a change to any of them is a new state to load, and
 # none may be a link out of the repository (a format-1 bundle has no entropy file).
-_SERVED_FILES = (MANIFEST, TAIL_FILE, ENTROPY_FILE)
+_SERVED_FILES = (MANIFEST, TAIL_FILE, ENTROPY_FILE, PROGRAM_FILE)
 _LOG_CHARS = 400  # a logged reason is one line of at most this many characters
 
 ADAPTED_COPIES = 16
@@ -188,8 +190,7 @@ class ModelEntry:
     def _copy(self) -> nn.Module:
         """A private copy of decoder + tail: built from the weights in memory, not from disk,
         which may hold a newer version by now; and not a deepcopy, which would copy hooks."""
-        state, device = self.runner.model.state_dict(), self.runner.device
-        return TailRunner.from_state(self.manifest, state, (), device).model
+        return self.runner.fresh_model()
 
 
 def newest(versions: dict[str, Adapter]) -> str:
@@ -336,7 +337,8 @@ class ModelRepository:
             for name in _SERVED_FILES:
                 self._inside(path / name)
             manifest = read_manifest(path)
-            tail_bytes(manifest)  # the architecture must build (on the meta device)
+            # The architecture must build, or the exported program load (on the meta device).
+            tail_bytes(manifest, tail_template(path, manifest))
         except Exception as exc:  # a link out, an invalid manifest, an unknown architecture
             self._fail(path, stamps, "skipping bundle %s: %s", exc)
             return None

@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from tandem.adapters import lora_delta, save_adapter
+from tandem.adapters import EXPORTED_HINT, lora_delta, save_adapter
 
 Arrays = dict[str, np.ndarray]
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])$")
@@ -55,7 +55,9 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
     hold a head too: its modules are never chosen here, see :func:`resolve_head_targets`).
 
     ``auto`` is the classifier (every Linear) plus every conv of the tail's last stage: the
-    layers nearest the output, where a domain shift is cheapest to correct. ``none`` is no
+    layers nearest the output, where a domain shift is cheapest to correct. An exported tail
+    (a model outside the zoo) has no layers to adapt, so there ``auto`` is the decoder's
+    convs, which the forward pass calls. ``none`` is no
     target (for a federation that adapts only the head). Otherwise ``spec`` is a
     comma-separated list of module paths or path suffixes (``fc`` matches ``tail.fc``,
     ``decoder.out`` the decoder's last conv), each of which must name at least one Linear or
@@ -68,8 +70,12 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
         stages = sorted({n.split(".")[1] for n in modules if n.startswith("tail.layer")})
         last = f"tail.{stages[-1]}." if stages else "\0"
         chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) or n.startswith(last)]
+        if not any(n.startswith("tail.") for n in modules):
+            # An exported tail (a user's model) has no layers left to adapt: its decoder does.
+            chosen = [n for n in modules if n.startswith("decoder.") and n not in _NOT_CALLED]
         return sorted(chosen)
-    return _named(modules, spec, "the tail")
+    exported = not any(n.startswith("tail.") for n in modules)
+    return _named(modules, spec, "the tail" + (EXPORTED_HINT if exported else ""))
 
 
 def resolve_head_targets(encoder: nn.Module, spec: str) -> list[str]:

@@ -152,8 +152,7 @@ def _tail(bundle: str) -> TailRunner:
 def tail_model(bundle: str) -> CloudTail:
     """A fresh decoder + tail of ``bundle`` (its own copy: callers attach LoRA to it or merge
     into it). The bundle is read and its hashes checked once per process, not per round."""
-    base = _tail(bundle)
-    return TailRunner.from_state(base.manifest, base.model.state_dict()).model
+    return _tail(bundle).fresh_model()
 
 
 def head_model(bundle: str) -> BottleneckEncoder:

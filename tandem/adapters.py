@@ -86,6 +86,14 @@ class AdapterError(ValueError):
     """An adapter is missing, malformed, unsupported, or does not fit the model."""
 
 
+EXPORTED_HINT = (
+    " (an exported tail, cut from a model outside the zoo, keeps its weights but not its "
+    "layers: LoRA there can adapt the decoder's, e.g. decoder.out)"
+)
+"""Why a module path of an exported tail holds no Linear or Conv2d: its layers are graph
+operators, and only bare containers of their weights remain."""
+
+
 @dataclass(frozen=True)
 class LoraFactors:
     """One module's LoRA pair, float32, shaped for the unmerged forward.
@@ -343,6 +351,7 @@ def merged_state(model: nn.Module, adapter: Adapter) -> dict[str, torch.Tensor]:
                 raise AdapterError(
                     f"adapter {adapter.name}/{adapter.version}: module {module_path!r} is "
                     f"{type(module).__name__}, only Linear and Conv2d can be adapted"
+                    + (EXPORTED_HINT if type(module) is nn.Module else "")
                 )
             weight = module.weight
             if weight.shape != delta.shape:

@@ -5,6 +5,9 @@ Layout::
     manifest.json        validated by :class:`Manifest`; holds the sha256 of every weight file
     head.safetensors     the bottleneck encoder (device side)
     tail.safetensors     the decoder and the original model's tail (cloud side)
+    tail.program.json    with ``tail_format`` "exported" (a model outside the zoo): the tail's
+                         graph, exported by torch.export (:mod:`tandem.exported`); its
+                         weights are in tail.safetensors all the same
     full.safetensors     optional: the whole original model, a local fallback
     entropy.safetensors  with rate points (format 2): their gains, medians and quantized
                          tables, read by both sides (:mod:`tandem.entropy_points`)
@@ -22,6 +25,7 @@ import math
 import os
 import shutil
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +45,7 @@ from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, w
 from tandem.config import ArchConfig, BottleneckConfig, StrictModel, problems
 from tandem.data import normalize
 from tandem.entropy_points import ENTROPY_FILE, RatePoint, points_from_bytes, save_points
+from tandem.exported import MAX_PROGRAM_BYTES, PROGRAM_FILE, ProgramError, load_program
 from tandem.files import open_regular, read_regular
 from tandem.models import build_model
 from tandem.split import split_model
@@ -124,6 +129,11 @@ class Manifest(StrictModel):
     name: str
     version: str
     arch: ArchConfig
+    tail_format: Literal["zoo", "exported"] = Field(
+        default="zoo",
+        description="zoo: the cloud rebuilds the tail from the architecture's name; exported: "
+        "from tail.program.json (a user model, whose name the zoo does not know)",
+    )
     num_classes: int = Field(ge=1)
     cut: str
     input: InputSpec
@@ -154,6 +164,8 @@ class Manifest(StrictModel):
                 raise ValueError(f"bits {bits} not among {codec.SUPPORTED_BITS}")
         if any(p.width not in b.widths for p in self.table):
             raise ValueError("the table names a width the bottleneck was not trained for")
+        if (self.tail_format == "exported") != (PROGRAM_FILE in self.files):
+            raise ValueError(f"an exported tail needs {PROGRAM_FILE} in files, and only it does")
         if (self.format_version == 2) != (self.entropy is not None):
             raise ValueError("format_version 2 goes with an entropy section, and only with one")
         points = len(self.entropy.betas) if self.entropy is not None else 0
@@ -300,10 +312,13 @@ def write_bundle(
     cloud_tail: nn.Module,
     full: nn.Module | None = None,
     points: Sequence[RatePoint] = (),
+    program: bytes | None = None,
 ) -> Manifest:
     """Write weights and hashes, then the manifest last: a half-written bundle is invalid.
 
-    ``points`` are the rate points of an entropy model, written to ``entropy.safetensors``.
+    ``points`` are the rate points of an entropy model, written to ``entropy.safetensors``;
+    ``program`` is an exported tail's graph (:func:`tandem.exported.export_program`),
+    written to ``tail.program.json`` (the manifest then needs ``tail_format`` "exported").
     """
     out.mkdir(parents=True, exist_ok=True)
     weights = {HEAD_FILE: encoder, TAIL_FILE: cloud_tail}
@@ -316,6 +331,9 @@ def write_bundle(
     if points:
         save_points(points, out / ENTROPY_FILE)
         files[ENTROPY_FILE] = sha256_file(out / ENTROPY_FILE)
+    if program is not None:
+        (out / PROGRAM_FILE).write_bytes(program)
+        files[PROGRAM_FILE] = sha256_file(out / PROGRAM_FILE)
     # The version names the weights: any retrain that changes them gets a new one.
     version = hashlib.sha256("".join(sorted(files.values())).encode()).hexdigest()[:12]
     manifest = Manifest.model_validate({"version": version, **manifest_fields, "files": files})
@@ -450,10 +468,13 @@ class TailRunner:
         manifest: Manifest,
         points: Sequence[RatePoint] = (),
         device: torch.device | None = None,
+        template: nn.Module | None = None,
     ) -> None:
         self.device = torch.device("cpu") if device is None else device
         self.model = cloud_tail.to(self.device).eval()
         self.manifest = manifest
+        # The tail's architecture on the meta device, for copies (see fresh_model).
+        self.template = template
         self.points = list(points)
         b = manifest.bottleneck
         self.accepted = {tuple(shape) for shape in b.shapes.values()}
@@ -471,8 +492,9 @@ class TailRunner:
         allocated, so a manifest claiming a huge model, or a huge file, costs nothing.
         """
         m = read_manifest(bundle) if manifest is None else manifest
-        state = _load_verified(bundle, m, TAIL_FILE, tail_bytes(m))
-        return cls.from_state(m, state, load_rate_points(bundle, m), device)
+        template = tail_template(bundle, m)
+        state = _load_verified(bundle, m, TAIL_FILE, tail_bytes(m, template))
+        return cls.from_state(m, state, load_rate_points(bundle, m), device, template)
 
     @classmethod
     def from_state(
@@ -481,14 +503,32 @@ class TailRunner:
         state: dict[str, torch.Tensor],
         points: Sequence[RatePoint] = (),
         device: torch.device | None = None,
+        template: nn.Module | None = None,
     ) -> TailRunner:
-        """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict)."""
+        """Decoder + tail for ``manifest`` with the weights in ``state`` (a state dict).
+
+        ``template`` is the tail on the meta device (:func:`tail_template`); a zoo bundle's
+        is rebuilt from its manifest when not given, an exported one's must be.
+        """
+        if template is None:
+            if manifest.tail_format == "exported":
+                raise BundleError(f"{manifest.name}: an exported tail needs its program")
+            template = _traced_tail(manifest)
         b = manifest.bottleneck
         decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
-        tail = copy.deepcopy(_traced_tail(manifest)).to_empty(device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # an exported graph's pytree specs
+            tail = copy.deepcopy(template).to_empty(device="cpu")
         cloud = CloudTail(decoder, tail)
         _load_into(cloud, state, "tail")
-        return cls(cloud, manifest, points, device)
+        return cls(cloud, manifest, points, device, template)
+
+    def fresh_model(self) -> CloudTail:
+        """A private copy of decoder + tail, on this runner's device, built from the weights
+        in memory (not from disk, which may hold a newer version by now) and not deep-copied
+        (which would copy hooks): for a LoRA to attach to, or an adapter to merge into."""
+        state = self.model.state_dict()
+        return TailRunner.from_state(self.manifest, state, (), self.device, self.template).model
 
     def unpack(self, payloads: Sequence[bytes], width: float | None = None) -> torch.Tensor:
         """Decode payloads into one batch, rejecting shapes the decoder was not trained for.
@@ -538,17 +578,44 @@ class TailRunner:
         return batch.pin_memory().to(self.device, non_blocking=True)
 
 
-def tail_bytes(manifest: Manifest) -> tuple[int, int]:
-    """(bytes, count) of the tensors in ``manifest``'s decoder + tail, computed on the meta
-    device: what ``tail.safetensors`` must hold, known without allocating the model."""
+def tail_bytes(manifest: Manifest, template: nn.Module) -> tuple[int, int]:
+    """(bytes, count) of the tensors in ``manifest``'s decoder + tail (``template``, from
+    :func:`tail_template`), computed on the meta device: what ``tail.safetensors`` must
+    hold, known without allocating the model."""
     b = manifest.bottleneck
     with torch.device("meta"):
         decoder = BottleneckDecoder(b.channels, b.widths, b.decoder, b.cut_shape[0])
-    (dec_bytes, dec_count), (tail, count) = (
-        tensor_bytes(decoder),
-        tensor_bytes(_traced_tail(manifest)),
-    )
+    (dec_bytes, dec_count), (tail, count) = tensor_bytes(decoder), tensor_bytes(template)
     return dec_bytes + tail, dec_count + count
+
+
+def tail_template(bundle: Path, manifest: Manifest) -> nn.Module:
+    """The bundle's tail on the meta device, shared (callers copy it): rebuilt from the
+    architecture's name for a zoo bundle, or read from its hash-checked program for an
+    exported one; either way once per process and architecture or program."""
+    if manifest.tail_format == "zoo":
+        return _traced_tail(manifest)
+    key = "program:" + manifest.files[PROGRAM_FILE]
+    with _TRACE_LOCK:
+        if key in _TRACED:
+            _TRACED.move_to_end(key)
+            return _TRACED[key]
+    text = _verified_bytes(bundle, manifest, PROGRAM_FILE, 2, MAX_PROGRAM_BYTES)
+    try:
+        template = load_program(text)
+    except ProgramError as exc:
+        raise BundleError(f"{bundle}: {PROGRAM_FILE}: {exc}") from None
+    return _remember(key, template)
+
+
+def _remember(key: str, template: nn.Module) -> nn.Module:
+    """Keep ``template`` under ``key`` among the last :data:`_TRACED_KEPT`; return it."""
+    with _TRACE_LOCK:
+        _TRACED[key] = template
+        _TRACED.move_to_end(key)
+        while len(_TRACED) > _TRACED_KEPT:
+            _TRACED.popitem(last=False)
+        return _TRACED[key]
 
 
 _TRACE_LOCK = threading.Lock()
@@ -583,9 +650,10 @@ def _traced_tail(manifest: Manifest) -> nn.Module:
 
 
 def load_full(bundle: Path) -> nn.Module | None:
-    """The bundle's whole original model (the local fallback), or None if it has none."""
+    """The bundle's whole original model (the local fallback), or None if it has none (an
+    exported bundle has none: its architecture cannot be rebuilt by name)."""
     m = read_manifest(bundle)
-    if FULL_FILE not in m.files:
+    if FULL_FILE not in m.files or m.tail_format == "exported":
         return None
     model = build_arch(m)
     _load_into(model, _load_verified(bundle, m, FULL_FILE, tensor_bytes(model)), "full model")

@@ -18,6 +18,8 @@ measured on it, and normalisation happens inside the model input pipeline. Digit
 archives are arrays in memory; an image folder is read on demand: loading decodes each file
 once to check it and learn its size and colour, keeping nothing but its path, and training and
 evaluation stream it through ``torch.utils.data`` with worker processes (:meth:`Split.batches`).
+
+From Python, :func:`from_datasets` makes a DataSet of a user's own map-style data sets.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -83,7 +86,35 @@ class FileImages:
         return _stack(images, self.size, self.grey, self.shape)
 
 
-Images = ArrayImages | FileImages
+@dataclass(frozen=True)
+class DatasetImages:
+    """Images read item by item from a user's map-style ``torch.utils.data.Dataset`` whose
+    items are ``(uint8 image tensor (C, H, W), integer label)``; ``index`` maps this split's
+    rows to the data set's indices. Each item is checked as it is read: a wrong type, dtype
+    or shape is a DataSpecError naming the index."""
+
+    dataset: torch.utils.data.Dataset[Any]
+    index: np.ndarray
+    image_shape: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The (C, H, W) shape of one image."""
+        return self.image_shape
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at ``rows``, as a uint8 ``(len(rows), C, H, W)`` array."""
+        images = [dataset_item(self.dataset, int(self.index[int(i)]))[0] for i in rows]
+        for i, image in zip(rows, images, strict=True):
+            if image.shape != self.image_shape:
+                raise DataSpecError(
+                    f"item {int(self.index[int(i)])} has shape {image.shape}, the first had "
+                    f"{self.image_shape}"
+                )
+        return np.stack(images) if images else np.zeros((0, *self.image_shape), np.uint8)
+
+
+Images = ArrayImages | FileImages | DatasetImages
 
 
 @dataclass(frozen=True)
@@ -131,6 +162,11 @@ class Split:
         rows = np.asarray(rows, dtype=np.int64)
         if isinstance(self.images, ArrayImages):
             return Split(ArrayImages(self.images.take(rows)), self.y[rows])
+        if isinstance(self.images, DatasetImages):
+            images = self.images
+            return Split(
+                DatasetImages(images.dataset, images.index[rows], images.shape), self.y[rows]
+            )
         paths = tuple(self.images.paths[i] for i in rows)
         return Split(FileImages(paths, self.images.size, self.images.grey), self.y[rows])
 
@@ -257,6 +293,67 @@ def load_data(spec: str, *, skip_unreadable: bool = False) -> DataSet:
     if kind == "imagefolder":
         return _load_imagefolder(spec, Path(arg), skip_unreadable)
     return _load_digits(spec)
+
+
+def dataset_item(dataset: torch.utils.data.Dataset[Any], index: int) -> tuple[np.ndarray, int]:
+    """Item ``index`` of a user's data set as (uint8 ``(C, H, W)`` array, label); a
+    DataSpecError names the index and what is wrong with it."""
+    item = dataset[index]
+    if not (isinstance(item, tuple | list) and len(item) == 2):
+        raise DataSpecError(f"item {index} is not an (image, label) pair")
+    image, label = item
+    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3:
+        raise DataSpecError(
+            f"item {index}: the image must be a uint8 (C, H, W) tensor, got "
+            f"{array.dtype} of shape {array.shape}"
+        )
+    try:
+        number = int(label)
+    except (TypeError, ValueError):
+        raise DataSpecError(f"item {index}: the label {label!r} is not an integer") from None
+    return array, number
+
+
+def from_datasets(
+    train: torch.utils.data.Dataset[Any],
+    test: torch.utils.data.Dataset[Any],
+    classes: Sequence[str] | None = None,
+) -> DataSet:
+    """A DataSet over two map-style data sets of ``(uint8 image (C, H, W), label)`` items,
+    read item by item while training (with 0 reader processes unless a caller asks for
+    more: a user's data set need not be picklable).
+
+    Labels are read up front, from a ``targets`` attribute when the data set has one of its
+    length (as torchvision's do), else from every item. ``classes`` names the labels
+    0..K-1 (default: the data set's ``classes`` attribute, else the numbers).
+    """
+    y_train, y_test = _dataset_labels(train), _dataset_labels(test)
+    if len(y_train) == 0 or len(y_test) == 0:
+        raise DataSpecError("the training and the test data set both need items")
+    names = list(classes if classes is not None else getattr(train, "classes", []) or [])
+    count = max(int(y_train.max()), int(y_test.max())) + 1
+    names = names or [str(i) for i in range(count)]
+    if min(int(y_train.min()), int(y_test.min())) < 0 or count > len(names):
+        raise DataSpecError(f"labels must lie in 0..{len(names) - 1} ({len(names)} classes)")
+    shape = dataset_item(train, 0)[0].shape
+    splits = [
+        Split(DatasetImages(d, np.arange(len(y)), (shape[0], shape[1], shape[2])), y)
+        for d, y in ((train, y_train), (test, y_test))
+    ]
+    spec = (
+        f"dataset:{type(train).__qualname__}:{len(y_train)}:{type(test).__qualname__}:{len(y_test)}"
+    )
+    return DataSet(spec, splits[0], splits[1], [str(n) for n in names])
+
+
+def _dataset_labels(dataset: torch.utils.data.Dataset[Any]) -> np.ndarray:
+    """Every label of a map-style data set, as int64."""
+    length = len(dataset)  # type: ignore[arg-type]  # map-style data sets have a length
+    targets = getattr(dataset, "targets", None)
+    if targets is not None and len(targets) == length:
+        return np.asarray(targets, dtype=np.int64)
+    return np.array([dataset_item(dataset, i)[1] for i in range(length)], dtype=np.int64)
 
 
 def _as_nchw(x: np.ndarray) -> np.ndarray:

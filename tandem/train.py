@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import pickle
@@ -98,6 +99,16 @@ def load_checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise RecipeError(f"{path} does not hold a state dict")
     return state
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash of ``model``'s class, state-dict keys, shapes and values: a checkpoint
+    made from one network is not resumed on another."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for key, value in model.state_dict().items():
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 def _phase_seed(seed: int, phase: str, epoch: int) -> int:
@@ -312,7 +323,14 @@ class Targets:
 
 
 class Distiller:
-    """Runs a recipe's phases on one data set, checkpointing into ``out_dir``."""
+    """Runs a recipe's phases on one data set, checkpointing into ``out_dir``.
+
+    The teacher is the recipe's zoo architecture, or ``model`` when given (a user's own
+    network, used as it is unless ``train_teacher``: then the recipe's teacher phase trains
+    it first). ``model`` is trained in place, never copied. Models see uint8 images as
+    ``(x / 255 - mean) / std`` per channel: ``stats`` gives (mean, std), as a pretrained
+    network expects them; by default they are measured over the training split.
+    """
 
     def __init__(
         self,
@@ -324,12 +342,21 @@ class Distiller:
         progress: bool,
         workers: int | None = None,
         device: torch.device = CPU,
+        model: nn.Module | None = None,
+        train_teacher: bool = False,
+        stats: tuple[list[float], list[float]] | None = None,
     ) -> None:
         self.recipe = recipe
         self.data = data
         self.workers = workers
         self.device = device
+        self.model = model
+        self.train_teacher = train_teacher
         fingerprint = f"{recipe.fingerprint()}:{data.spec}"
+        if model is not None:  # a resumed run must have started from the same network
+            fingerprint += f":{model_fingerprint(model)}:{train_teacher}"
+        if stats is not None:
+            fingerprint += f":{stats}"
         self.runner = PhaseRunner(
             Checkpointer(out_dir / "checkpoint", fingerprint, fresh=fresh),
             lambda order: self.normalized(data.train.batches(order, workers, self.pin)),
@@ -338,7 +365,7 @@ class Distiller:
             device,
             recipe.precision,
         )
-        self.mean, self.std = split_stats(data.train, workers)
+        self.mean, self.std = stats if stats is not None else split_stats(data.train, workers)
         black = np.zeros((1, len(self.mean), 1, 1), np.uint8)
         self.black = normalize(black, self.mean, self.std)[0, :, 0, 0]  # what padding shows
 
@@ -365,9 +392,14 @@ class Distiller:
         return torch.cat([model(b.x) for b in batches])
 
     def teacher(self) -> nn.Module:
-        """Build the teacher, then load its checkpoint or train it from scratch."""
+        """The trained teacher: the user's model as it is, the recipe's checkpoint, or
+        trained by the recipe's teacher phase (from scratch, or from the user's model)."""
         cfg = self.recipe.teacher
         torch.manual_seed(self.recipe.seed)
+        if self.model is not None:
+            if not self.train_teacher:
+                return self.model.to(self.device).eval()
+            return self._train_teacher(self.model)
         model = build_model(
             cfg.arch.name,
             num_classes=len(self.data.classes),
@@ -383,7 +415,11 @@ class Distiller:
                     f"{len(self.data.classes)} classes and args {cfg.arch.args}: {exc}"
                 ) from exc
             return model.to(self.device).eval()
+        return self._train_teacher(model)
 
+    def _train_teacher(self, model: nn.Module) -> nn.Module:
+        """The recipe's teacher phase on ``model``: cross-entropy on augmented batches."""
+        cfg = self.recipe.teacher
         # Channels-last only while training: the bundle and the rest of the run see the
         # usual layout (the weights are saved contiguous either way).
         layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
