@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check tandem edge cloud sim federated tests bench proto examples
 	$(BIN)/ruff format --check tandem edge cloud sim federated tests bench proto examples
+	$(BIN)/python tests/import_contract.py
 
 typecheck: $(STAMP)
 	$(BIN)/mypy tandem

@@ -46,13 +46,13 @@ from tandem.edge.client import (
 from tandem.edge.config import DaemonConfig
 from tandem.edge.device import DeviceModels, Encoding
 from tandem.edge.feed import SourceFeed
-from tandem.edge.link import LinkEstimator
-from tandem.edge.policy import SplitPolicy
 from tandem.edge.sinks import open_sink
 from tandem.edge.sources import Item, Source, open_source
 from tandem.edge.spool import Spool, SpoolEntry, SpoolError
 from tandem.edge.stats import REPORT_EVERY_S, Outage, RunStats
 from tandem.edge.stream import StreamClient
+from tandem.link import LinkEstimator
+from tandem.policy import SplitPolicy
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 log = logging.getLogger(__name__)

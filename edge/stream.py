@@ -39,6 +39,7 @@ import grpc
 
 from tandem import stream_ids
 from tandem.edge.client import Answer, CloudClient
+from tandem.protocol import bare_message
 from tandem.wire.v1 import split_inference_pb2 as pb
 
 WINDOW_REFUSAL = "max_stream_inflight"
@@ -340,18 +341,6 @@ class StreamClient:
                 raise _error(
                     grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer on the stream in {timeout:g} s"
                 )
-
-
-def bare_message(
-    request: pb.InferRequest, context: int, seq: int, answers_read: int
-) -> pb.InferRequest:
-    """``request`` as a stream sends it under a defined context: no names, no id."""
-    message = pb.InferRequest(
-        context=context, seq=seq, payload=request.payload, answers_read=answers_read
-    )
-    if request.HasField("features"):
-        message.features.CopyFrom(request.features)
-    return message
 
 
 def _messages(waiting: _Waiting, stream: _Stream) -> tuple[list[pb.InferRequest], _Echo]:

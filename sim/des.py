@@ -8,8 +8,8 @@ what a device does with each input:
 * ``local``: the whole model on the device;
 * ``offload``: the input itself goes up (raw or PNG bytes); the cloud runs the whole model;
 * ``split``: head and encoder on the device, fixed width and bits, the tail in the cloud;
-* ``adaptive``: width and bits (or local) chosen per input by the real ``edge.policy``, fed by
-  the real ``edge.link`` estimator from the device's own completed requests.
+* ``adaptive``: width and bits (or local) chosen per input by the real ``tandem.policy``, fed by
+  the real ``tandem.link`` estimator from the device's own completed requests.
 
 The fixed strategies are simulated in closed form, a device at a time and then the cloud a batch
 at a time, in vectorised passes: every queue here is first in, first out, and a FIFO queue's
@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from tandem.edge.link import LinkEstimator
-from tandem.edge.policy import SplitPolicy
+from tandem.link import LinkEstimator
+from tandem.policy import SplitPolicy
 from tandem.sim.batching import CloudModel, run_batches
 from tandem.sim.link import Link, transfer_s
 from tandem.sim.traces import Trace

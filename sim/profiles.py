@@ -265,7 +265,7 @@ def request_overhead(payload: bytes) -> int:
     """Bytes a request adds around ``payload`` on the daemon's stream: its context number, seq
     and ``answers_read`` (:data:`TYPICAL_COUNT`), and the payload's own tag and length. The
     context's definition, once per stream and setting, is left out."""
-    from tandem.edge.stream import bare_message
+    from tandem.protocol import bare_message
     from tandem.wire.v1 import split_inference_pb2 as pb
 
     message = bare_message(pb.InferRequest(payload=payload), 1, TYPICAL_COUNT, TYPICAL_COUNT)

@@ -3,7 +3,8 @@
 The message carries the codec header field by field. The edge splits encoded bytes into
 fields with :func:`to_message`; the cloud puts them back together with :func:`from_message`
 and then decodes with :func:`tandem.codec.decode`, so every check the codec makes on bytes
-it also makes on what arrives over gRPC.
+it also makes on what arrives over gRPC. :func:`bare_message` is a request as the daemon's
+stream sends it, which the simulator also measures.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from tandem import codec
+from tandem.wire.v1 import split_inference_pb2 as pb
 from tandem.wire.v1 import tensor_pb2
 
 # The proto enum's numbers are the codec's dtype codes.
@@ -67,3 +69,15 @@ def header_of(msg: tensor_pb2.EncodedTensor, max_elements: int) -> codec.Header:
         tandem.codec.CodecError: if the header is malformed or exceeds ``max_elements``.
     """
     return codec.read_header(from_message(msg), max_elements=max_elements)
+
+
+def bare_message(
+    request: pb.InferRequest, context: int, seq: int, answers_read: int
+) -> pb.InferRequest:
+    """``request`` as a stream sends it under a defined context: no names, no id."""
+    message = pb.InferRequest(
+        context=context, seq=seq, payload=request.payload, answers_read=answers_read
+    )
+    if request.HasField("features"):
+        message.features.CopyFrom(request.features)
+    return message

@@ -1,4 +1,4 @@
-"""Tests for edge.link: recovering RTT and bandwidth from synthetic requests."""
+"""Tests for tandem.link: recovering RTT and bandwidth from synthetic requests."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from tandem.edge.link import LinkEstimator
-from tandem.edge.policy import LinkState
+from tandem.link import LinkEstimator
+from tandem.policy import LinkState
 
 
 def _feed(

@@ -1,4 +1,4 @@
-"""Tests for edge.policy: the latency model, the choice rules, validation and stdlib-only import."""
+"""Tests for tandem.policy: the latency model, the choice rules, validation, stdlib-only import."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tandem.edge.policy import Decision, LinkState, Option, SplitPolicy
+from tandem.policy import Decision, LinkState, Option, SplitPolicy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,7 +324,7 @@ def test_predict_ms_rejects_an_unknown_width() -> None:
 def test_policy_imports_only_the_standard_library() -> None:
     heavy = "{'numpy', 'torch', 'grpc', 'pydantic'}"
     code = (
-        "import sys; import edge.policy; "
+        "import sys; import tandem.policy; "
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {heavy}))"
     )
     out = subprocess.run(

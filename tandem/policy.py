@@ -15,7 +15,7 @@ Latency model, in milliseconds, for an option ``o`` on a link ``l``::
               + server_ms                                  # cloud: queue, decode, tail
 
 Everything is additive and deterministic, so the same inputs always give the same decision. The
-model deliberately ignores variance: the link estimator (``edge.link``) already filters its RTT
+model deliberately ignores variance: the link estimator (``tandem.link``) already filters its RTT
 towards the floor and the SLO is a target, not a tail bound. A link with zero bandwidth makes
 any non-empty transfer infinitely slow, which is how an outage in a trace reads.
 

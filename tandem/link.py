@@ -6,7 +6,7 @@ The daemon has no probe traffic: every completed request is a measurement. For a
     t = rtt + b * cost + queueing        cost = 8000 / bandwidth_bps (ms per byte), queueing >= 0
 
 ``LinkEstimator`` fits ``rtt`` and ``cost`` over a sliding window of recent requests and reports
-them as a ``LinkState`` for ``edge.policy``. Standard library only, like ``edge.policy``.
+them as a ``LinkState`` for ``tandem.policy``. Standard library only, like ``tandem.policy``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import statistics
 from collections import deque
 
-from tandem.edge.policy import LinkState
+from tandem.policy import LinkState
 
 __all__ = ["LinkEstimator"]
 
@@ -80,7 +80,7 @@ class LinkEstimator:
        window, it rises when the path really gets slower. It is smoothed with the same EWMA.
 
     The bandwidth is fitted on bytes in both directions, so the reported ``LinkState`` gives
-    the same value for uplink and downlink: with that, ``edge.policy``'s latency model
+    the same value for uplink and downlink: with that, ``tandem.policy``'s latency model
     reproduces this one. Estimates depend only on the sequence of observations, not on when or
     how often ``state`` is called.
     """
