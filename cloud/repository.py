@@ -65,8 +65,8 @@ from tandem.cloud.config import ServeConfig
 from tandem.cloud.lora_batch import MixedLoRA
 from tandem.device import CPU
 from tandem.entropy_points import ENTROPY_FILE
-from tandem.exported import PROGRAM_FILE
 from tandem.files import Stamp, resolves_inside, stamp
+from tandem.manifest import PROGRAM_FILE
 
 log = logging.getLogger(__name__)
 

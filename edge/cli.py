@@ -66,6 +66,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "call per request, each carrying the model's names",
     )  # fmt: skip
     p.add_argument("--head-batch", type=int, default=32, help="inputs per head forward pass")
+    p.add_argument(
+        "--runtime", choices=("torch", "onnx"), default="torch",
+        help="what runs the head: PyTorch, or ONNX Runtime on the head `tandem export BUNDLE "
+        "--onnx` wrote (no PyTorch needed on the device; no local fallback)",
+    )  # fmt: skip
     p.add_argument("--limit", type=int, help="only the first N inputs of the source")
     p.add_argument("--no-fallback", action="store_true", help="never serve locally")
     p.add_argument(
@@ -119,6 +124,7 @@ def _config(args: argparse.Namespace) -> Any:
             "concurrency",
             "transport",
             "head_batch",
+            "runtime",
             "limit",
             "fallback_after_s",
             "give_up_after_s",

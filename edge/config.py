@@ -8,7 +8,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tandem import codec
-from tandem.adapters import read_metadata
 from tandem.address import parse_address
 from tandem.config import StrictModel
 from tandem.edge.sinks import STDOUT_SINKS
@@ -50,6 +49,11 @@ class DaemonConfig(StrictModel):
     )
     head_batch: int = Field(32, ge=1, le=4096)
     limit: int | None = Field(None, ge=0, description="only inputs with index below this")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch",
+        description="what runs the head: PyTorch, or ONNX Runtime on the bundle's exported "
+        "head (`tandem export BUNDLE --onnx`; no PyTorch needed, no local fallback)",
+    )
     fallback: bool = Field(True, description="serve locally when the cloud is unreachable")
     fallback_after_s: float = Field(3.0, gt=0, description="retrying this long means unreachable")
     probe_s: float = Field(2.0, gt=0, description="while local, try the cloud again this often")
@@ -79,6 +83,11 @@ class DaemonConfig(StrictModel):
             raise ValueError("bits (quantise+zstd) and point (entropy codec) exclude each other")
         if (self.cert is None) != (self.key is None):
             raise ValueError("cert and key go together")
+        if self.runtime == "onnx" and self.head_adapter is not None:
+            raise ValueError(
+                "a head adapter is merged by PyTorch: use --runtime torch, or export a head "
+                "with the adapter merged in"
+            )
         return self
 
     def paired(self) -> DaemonConfig:
@@ -91,6 +100,8 @@ class DaemonConfig(StrictModel):
         """
         if self.head_adapter is None:
             return self
+        from tandem.adapters import read_metadata  # PyTorch's side: the head adapter needs it
+
         meta = read_metadata(self.head_adapter)
         if "tail_adapter" not in meta:
             return self

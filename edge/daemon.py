@@ -117,7 +117,11 @@ class EdgeDaemon:
         self.device = await self._in(
             self._device_pool,
             lambda: DeviceModels(
-                cfg.bundle, fallback=cfg.fallback, batch=cfg.head_batch, adapter=cfg.head_adapter
+                cfg.bundle,
+                fallback=cfg.fallback,
+                batch=cfg.head_batch,
+                adapter=cfg.head_adapter,
+                runtime=cfg.runtime,
             ),
         )
         manifest = self.device.manifest

@@ -2,6 +2,10 @@
 
 Both are timed once at start-up on this device, because the split policy needs to know
 what computing costs here, not on the machine the bundle was trained on.
+
+The head runs on PyTorch (``runtime="torch"``) or on ONNX Runtime (``"onnx"``, from the
+bundle's exported head): then nothing here imports PyTorch, and there is no local fallback,
+since the whole model is PyTorch's.
 """
 
 from __future__ import annotations
@@ -10,13 +14,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
-from torch import nn
 
-from tandem.bundle import HeadRunner, load_full
-from tandem.data import normalize
+from tandem.head import HeadCodec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Runtime = Literal["torch", "onnx"]
 
 
 def _per_sample_ms(fn: Callable[[], object], batch: int, repeats: int = 3) -> float:
@@ -41,14 +48,25 @@ class Encoding:
 
 class DeviceModels:
     """The head (always, with ``adapter`` merged when given) and the full model (when the
-    bundle has one and fallback is on; it never takes the head adapter)."""
+    bundle has one, fallback is on and the runtime is PyTorch; it never takes the head
+    adapter)."""
 
     def __init__(
-        self, bundle: Path, *, fallback: bool, batch: int, adapter: Path | None = None
+        self,
+        bundle: Path,
+        *,
+        fallback: bool,
+        batch: int,
+        adapter: Path | None = None,
+        runtime: Runtime = "torch",
     ) -> None:
-        self.head = HeadRunner.from_bundle(bundle, adapter)
+        self.head = _head(bundle, adapter, runtime)
         self.manifest = self.head.manifest
-        self.full: nn.Module | None = load_full(bundle) if fallback else None
+        self.full: nn.Module | None = None
+        if fallback and runtime == "torch":
+            from tandem.bundle import load_full
+
+            self.full = load_full(bundle)
         self.batch = batch
 
     def time_head(self) -> dict[float, float]:
@@ -73,11 +91,28 @@ class DeviceModels:
         assert encoding.bits is not None
         return self.head.encode(x, encoding.width, encoding.bits)
 
-    @torch.inference_mode()
     def predict_local(self, x: np.ndarray) -> list[int]:
         """Predicted classes from the full model, for uint8 inputs ``(N, C, H, W)``."""
         if self.full is None:
             raise RuntimeError("this bundle has no local fallback model")
+        import torch
+
+        from tandem.data import normalize
+
         self.head.check_input(x)
         spec = self.manifest.input
-        return self.full(normalize(x, spec.mean, spec.std)).argmax(1).tolist()
+        with torch.inference_mode():
+            return self.full(normalize(x, spec.mean, spec.std)).argmax(1).tolist()
+
+
+def _head(bundle: Path, adapter: Path | None, runtime: Runtime) -> HeadCodec:
+    """The bundle's head on ``runtime``: only the chosen runtime's library is imported."""
+    if runtime == "onnx":
+        if adapter is not None:
+            raise ValueError("a head adapter needs the torch runtime")
+        from tandem.onnx_head import OnnxHead
+
+        return OnnxHead.from_bundle(bundle)
+    from tandem.bundle import HeadRunner
+
+    return HeadRunner.from_bundle(bundle, adapter)

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.models.common import scale_channels
-
-
-def width_channels(channels: int, width: float) -> int:
-    """Number of bottleneck channels kept at a width fraction (at least one)."""
-    return scale_channels(channels, width)
+from tandem.widths import width_channels
 
 
 def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

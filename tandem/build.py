@@ -15,7 +15,8 @@ from tandem.bundle import HeadRunner, Manifest, TailRunner, bottleneck_shapes, w
 from tandem.config import Recipe
 from tandem.data import DataSet
 from tandem.evaluate import measure_points
-from tandem.exported import PROGRAM_FILE, export_program
+from tandem.exported import export_program
+from tandem.manifest import PROGRAM_FILE
 from tandem.profile import model_flops, profile_cuts
 from tandem.progress import bar as progress_bar
 from tandem.train import CPU, DistilledModels, Distiller, accuracy

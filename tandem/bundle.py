@@ -29,11 +29,10 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, ValidationError, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
@@ -42,163 +41,42 @@ from torch import nn
 from tandem import codec, entropy_codec
 from tandem.adapters import AdapterError, load_adapter, merged_state
 from tandem.bottleneck import BottleneckDecoder, BottleneckEncoder, CloudTail, width_channels
-from tandem.config import ArchConfig, BottleneckConfig, StrictModel, problems
 from tandem.data import normalize
-from tandem.entropy_points import ENTROPY_FILE, RatePoint, points_from_bytes, save_points
-from tandem.exported import MAX_PROGRAM_BYTES, PROGRAM_FILE, ProgramError, load_program
-from tandem.files import open_regular, read_regular
+from tandem.entropy_points import ENTROPY_FILE, RatePoint, save_points
+from tandem.exported import MAX_PROGRAM_BYTES, ProgramError, load_program
+from tandem.head import HeadCodec
+from tandem.manifest import (
+    FULL_FILE,
+    HEAD_FILE,
+    HEADER_BYTES_PER_TENSOR,
+    HEADER_MARGIN,
+    MANIFEST,
+    MAX_MANIFEST_BYTES,
+    PROGRAM_FILE,
+    TAIL_FILE,
+    BottleneckSpec,
+    BundleError,
+    CodecDefaults,
+    EntropySpec,
+    InputSpec,
+    Manifest,
+    TablePoint,
+    load_rate_points,
+    read_manifest,
+    sha256_file,
+    verified_bytes,
+)
 from tandem.models import build_model
 from tandem.split import split_model
 
-MANIFEST = "manifest.json"
-HEAD_FILE, TAIL_FILE, FULL_FILE = "head.safetensors", "tail.safetensors", "full.safetensors"
-MAX_MANIFEST_BYTES = 4 << 20
-"""A manifest is a few KB (tens for a model with 20,000 labels); a larger one is refused unread."""
-_CHUNK = 1 << 20  # weight files are hashed in pieces this big, never held whole to be hashed
-# A safetensors file is 8 bytes, a JSON header, then the tensors' bytes; the header takes
-# about 100 bytes per tensor, so this much per tensor (plus a margin) is generous.
-_HEADER_BYTES_PER_TENSOR = 512
-_HEADER_MARGIN = 64 << 10
-
-
-class BundleError(ValueError):
-    """A bundle is missing, malformed, or its files do not match their recorded hashes."""
-
-
-class InputSpec(StrictModel):
-    """What the head expects: uint8 images of ``shape`` (C, H, W), and how to normalise them."""
-
-    shape: tuple[int, int, int]
-    dtype: Literal["uint8"] = "uint8"
-    mean: list[float]
-    std: list[float]
-    labels: list[str]
-
-
-class BottleneckSpec(BottleneckConfig):
-    """The bottleneck's configuration plus the tensor shapes it produces."""
-
-    cut_shape: tuple[int, int, int]
-    shapes: dict[str, tuple[int, int, int]] = Field(description="width -> (C, H, W) sent")
-
-
-class CodecDefaults(StrictModel):
-    """Codec settings a client uses unless told otherwise."""
-
-    bits: int
-    compress: bool = True
-
-
-class TablePoint(StrictModel):
-    """One measured operating point of the bundle.
-
-    ``codec`` "quantize" is the quantise+zstd codec at ``bits``; "entropy" is rate point
-    ``point`` (its β in ``beta``), range-coded, with the prior's own estimate of a sample's
-    bits in ``entropy_bits`` (so the coder's overhead over it shows).
-    """
-
-    width: float
-    codec: Literal["quantize", "entropy"] = "quantize"
-    bits: int | None = None
-    point: int | None = Field(default=None, ge=0)
-    beta: float | None = None
-    accuracy: float = Field(ge=0, le=1)
-    bytes_per_sample: float = Field(ge=0)
-    entropy_bits: float | None = Field(default=None, ge=0)
-
-    @model_validator(mode="after")
-    def _one_codec(self) -> TablePoint:
-        """A quantize point names its bits, an entropy point its rate point; not both."""
-        if self.codec == "quantize" and (self.bits is None or self.point is not None):
-            raise ValueError("a quantize point needs bits and no point")
-        if self.codec == "entropy" and (self.point is None or self.bits is not None):
-            raise ValueError("an entropy point needs a point and no bits")
-        return self
-
-
-class EntropySpec(StrictModel):
-    """The rate points of the learned entropy model; their tables are in entropy.safetensors."""
-
-    betas: list[float] = Field(min_length=1, max_length=entropy_codec.MAX_POINTS)
-
-
-class Manifest(StrictModel):
-    """The validated content of ``manifest.json``."""
-
-    format_version: Literal[1, 2] = 1
-    name: str
-    version: str
-    arch: ArchConfig
-    tail_format: Literal["zoo", "exported"] = Field(
-        default="zoo",
-        description="zoo: the cloud rebuilds the tail from the architecture's name; exported: "
-        "from tail.program.json (a user model, whose name the zoo does not know)",
-    )
-    num_classes: int = Field(ge=1)
-    cut: str
-    input: InputSpec
-    bottleneck: BottleneckSpec
-    codec: CodecDefaults
-    entropy: EntropySpec | None = None
-    teacher_accuracy: float | None = Field(default=None, ge=0, le=1)
-    teacher_flops: int = Field(gt=0)
-    head_flops: int = Field(ge=0, description="encoder FLOPs per sample at full width")
-    table: list[TablePoint] = Field(default_factory=list)
-    profile: list[dict[str, Any]] = Field(default_factory=list)
-    files: dict[str, str] = Field(description="file name -> sha256")
-    recipe: dict[str, Any] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Manifest:
-        """Cross-field checks: a manifest that passes describes one coherent model."""
-        inp, b = self.input, self.bottleneck
-        if not len(inp.mean) == len(inp.std) == inp.shape[0]:
-            raise ValueError("input.mean and input.std need one value per input channel")
-        if len(inp.labels) != self.num_classes:
-            raise ValueError("input.labels needs one name per class")
-        expected = {str(w): width_channels(b.channels, w) for w in b.widths}
-        if {k: s[0] for k, s in b.shapes.items()} != expected:
-            raise ValueError(f"bottleneck.shapes must give {expected} channels per width")
-        for bits in [self.codec.bits, *(p.bits for p in self.table if p.bits is not None)]:
-            if bits not in codec.SUPPORTED_BITS:
-                raise ValueError(f"bits {bits} not among {codec.SUPPORTED_BITS}")
-        if any(p.width not in b.widths for p in self.table):
-            raise ValueError("the table names a width the bottleneck was not trained for")
-        if (self.tail_format == "exported") != (PROGRAM_FILE in self.files):
-            raise ValueError(f"an exported tail needs {PROGRAM_FILE} in files, and only it does")
-        if (self.format_version == 2) != (self.entropy is not None):
-            raise ValueError("format_version 2 goes with an entropy section, and only with one")
-        points = len(self.entropy.betas) if self.entropy is not None else 0
-        if any(p.point is not None and p.point >= points for p in self.table):
-            raise ValueError(f"the table names a rate point beyond the {points} the bundle has")
-        return self
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def read_manifest(bundle: Path) -> Manifest:
-    """Read and validate a bundle's manifest; a :class:`BundleError` says why in one line.
-
-    Only a regular file of at most :data:`MAX_MANIFEST_BYTES` is read (never a FIFO).
-    """
-    path = Path(bundle) / MANIFEST
-    try:
-        data = read_regular(path, MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
-        raise BundleError(f"{bundle} is not a bundle: no {MANIFEST}") from None
-    except OSError as exc:
-        raise BundleError(f"{path} is unreadable: {exc}") from None
-    try:
-        return Manifest.model_validate_json(data)
-    except ValidationError as exc:
-        raise BundleError(f"{path} is invalid: {problems(exc, shown=3)}") from None
+# The manifest's names are this module's too: callers read bundles through one module.
+__all__ = [
+    "FULL_FILE", "HEAD_FILE", "MANIFEST", "MAX_MANIFEST_BYTES", "PROGRAM_FILE", "TAIL_FILE",
+    "BottleneckSpec", "BundleError", "CodecDefaults", "EntropySpec", "HeadRunner", "InputSpec",
+    "Manifest", "TablePoint", "TailRunner", "bottleneck_shapes", "build_arch", "copy_bundle",
+    "load_full", "load_rate_points", "read_manifest", "sha256_file", "tail_bytes",
+    "tail_template", "tensor_bytes", "verified_bytes", "write_bundle",
+]  # fmt: skip
 
 
 def tensor_bytes(module: nn.Module) -> tuple[int, int]:
@@ -219,79 +97,17 @@ def _load_verified(
     cannot hold exactly those tensors is refused before any of it is read.
     """
     low, high = (0, None) if expected is None else _size_range(*expected)
-    data = _verified_bytes(bundle, manifest, name, low, high)
+    data = verified_bytes(bundle, manifest, name, low, high)
     try:
         return load_safetensors(data)
     except SafetensorError as exc:
         raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from exc
 
 
-def _verified_bytes(
-    bundle: Path, manifest: Manifest, name: str, low: int, high: int | None
-) -> bytes:
-    """The bytes of file ``name``, checked against the manifest's sha256.
-
-    A file whose size is outside ``low..high`` is refused before any of it is read. The file
-    is hashed as a stream, in chunks, so a wrong file is never held whole; only a match is
-    then read, from the same open file, which must not have changed meanwhile.
-    """
-    path = Path(bundle) / name
-    digest = manifest.files.get(name)
-    if digest is None:
-        raise BundleError(f"{bundle}: {name} is missing")
-    try:
-        with open_regular(path) as f:
-            before = os.fstat(f.fileno())
-            if before.st_size < low or (high is not None and before.st_size > high):
-                raise BundleError(
-                    f"{bundle}: {name} has {before.st_size} bytes; the manifest allows "
-                    f"{low}..{high}"
-                )
-            hasher = hashlib.sha256()
-            for chunk in iter(lambda: f.read(_CHUNK), b""):
-                hasher.update(chunk)
-            if hasher.hexdigest() != digest:
-                raise BundleError(f"{bundle}: {name} does not match its sha256 in the manifest")
-            f.seek(0)
-            data = f.read(before.st_size + 1)
-            after = os.fstat(f.fileno())
-    except FileNotFoundError:
-        raise BundleError(f"{bundle}: {name} is missing") from None
-    except OSError as exc:  # not a regular file, unreadable
-        raise BundleError(f"{bundle}: {name} is unreadable: {exc}") from None
-    if len(data) != before.st_size or (after.st_size, after.st_mtime_ns) != (
-        before.st_size,
-        before.st_mtime_ns,
-    ):
-        raise BundleError(f"{bundle}: {name} changed while it was read")
-    return data
-
-
-def load_rate_points(bundle: Path, manifest: Manifest) -> list[RatePoint]:
-    """The bundle's rate points, hash-checked ([] for a bundle without an entropy model).
-
-    The file's size is bounded before it is read: every point's tables at the coder's
-    longest alphabet for each bottleneck channel, plus the safetensors header.
-    """
-    if manifest.entropy is None:
-        return []
-    count, channels = len(manifest.entropy.betas), manifest.bottleneck.channels
-    per_point = channels * (4 * entropy_codec.MAX_TABLE_LENGTH + 16)
-    high = 8 + _HEADER_MARGIN + count * (per_point + 5 * _HEADER_BYTES_PER_TENSOR)
-    data = _verified_bytes(bundle, manifest, ENTROPY_FILE, 8, high)
-    try:
-        points = points_from_bytes(data, count)
-    except ValueError as exc:
-        raise BundleError(f"{bundle}: {ENTROPY_FILE} {exc}") from None
-    if any(len(p.tables.offset) != channels for p in points):
-        raise BundleError(f"{bundle}: {ENTROPY_FILE} does not have {channels} channels a point")
-    return points
-
-
 def _size_range(tensors: int, count: int) -> tuple[int, int]:
     """The sizes a safetensors file holding ``count`` tensors of ``tensors`` bytes can have."""
     low = 8 + tensors
-    return low, low + _HEADER_MARGIN + _HEADER_BYTES_PER_TENSOR * count
+    return low, low + HEADER_MARGIN + HEADER_BYTES_PER_TENSOR * count
 
 
 def _load_into(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
@@ -368,15 +184,15 @@ def build_arch(manifest: Manifest) -> nn.Module:
     )
 
 
-class HeadRunner:
-    """Device side: uint8 inputs to encoded bottleneck payloads."""
+class HeadRunner(HeadCodec):
+    """Device side on PyTorch: uint8 inputs to encoded bottleneck payloads (the checks and
+    codecs are :class:`tandem.head.HeadCodec`'s, shared with the ONNX runtime's head)."""
 
     def __init__(
         self, encoder: BottleneckEncoder, manifest: Manifest, points: Sequence[RatePoint] = ()
     ) -> None:
+        super().__init__(manifest, points)
         self.encoder = encoder.eval()
-        self.manifest = manifest
-        self.points = list(points)
 
     @classmethod
     def from_bundle(cls, bundle: Path, adapter: Path | None = None) -> HeadRunner:
@@ -403,21 +219,6 @@ class HeadRunner:
             encoder.load_state_dict(merged, strict=False)
         return cls(encoder, m, load_rate_points(bundle, m))
 
-    def check_input(self, x: np.ndarray) -> None:
-        """Raise ValueError unless ``x`` is uint8 ``(N, *input shape)`` for this bundle."""
-        expected = tuple(self.manifest.input.shape)
-        if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(
-                f"expected uint8 inputs of shape (N, {expected}), got {x.dtype} {x.shape}"
-            )
-
-    def check_width(self, width: float) -> None:
-        """Raise ValueError unless ``width`` is one the bottleneck was trained for."""
-        if width not in self.manifest.bottleneck.widths:
-            raise ValueError(
-                f"width {width} not trained; choose from {self.manifest.bottleneck.widths}"
-            )
-
     @torch.inference_mode()
     def features(self, x: np.ndarray, width: float, batch_size: int = 512) -> np.ndarray:
         """The float bottleneck tensors for uint8 inputs ``(N, C, H, W)`` at ``width``."""
@@ -429,34 +230,6 @@ class HeadRunner:
             for i in range(0, len(x), batch_size)
         ]
         return torch.cat(out).numpy()
-
-    def pack(self, z: np.ndarray, bits: int) -> list[bytes]:
-        """Encode each sample's bottleneck tensor into one wire payload."""
-        compress = self.manifest.codec.compress
-        return [codec.encode(sample, bits, compress=compress) for sample in z]
-
-    def encode(self, x: np.ndarray, width: float, bits: int | None = None) -> list[bytes]:
-        """Payloads for uint8 inputs, one per sample (``bits`` defaults to the bundle's)."""
-        return self.pack(
-            self.features(x, width), self.manifest.codec.bits if bits is None else bits
-        )
-
-    def rate_point(self, point: int) -> RatePoint:
-        """Rate point ``point`` of the bundle's entropy model; ValueError if it has none."""
-        if not 0 <= point < len(self.points):
-            raise ValueError(f"rate point {point} not in this bundle ({len(self.points)} points)")
-        return self.points[point]
-
-    def pack_entropy(self, z: np.ndarray, width: float, point: int) -> list[bytes]:
-        """Range-code each sample's bottleneck tensor, sent at ``width``, at rate point
-        ``point``."""
-        rate = self.rate_point(point)
-        index = self.manifest.bottleneck.widths.index(width)
-        return [rate.encode(sample, point, index) for sample in z]
-
-    def encode_entropy(self, x: np.ndarray, width: float, point: int) -> list[bytes]:
-        """Entropy-coded payloads for uint8 inputs at ``width`` and rate point ``point``."""
-        return self.pack_entropy(self.features(x, width), width, point)
 
 
 class TailRunner:
@@ -600,7 +373,7 @@ def tail_template(bundle: Path, manifest: Manifest) -> nn.Module:
         if key in _TRACED:
             _TRACED.move_to_end(key)
             return _TRACED[key]
-    text = _verified_bytes(bundle, manifest, PROGRAM_FILE, 2, MAX_PROGRAM_BYTES)
+    text = verified_bytes(bundle, manifest, PROGRAM_FILE, 2, MAX_PROGRAM_BYTES)
     try:
         template = load_program(text)
     except ProgramError as exc:

@@ -89,28 +89,37 @@ def iter_parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentP
                 stack.extend(action.choices.values())
 
 
+# Errors of modules that need PyTorch, by module: caught only when their module was imported
+# (one that was not cannot have raised them), so a device without PyTorch reports errors too.
+_TORCH_SIDE_ERRORS = {
+    "tandem.checkpoint": "CheckpointError",
+    "tandem.models.registry": "UnknownModelError",
+    "tandem.split": "SplitError",
+}
+
+
 def _known_errors() -> tuple[type[Exception], ...]:
     from pydantic import ValidationError
 
-    from tandem.bundle import BundleError
-    from tandem.checkpoint import CheckpointError
     from tandem.codec import CodecError
     from tandem.config import RecipeError
     from tandem.data import DataSpecError
-    from tandem.models import UnknownModelError
-    from tandem.split import SplitError
+    from tandem.manifest import BundleError
 
+    torch_side = tuple(
+        getattr(sys.modules[module], name)
+        for module, name in _TORCH_SIDE_ERRORS.items()
+        if module in sys.modules
+    )
     # ValueError and TypeError cover bad arguments reaching the zoo and the runners.
     return (
         CommandError,
         ValidationError,
         BundleError,
-        CheckpointError,
         CodecError,
         RecipeError,
         DataSpecError,
-        UnknownModelError,
-        SplitError,
+        *torch_side,
         ValueError,
         TypeError,
         OSError,
@@ -407,6 +416,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``tandem export BUNDLE --onnx``: the head as ONNX files inside the bundle."""
+    from tandem.onnx_export import export_onnx
+
+    index = export_onnx(args.bundle)
+    doc = {"bundle": str(args.bundle), **index}
+    _emit(args, doc, lambda: _export_text(args.bundle, index))
+    return 0
+
+
+def _export_text(bundle: Path, index: dict[str, Any]) -> str:
+    lines = [f"ONNX head of {bundle} (version {index['bundle_version']}), {index['exporter']}:"]
+    for width, head in index["heads"].items():
+        lines.append(
+            f"  width {width}: onnx/{head['file']}, {head['bytes']:,} bytes, largest "
+            f"difference from PyTorch {head['max_abs_diff']:.2g}"
+        )
+    return "\n".join(lines)
+
+
 def _sim_demo(bundle: Path, report: Path, tmp: Path) -> dict[str, Any]:
     from tandem.data import load_data
     from tandem.sim import demo
@@ -636,6 +665,18 @@ def build_parser() -> argparse.ArgumentParser:
     device_option(p)
     p.set_defaults(func=cmd_profile)
 
+    p = sub.add_parser(
+        "export",
+        help="write a bundle's head in another format, for devices without PyTorch",
+    )
+    p.add_argument("bundle", type=Path, help="the bundle directory")
+    p.add_argument(
+        "--onnx", action="store_true", required=True,
+        help="the head (encoder to the bottleneck) as ONNX, one file per width, into "
+        "BUNDLE/onnx/ (`tandem edge run --runtime onnx` runs it)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="train, serve and simulate on the bundled digits data")
     p.add_argument("--out", help="keep the bundle here (default: a temporary directory)")
     p.add_argument(
@@ -668,6 +709,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # The third-party modules each extra brings, so a missing one names the extra to install.
 EXTRA_OF_MODULE = {
+    "torch": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "onnxruntime": "edge",
     "grpc_health": "cloud",
     "grpc_reflection": "cloud",
     "prometheus_client": "cloud",
@@ -680,15 +725,25 @@ EXTRA_OF_MODULE = {
 }
 
 
-def missing_extra(exc: ModuleNotFoundError) -> str | None:
-    """The one-line hint for a module that an uninstalled extra would bring, else None."""
+# PyTorch comes with several extras: the one to name is the command's own.
+EXTRA_OF_COMMAND = {"cloud": "cloud", "fed": "fed", "sim": "sim"}
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str = "") -> str | None:
+    """The one-line hint for a module that an uninstalled extra would bring, else None;
+    ``command`` (the subcommand run) picks the extra that brings PyTorch for it."""
     top = (exc.name or "").partition(".")[0]
     extra = EXTRA_OF_MODULE.get(top)
     if extra is None:
         return None
-    return (
+    if top == "torch":
+        extra = EXTRA_OF_COMMAND.get(command, extra)
+    hint = (
         f"this command needs the '{extra}' extra (no module {top!r}): pip install 'tandem[{extra}]'"
     )
+    if top == "torch" and command == "edge":
+        hint += ", or run the head exported to ONNX with --runtime onnx"
+    return hint
 
 
 def error_line(exc: BaseException) -> str:
@@ -738,7 +793,7 @@ def _run(args: argparse.Namespace) -> int:
             raise
         return _fail(args.json, type(exc).__name__, error_line(exc), documents=_documents(args))
     except ModuleNotFoundError as exc:
-        hint = missing_extra(exc)
+        hint = missing_extra(exc, args.command)
         if hint is None or args.verbose:
             raise
         return _fail(args.json, type(exc).__name__, hint, documents=_documents(args))

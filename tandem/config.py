@@ -25,9 +25,9 @@ from pydantic import (
     model_validator,
 )
 
-from tandem.bottleneck import width_channels
 from tandem.codec import SUPPORTED_BITS
 from tandem.entropy_codec import MAX_POINTS
+from tandem.widths import width_channels
 
 
 class RecipeError(ValueError):

@@ -29,10 +29,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # PyTorch is imported where it is used: a device reads data without it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +181,13 @@ class Split:
         they are read in this process. ``pin`` puts each batch in page-locked memory, for
         an asynchronous copy to a GPU.
         """
+        import torch
+
         workers = default_workers(self) if workers is None else workers
-        loader = torch.utils.data.DataLoader(
-            _Rows(self),
+        # _Rows is a map-style data set by duck typing (torch is not imported to define it).
+        rows: torch.utils.data.Dataset[Batch | str] = _Rows(self)  # type: ignore[assignment]
+        loader: torch.utils.data.DataLoader[Batch | str] = torch.utils.data.DataLoader(
+            rows,
             sampler=list(order),
             batch_size=None,  # each sampled item is a whole batch of rows
             num_workers=workers,
@@ -202,6 +208,8 @@ class Split:
         self, batch_size: int, workers: int | None = None, pin: bool = False
     ) -> Iterator[Batch]:
         """Stream the split front to back in batches of ``batch_size``."""
+        import torch
+
         order = torch.arange(len(self)).split(batch_size)
         return self.batches(order, workers, pin)
 
@@ -220,7 +228,7 @@ class Batch:
         return Batch(self.idx, self.x.pin_memory(), self.y.pin_memory())
 
 
-class _Rows(torch.utils.data.Dataset[Batch | str]):
+class _Rows:
     """A split as a map-style data set whose items are whole batches of rows (or, for a
     batch with a file that no longer decodes, the error's message)."""
 
@@ -231,6 +239,8 @@ class _Rows(torch.utils.data.Dataset[Batch | str]):
         return len(self.split)
 
     def __getitem__(self, rows: torch.Tensor) -> Batch | str:
+        import torch
+
         try:
             x = torch.from_numpy(self.split.take(rows.numpy()))
         except DataSpecError as exc:
@@ -302,7 +312,8 @@ def dataset_item(dataset: torch.utils.data.Dataset[Any], index: int) -> tuple[np
     if not (isinstance(item, tuple | list) and len(item) == 2):
         raise DataSpecError(f"item {index} is not an (image, label) pair")
     image, label = item
-    array = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    # A tensor (or anything else with .numpy(), as a user's data set may yield), or an array.
+    array = np.asarray(image.numpy() if hasattr(image, "numpy") else image)
     if array.dtype != np.uint8 or array.ndim != 3:
         raise DataSpecError(
             f"item {index}: the image must be a uint8 (C, H, W) tensor, got "
@@ -591,12 +602,16 @@ def split_stats(split: Split, workers: int | None = None) -> tuple[list[float], 
 
 def normalize(x: np.ndarray, mean: list[float], std: list[float]) -> torch.Tensor:
     """Turn uint8 ``(N, C, H, W)`` images into the float tensor the models take."""
+    import torch
+
     # float32 conversion copies anyway; doing it in numpy also accepts read-only inputs.
     return normalize_tensor(torch.from_numpy(x.astype(np.float32)), mean, std)
 
 
 def normalize_tensor(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
     """:func:`normalize` of an image tensor (uint8 or float), on the tensor's device."""
+    import torch
+
     t = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.div(255.0)
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)

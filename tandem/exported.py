@@ -42,7 +42,6 @@ from torch._export.serde import serialize as serde
 from torch._export.serde.schema import ScalarType
 from torch.export import Dim, export
 
-PROGRAM_FILE = "tail.program.json"
 MAX_PROGRAM_BYTES = 32 << 20
 """A tail's program is tens of KB (about 60 KB for a ResNet-18's last two stages); a larger
 one is refused unread."""

@@ -24,7 +24,7 @@ from tandem.data import DataSpecError, from_datasets, load_data
 from tandem.edge.config import DaemonConfig
 from tandem.edge.daemon import EdgeDaemon
 from tandem.evaluate import evaluate_bundle
-from tandem.exported import PROGRAM_FILE
+from tandem.manifest import PROGRAM_FILE
 from tandem.split import SplitError, UnknownCutError
 
 

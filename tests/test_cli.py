@@ -311,3 +311,19 @@ def test_eval_on_a_folder_with_an_unreadable_image_stops_or_skips_it(
     assert main([*argv, "--skip-unreadable", "--json"]) == 0
     assert _json(capsys)["samples"] == 2  # a seeded fifth of the ten good images
     assert f"skipped 1 unreadable images under {folder} (first: " in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("module", "command", "extra"),
+    [("torch", "train", "train"), ("torch", "cloud", "cloud"), ("torch", "fed", "fed"),
+     ("torch", "edge", "train"), ("onnxruntime", "edge", "edge"), ("peft", "fed", "fed")],
+)  # fmt: skip
+def test_a_missing_module_names_the_extra_that_brings_it_for_the_command(
+    module: str, command: str, extra: str
+) -> None:
+    from tandem.cli import missing_extra
+
+    hint = missing_extra(ModuleNotFoundError(f"No module named {module!r}", name=module), command)
+    assert hint is not None and f"pip install 'tandem[{extra}]'" in hint
+    assert ("--runtime onnx" in hint) == (module == "torch" and command == "edge")
+    assert missing_extra(ModuleNotFoundError("x", name="somethingelse"), command) is None

@@ -15,11 +15,6 @@ def check_common_args(num_classes: int, in_channels: int, width: float) -> None:
         raise ValueError(f"width must be > 0, got {width}")
 
 
-def scale_channels(base: int, width: float) -> int:
-    """Scale a channel count by ``width``, rounding to the nearest integer of at least 1."""
-    return max(1, round(base * width))
-
-
 def init_conv_bn(module: nn.Module) -> None:
     """Kaiming-initialise every convolution and reset every batch norm to identity."""
     for m in module.modules():

@@ -8,8 +8,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from tandem.models.common import check_common_args, init_conv_bn, scale_channels
+from tandem.models.common import check_common_args, init_conv_bn
 from tandem.models.registry import register_model
+from tandem.widths import scale_channels
 
 _BASE_CHANNELS = 64
 

@@ -8,8 +8,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from tandem.models.common import check_common_args, scale_channels
+from tandem.models.common import check_common_args
 from tandem.models.registry import register_model
+from tandem.widths import scale_channels
 
 # ViT-S/16 (as in DeiT-S): torchvision has no "small" variant, so these follow the paper.
 _HIDDEN_DIM = 384
