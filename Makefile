@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/sim.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/fed.py
+	$(BIN)/python bench/head.py
 
 # Regenerate tandem/wire/v1 from proto/tandem/v1; tests/test_wire.py fails while they differ.
 proto: $(STAMP)

@@ -164,6 +164,24 @@ def example_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     return out, json.loads(done.stdout.splitlines()[-1])
 
 
+def _serve_digits(
+    tmp_path: Path, repo: Path, bundle: Path, **fields: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The daemon's summary and sink lines for the digits test split sent at width 1, 4 bits,
+    to a service over ``repo``."""
+    values = {"bundle": bundle, "cloud": "127.0.0.1:1", "source": "digits",
+              "sink": str(tmp_path / "out.jsonl"), "width": 1.0, "bits": 4, **fields}  # fmt: skip
+    cfg = DaemonConfig.model_validate(values)
+
+    async def serve() -> dict[str, Any]:
+        async with running(config(repo)) as srv:
+            return await EdgeDaemon(cfg.model_copy(update={"cloud": srv.address})).run()
+
+    summary = asyncio.run(serve())
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    return summary, records
+
+
 @pytest.mark.slow
 def test_the_example_bundle_serves_over_grpc_without_the_examples_code(
     tmp_path: Path, example_bundle: tuple[Path, dict[str, Any]]
@@ -181,16 +199,7 @@ def test_the_example_bundle_serves_over_grpc_without_the_examples_code(
 
     repo = make_repo(tmp_path, bundle, "tinynet")
     test = load_data("digits").test
-    values = {"bundle": bundle, "cloud": "127.0.0.1:1", "source": "digits",
-              "sink": str(tmp_path / "out.jsonl"), "width": 1.0, "bits": 4}  # fmt: skip
-    cfg = DaemonConfig.model_validate(values)
-
-    async def serve() -> dict[str, Any]:
-        async with running(config(repo)) as srv:
-            return await EdgeDaemon(cfg.model_copy(update={"cloud": srv.address})).run()
-
-    summary = asyncio.run(serve())
-    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    summary, records = _serve_digits(tmp_path, repo, bundle)
     assert summary["served"] == len(records) == len(test) and summary["served_locally"] == 0
     served = np.mean([r["prediction"] == r["label"] for r in records])
     (point,) = [p for p in evaluate_bundle(bundle, test, [4])["points"] if p["width"] == 1.0]
@@ -238,16 +247,7 @@ def test_lora_on_an_exported_tail_adapts_the_decoder_and_serves_it(
         plain = base.infer(payloads).argmax(1)
     assert (expected != plain).any()
 
-    values = {"bundle": bundle, "cloud": "127.0.0.1:1", "source": "digits", "adapter": "fed",
-              "sink": str(tmp_path / "out.jsonl"), "width": 1.0, "bits": 4}  # fmt: skip
-    cfg = DaemonConfig.model_validate(values)
-
-    async def serve() -> dict[str, Any]:
-        async with running(config(repo)) as srv:
-            return await EdgeDaemon(cfg.model_copy(update={"cloud": srv.address})).run()
-
-    summary = asyncio.run(serve())
-    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    summary, records = _serve_digits(tmp_path, repo, bundle, adapter="fed")
     assert summary["served"] == len(test) and summary["errors"] == 0
     served = np.array([r["prediction"] for r in sorted(records, key=lambda r: r["input_index"])])
     assert np.array_equal(served, expected)

@@ -165,3 +165,23 @@ def test_wire_bench_serves_each_point_at_the_accuracy_eval_measured(
     for p in checked:
         assert p["served_samples"] == 359
         assert p["served_accuracy"] == pytest.approx(p["eval_accuracy"], abs=1e-12), p
+
+
+def test_head_bench_prints_one_json_line(
+    digits_entropy_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--bundle", f"digits={digits_entropy_bundle},digits", "--repeats", "2",
+            "--samples", "50"]  # fmt: skip
+    assert _load("head").main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    row = json.loads(out)["bundles"]["digits"]
+    for batch in ("batch_1", "batch_32"):
+        timing = row["ms_per_sample"][batch]
+        assert timing["torch"] > 0 and timing["onnx"] > 0
+        assert timing["torch_over_onnx"] == pytest.approx(timing["torch"] / timing["onnx"], 0.01)
+    assert set(row["identical_payloads"]) == {"2-bit", "4-bit", "8-bit", "rate point 0",
+                                              "rate point 1"}  # fmt: skip
+    assert all(0 <= v <= 1 for v in row["identical_payloads"].values())
+    assert row["identical_predictions"] == 1.0 and row["max_abs_diff"] < 1e-5
+    assert not (digits_entropy_bundle / "onnx").exists()  # exported in a scratch copy

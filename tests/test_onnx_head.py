@@ -57,12 +57,15 @@ def _payloads(
     return head.encode(x, width, bits) if point is None else head.encode_entropy(x, width, point)
 
 
-def test_onnx_payloads_are_the_torch_heads_bytes(exported: Path) -> None:
-    """At least 99.9% of payloads identical at every width and codec (measured: every one
-    of them on these inputs). Features differ by float rounding (under 1e-6 here), which
-    can move a value across a quantisation step; a payload that differs decodes to the
-    neighbouring level and is still valid."""
+def test_onnx_payloads_match_the_torch_heads_and_classify_the_same(exported: Path) -> None:
+    """Every width and codec: the tail's predictions from ONNX payloads equal those from
+    PyTorch payloads, on every test image; features agree to 1e-5; and nearly all payloads
+    are the same bytes. Not all: ONNX Runtime's convolutions round differently (about 1e-6),
+    so a payload's per-group parameters (float16 or float32) or one symbol at a step's edge
+    can differ, decoding within one step of the other (bench/head.py measures the fraction:
+    98-100% for quantise+zstd, 99.95-100% for rate points)."""
     torch_head, onnx_head = HeadRunner.from_bundle(exported), OnnxHead.from_bundle(exported)
+    tail = TailRunner.from_bundle(exported)
     x = load_data("digits").test.x
     same = total = 0
     for width, bits, point in _pairs(torch_head):
@@ -70,10 +73,13 @@ def test_onnx_payloads_are_the_torch_heads_bytes(exported: Path) -> None:
         theirs = _payloads(torch_head, x, width, bits, point)
         same += sum(a == b for a, b in zip(ours, theirs, strict=True))
         total += len(x)
+        assert np.array_equal(
+            tail.infer(ours, width).argmax(1), tail.infer(theirs, width).argmax(1)
+        ), (width, bits, point)
         np.testing.assert_allclose(
             onnx_head.features(x, width), torch_head.features(x, width), rtol=0, atol=1e-5
         )
-    assert same / total >= 0.999, f"{same} of {total} payloads identical"
+    assert same / total >= 0.97, f"{same} of {total} payloads identical"
 
 
 def test_the_export_is_described_and_checked(exported: Path) -> None:
