@@ -1,7 +1,8 @@
 """Tandem's Python API: split and distil any fx-traceable network, not only the zoo's.
 
 Three calls take a user's own ``nn.Module`` from cut points to a bundle that the cloud
-service and the edge daemon serve like any other::
+service and the edge daemon serve like any other (and :func:`train_recipe` runs a built-in
+recipe on the zoo's models, as ``tandem train`` does through it)::
 
     import tandem
 
@@ -32,7 +33,7 @@ from tandem.device import resolve_device
 from tandem.profile import CutProfile, profile_cuts
 from tandem.split import SplitError, split_model
 
-__all__ = ["build_bundle", "cut_points", "split_at"]
+__all__ = ["build_bundle", "cut_points", "split_at", "train_recipe"]
 
 # float32 regrouping only: a wrong split is off by O(1), not by these.
 _RTOL, _ATOL = 1e-5, 1e-6
@@ -144,6 +145,41 @@ def _stats(
             f"mean and std need {channels} values each (the images' channels), std positive"
         )
     return [float(m) for m in mean], [float(s) for s in std]
+
+
+def train_recipe(
+    recipe: str,
+    data: str,
+    *,
+    out: str | Path,
+    overrides: Sequence[str] = (),
+    fresh: bool = False,
+    progress: bool = False,
+    workers: int | None = None,
+    device: str = "auto",
+    skip_unreadable: bool = False,
+) -> Manifest:
+    """Run a recipe (a built-in name or a TOML path, with ``--set``-style ``overrides``) on
+    a data spec (``digits``, ``npz:PATH``, ``imagefolder:DIR``) and write a measured bundle
+    to ``out``: what ``tandem train`` does, which calls this. The teacher is the recipe's zoo
+    architecture, trained or loaded from ``teacher.checkpoint``; ``workers`` reader
+    processes stream the data (None: the data's default); a wrong ``device`` fails before
+    any data is read; ``skip_unreadable`` leaves undecodable images out, counted.
+    """
+    from tandem.build import build_bundle as build
+    from tandem.data import load_data
+
+    chosen_device = resolve_device(device)
+    chosen = load_recipe(recipe, list(overrides))
+    return build(
+        chosen,
+        load_data(data, skip_unreadable=skip_unreadable),
+        Path(out),
+        fresh=fresh,
+        progress=progress,
+        workers=workers,
+        device=chosen_device,
+    )
 
 
 def _recipe(recipe: str, overrides: Sequence[str], cut: str, name: str | None) -> Recipe:

@@ -225,22 +225,18 @@ def _equal_accuracy_text(compared: dict[str, Any] | None) -> str:
 def _train(
     args: argparse.Namespace, recipe_name: str, data_spec: str, out: Path, skip: bool = False
 ) -> Any:
-    from tandem.build import build_bundle
-    from tandem.config import load_recipe
-    from tandem.data import load_data
-    from tandem.device import resolve_device
+    from tandem.api import train_recipe
 
-    device = resolve_device(args.device)  # before anything is read: a wrong one fails at once
-    recipe = load_recipe(recipe_name, args.set)
-    data = load_data(data_spec, skip_unreadable=skip)
-    return build_bundle(
-        recipe,
-        data,
-        out,
+    return train_recipe(
+        recipe_name,
+        data_spec,
+        out=out,
+        overrides=args.set,
         fresh=args.fresh,
         progress=_show_progress(args),
         workers=args.workers,
-        device=device,
+        device=args.device,
+        skip_unreadable=skip,
     )
 
 

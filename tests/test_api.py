@@ -63,8 +63,9 @@ class Pairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
 
 
 def test_the_api_is_exported_from_the_package() -> None:
-    assert {"cut_points", "split_at", "build_bundle"} <= set(tandem.__all__)
-    for name in ("cut_points", "split_at", "build_bundle"):
+    names = ("cut_points", "split_at", "build_bundle", "train_recipe")
+    assert set(names) <= set(tandem.__all__)
+    for name in names:
         assert getattr(tandem, name).__doc__
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = tandem.nope  # type: ignore[attr-defined]
