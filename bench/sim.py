@@ -35,6 +35,7 @@ import numpy as np
 if Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
+from tandem.cli import Processes
 from tandem.data import load_data
 from tandem.sim.des import Device, Strategy, simulate
 from tandem.sim.profiles import BundleProfile, device_class, measure_bundle
@@ -101,13 +102,14 @@ def prediction(
     tmp: Path,
 ) -> dict[str, Any]:
     """Real against simulated latency on each shared LTE trace (empty without the traces)."""
-    calibrated = asyncio.run(calibrate(profile, bundle, x, POINT, tmp))
+    calibrated = asyncio.run(calibrate(profile, bundle, x, POINT, tmp, Processes()))
     out: dict[str, Any] = {"send_overhead_ms": round(calibrated.send_overhead_ms, 2)}
     for name in traces:
         if not (MAHIMAHI / f"{name}.up").exists():
             continue
         pair = read_pair(MAHIMAHI / name)
-        real = asyncio.run(run_real(bundle, pair, 20.0, x[: inputs + 1], 10.0, POINT, tmp))
+        feed = x[: inputs + 1]
+        real = asyncio.run(run_real(bundle, pair, 20.0, feed, 10.0, POINT, tmp, Processes()))
         sim = predict(calibrated, real, pair, 20.0, POINT)
         figures = {}
         for q in (50, 95):

@@ -11,11 +11,14 @@ import asyncio
 import json
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from tandem.progress import bar as progress_bar
+
+if TYPE_CHECKING:
+    from tandem.sim.validate import Wiring
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -58,9 +61,10 @@ def _bar(args: argparse.Namespace, total: int, desc: str) -> tqdm[Any]:
     return progress_bar(total=total, desc=desc, show=not args.json)
 
 
-def profile_bundle(args: argparse.Namespace) -> int:
+def profile_bundle(args: argparse.Namespace, wiring: Wiring) -> int:
     """``tandem profile --bundle``: measure head, tail and full-model costs of a bundle on this
-    machine (and, with ``--calibrate``, the daemon's overhead); write the simulator's JSON."""
+    machine (and, with ``--calibrate``, the daemon's overhead, the real service and daemon
+    started by ``wiring``); write the simulator's JSON."""
     import tempfile
 
     from tandem.data import load_data
@@ -78,7 +82,7 @@ def profile_bundle(args: argparse.Namespace) -> int:
         first = profile.table[0]
         point = SplitPoint(width=first.width, bits=first.bits, point=first.point)
         with tempfile.TemporaryDirectory(prefix="tandem-profile-") as tmp:
-            profile = asyncio.run(calibrate(profile, args.bundle, x, point, Path(tmp)))
+            profile = asyncio.run(calibrate(profile, args.bundle, x, point, Path(tmp), wiring))
     profile.save(args.out)
     if args.json:
         print(profile.model_dump_json())

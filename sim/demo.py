@@ -18,7 +18,7 @@ from tandem.sim.profiles import measure_bundle
 from tandem.sim.report import write_report
 from tandem.sim.scenario import Scenario, SplitPoint, build, parse_scenario
 from tandem.sim.traces import TracePair
-from tandem.sim.validate import calibrate, predict, run_real
+from tandem.sim.validate import Wiring, calibrate, predict, run_real
 
 SHARED_LTE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "mahimahi"
 LTE_TRACE = "Verizon-LTE-short"
@@ -35,17 +35,20 @@ def link_specs() -> tuple[str, str, str]:
     return *SYNTHETIC, "synthetic LTE-like random walk"
 
 
-def run(bundle: Path, x: np.ndarray, out: Path, tmp: Path) -> dict[str, Any]:
-    """Measure, emulate, simulate and report; returns the figures the demo prints."""
+def run(bundle: Path, x: np.ndarray, out: Path, tmp: Path, wiring: Wiring) -> dict[str, Any]:
+    """Measure, emulate, simulate and report; returns the figures the demo prints. The real
+    service and daemon are started by ``wiring`` (the command line's)."""
     profile = measure_bundle(bundle, x[:256])
-    profile = asyncio.run(calibrate(profile, bundle, x, POINT, tmp))
+    profile = asyncio.run(calibrate(profile, bundle, x, POINT, tmp, wiring))
     out.mkdir(parents=True, exist_ok=True)
     profile.save(out / "profile.json")
     up, down, name = link_specs()
     setup = build(_scenario(up, down), out)
     # The emulator and the simulator use the very traces the scenario built.
     pair = TracePair(setup.devices[0].up, setup.devices[0].down)
-    measured = asyncio.run(run_real(bundle, pair, DELAY_MS, x[: INPUTS + 1], FPS, POINT, tmp))
+    measured = asyncio.run(
+        run_real(bundle, pair, DELAY_MS, x[: INPUTS + 1], FPS, POINT, tmp, wiring)
+    )
     simulated = predict(profile, measured, pair, DELAY_MS, POINT)
     doc = write_report(setup, out)
     return {

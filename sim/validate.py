@@ -1,7 +1,8 @@
 """Prediction against reality: the real daemon and service over the emulator, and the simulator.
 
-:func:`run_real` starts ``tandem cloud serve`` and ``tandem edge run`` as processes, puts the
-emulator between them, and feeds the daemon inputs on its stdin at a fixed rate, recording
+:func:`run_real` has ``tandem cloud serve`` and ``tandem edge run`` started as processes (by
+the :class:`Wiring` it is given: the command line's, the one place roles are put together),
+puts the emulator between them, and feeds the daemon inputs on its stdin at a fixed rate, recording
 when each was fed on the links' clock and the latency the daemon reports for it.
 :func:`predict` simulates the same inputs, fed at the same moments, over the same traces.
 
@@ -19,13 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -37,7 +35,6 @@ from tandem.sim.profiles import BundleProfile, device_class
 from tandem.sim.scenario import SplitPoint
 from tandem.sim.traces import TracePair, constant
 
-TANDEM = [sys.executable, "-m", "tandem.cli"]
 WORKERS, MAX_BATCH, MAX_DELAY_MS = 1, 32, 2.0  # the service's batching, real and simulated
 SERVE_FLAGS = [
     "--workers", str(WORKERS), "--max-batch", str(MAX_BATCH), "--max-delay-ms", str(MAX_DELAY_MS)
@@ -46,6 +43,22 @@ UNCONSTRAINED = TracePair(constant(10_000.0), constant(10_000.0))
 CALIBRATION_INPUTS, CALIBRATION_FPS = 30, 20.0  # enough for a stable median, 1.5 s of feed
 START_S = 120.0  # for a process to start and answer its first input
 TAIL_S = 600.0  # for the last answers to come back after the last input was fed
+
+
+class Wiring(Protocol):
+    """Starts the real roles; :class:`tandem.cli.Processes` is the one implementation."""
+
+    def service(self, repo: Path, *flags: str) -> AbstractAsyncContextManager[str]:
+        """``tandem cloud serve`` over ``repo`` on a free loopback port, with ``flags``;
+        yields its address and stops it on exit."""
+        ...
+
+    def daemon(
+        self, bundle: Path, cloud: str, *flags: str, stdin: bool = False
+    ) -> AbstractAsyncContextManager[asyncio.subprocess.Process]:
+        """``tandem edge run --json`` of ``bundle`` against ``cloud``, with ``flags`` (and a
+        pipe to its stdin with ``stdin``); stopped on exit if it is still running."""
+        ...
 
 
 @dataclass
@@ -69,21 +82,19 @@ async def run_real(
     fps: float,
     split: SplitPoint,
     workdir: Path,
+    wiring: Wiring,
 ) -> Measured:
     """Serve ``x`` (uint8 inputs, fed at ``fps``) through the emulated link; see the module."""
     repo = workdir / "repo"
     if not (repo / bundle.name).exists():
         copy_bundle(bundle, repo)
-    async with _process(
-        *TANDEM, "cloud", "serve", "--json", "--models", str(repo), "--listen", "127.0.0.1:0",
-        "--metrics-listen", "off", *SERVE_FLAGS,
-    ) as (_, ready):  # fmt: skip
-        host, port = json.loads(ready)["address"].rsplit(":", 1)
+    async with wiring.service(repo, *SERVE_FLAGS) as address:
+        host, port = address.rsplit(":", 1)
         up, down = Link(pair.up, delay_ms / 1000), Link(pair.down, delay_ms / 1000)
         emulator = LinkEmulator(up, down, (host, int(port)))
         await emulator.start()
         try:
-            measured = await _feed(bundle, emulator, x, fps, split, workdir)
+            measured = await _feed(bundle, emulator, x, fps, split, workdir, wiring)
         finally:
             await emulator.close()
         n = len(x)
@@ -101,15 +112,15 @@ async def _feed(
     fps: float,
     split: SplitPoint,
     workdir: Path,
+    wiring: Wiring,
 ) -> Measured:
     sink = workdir / "sink.jsonl"
     for path in (sink, Path(f"{sink}.spool")):
         path.unlink(missing_ok=True)
-    async with _process(
-        *TANDEM, "edge", "run", "--bundle", str(bundle), "--cloud", f"127.0.0.1:{emulator.port}",
-        "--source", "-", "--sink", str(sink), *split.daemon_args(),
-        "--no-fallback", "--json", stdin=True,
-    ) as (proc, _):  # fmt: skip
+    async with wiring.daemon(
+        bundle, f"127.0.0.1:{emulator.port}", "--source", "-", "--sink", str(sink),
+        *split.daemon_args(), "--no-fallback", stdin=True,
+    ) as proc:  # fmt: skip
         assert proc.stdin is not None
         # One unmeasured input first: the daemon starts up and connects before the clock runs.
         await _write(proc, x[0])
@@ -155,13 +166,20 @@ def predict(
 
 
 async def calibrate(
-    profile: BundleProfile, bundle: Path, x: np.ndarray, split: SplitPoint, workdir: Path
+    profile: BundleProfile,
+    bundle: Path,
+    x: np.ndarray,
+    split: SplitPoint,
+    workdir: Path,
+    wiring: Wiring,
 ) -> BundleProfile:
     """``profile`` with ``send_overhead_ms``, ``frame_overhead_bytes`` and ``response_bytes``
     measured over an unconstrained link, on the first :data:`CALIBRATION_INPUTS` of ``x``
     (plus the unmeasured first one)."""
     inputs = x[: CALIBRATION_INPUTS + 1]
-    measured = await run_real(bundle, UNCONSTRAINED, 0.0, inputs, CALIBRATION_FPS, split, workdir)
+    measured = await run_real(
+        bundle, UNCONSTRAINED, 0.0, inputs, CALIBRATION_FPS, split, workdir, wiring
+    )
     base = profile.model_copy(
         update={
             "send_overhead_ms": 0.0,
@@ -172,32 +190,6 @@ async def calibrate(
     simulated = predict(base, measured, UNCONSTRAINED, 0.0, split)
     overhead = max(0.0, float(np.median(measured.latency_ms) - np.median(simulated)))
     return base.model_copy(update={"send_overhead_ms": overhead})
-
-
-@asynccontextmanager
-async def _process(
-    *cmd: str, stdin: bool = False
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
-    """A child process and its first stdout line (none when it reads stdin); terminated on
-    exit, also when it fails to start."""
-    proc = await asyncio.create_subprocess_exec(
-        *cmd,
-        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    try:
-        line = ""
-        if not stdin:
-            assert proc.stdout is not None
-            line = (await asyncio.wait_for(proc.stdout.readline(), START_S)).decode()
-            if not line:
-                raise RuntimeError(f"{' '.join(cmd[:5])} did not start")
-        yield proc, line
-    finally:
-        if proc.returncode is None:
-            proc.terminate()
-        await proc.wait()
 
 
 async def _write(proc: asyncio.subprocess.Process, item: np.ndarray) -> None:

@@ -14,11 +14,12 @@ import asyncio
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TextIO, cast
 
@@ -321,7 +322,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         from tandem.sim.cli import profile_bundle
 
-        return profile_bundle(args)
+        return profile_bundle(args, Processes())
     if args.arch is None or args.input is None:
         raise ValueError("profile needs --arch and --input (or --bundle)")
     from tandem.config import parse_assignment
@@ -436,7 +437,7 @@ def _sim_demo(bundle: Path, report: Path, tmp: Path) -> dict[str, Any]:
     from tandem.data import load_data
     from tandem.sim import demo
 
-    return demo.run(bundle, load_data("digits").test.x, report, tmp / "sim")
+    return demo.run(bundle, load_data("digits").test.x, report, tmp / "sim", Processes())
 
 
 def _sim_text(doc: dict[str, Any]) -> str:
@@ -455,14 +456,10 @@ def _sim_text(doc: dict[str, Any]) -> str:
 async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
     """A cloud service on 127.0.0.1, and the edge daemon sending it the digits test split."""
     from tandem.bundle import copy_bundle
-    from tandem.cloud.config import ServeConfig
-    from tandem.cloud.server import CloudServer
     from tandem.data import load_data
-    from tandem.edge.config import DaemonConfig
-    from tandem.edge.daemon import EdgeDaemon
 
     test = load_data("digits").test
-    source = tmp / "digits-test.jsonl"
+    source, sink = tmp / "digits-test.jsonl", tmp / "results.jsonl"
     source.write_text(
         "".join(
             json.dumps({"input": x.tolist(), "label": int(y)}) + "\n"
@@ -470,25 +467,82 @@ async def _serve_demo(bundle: Path, tmp: Path) -> dict[str, Any]:
         )
     )
     copy_bundle(bundle, tmp / "repo", "digits")
-    server = CloudServer(
-        ServeConfig(models=tmp / "repo", listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
-    )
-    await server.start()
-    try:
-        daemon = DaemonConfig(
-            bundle=bundle, cloud=server.address, source=f"jsonl:{source}",
-            # No local fallback: on loopback the tiny model would always win locally, and the
-            # demo is about the split path.
-            sink=str(tmp / "results.jsonl"), slo_ms=50.0, fallback=False,
-        )  # fmt: skip
-        summary = await EdgeDaemon(daemon).run()
-    finally:
-        await server.drain()
-    records = [json.loads(line) for line in (tmp / "results.jsonl").read_text().splitlines()]
+    wiring = Processes()
+    # No local fallback: on loopback the tiny model would always win locally, and the demo
+    # is about the split path.
+    flags = ("--source", f"jsonl:{source}", "--sink", str(sink), "--slo-ms", "50", "--no-fallback")
+    async with (
+        wiring.service(tmp / "repo") as address,
+        wiring.daemon(bundle, address, *flags) as proc,
+    ):
+        out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise CommandError(f"the demo's edge daemon exited with status {proc.returncode}")
+    summary = json.loads(out.decode().strip().splitlines()[-1])
+    records = [json.loads(line) for line in sink.read_text().splitlines()]
     points = sorted(
         {_point_words(r["width"], r["bits"], r["point"]) for r in records if r.get("width")}
     )
-    return {**summary, "server": server.address, "operating_points": points}
+    return {**summary, "server": address, "operating_points": points}
+
+
+class Processes:
+    """The one place where the roles are put together: the cloud service and the edge daemon,
+    each started as a ``tandem`` process of its own (one torch thread each, as a small
+    device and a pinned service run), for the demo, the simulator's validation and
+    ``tandem profile --calibrate`` (:class:`tandem.sim.validate.Wiring`)."""
+
+    command = (sys.executable, "-m", "tandem.cli")
+    start_s = 120.0
+    """How long a process may take to start (to print its address)."""
+
+    @asynccontextmanager
+    async def service(self, repo: Path, *flags: str) -> AsyncIterator[str]:
+        """``tandem cloud serve`` over ``repo`` on a free loopback port, metrics off, with
+        ``flags``; yields its address, drains it on exit."""
+        async with self._child(
+            "cloud", "serve", "--json", "--models", str(repo), "--listen", "127.0.0.1:0",
+            "--metrics-listen", "off", *flags, ready=True,
+        ) as (_, line):  # fmt: skip
+            yield str(json.loads(line)["address"])
+
+    @asynccontextmanager
+    async def daemon(
+        self, bundle: Path, cloud: str, *flags: str, stdin: bool = False
+    ) -> AsyncIterator[asyncio.subprocess.Process]:
+        """``tandem edge run --json`` of ``bundle`` against ``cloud`` with ``flags``; its
+        stdout is a pipe (the summary), and so is its stdin with ``stdin``."""
+        async with self._child(
+            "edge", "run", "--json", "--bundle", str(bundle), "--cloud", cloud, *flags,
+            stdin=stdin,
+        ) as (proc, _):  # fmt: skip
+            yield proc
+
+    @asynccontextmanager
+    async def _child(
+        self, *argv: str, stdin: bool = False, ready: bool = False
+    ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+        """A ``tandem`` child process, and with ``ready`` its first stdout line (waited for
+        up to :attr:`start_s`); terminated on exit if still running, also when it fails
+        to start."""
+        proc = await asyncio.create_subprocess_exec(
+            *self.command, *argv,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        try:
+            line = ""
+            if ready:
+                assert proc.stdout is not None
+                line = (await asyncio.wait_for(proc.stdout.readline(), self.start_s)).decode()
+                if not line:
+                    raise CommandError(f"tandem {' '.join(argv[:2])} did not start")
+            yield proc, line
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
 
 
 def _point_words(width: float, bits: int | None, point: int | None) -> str:

@@ -6,6 +6,10 @@ as ``tandem.edge`` and so on. The rules:
 1. A role imports no other role: shared logic lives in ``tandem/``.
 2. ``tandem/`` (the shared core) imports no role, except :data:`WIRING`, the command line,
    the one place where roles are put together.
+3. Only :data:`WIRING` starts a role outside its own package: no other module calls
+   :data:`ROLE_ENTRIES` (``CloudServer(...)``, ``EdgeDaemon(...)``) outside the role that
+   defines it, or spells a role's command (``"cloud", "serve"``, ``"edge", "run"``) as
+   arguments of its own.
 
 Every import counts: module-level or inside a function, absolute or relative, and
 ``importlib.import_module`` with a constant name. ``python tests/import_contract.py [ROOT]``
@@ -15,6 +19,7 @@ prints each breach as ``FILE:LINE: WHO imports MODULE`` and exits 1 when there i
 from __future__ import annotations
 
 import ast
+import itertools
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +28,8 @@ ROLES = ("edge", "cloud", "federated", "sim")
 CORE = "tandem"
 WIRING = {"tandem/cli.py"}
 GENERATED = ("tandem/wire/",)  # protobuf stubs: they import only protobuf and grpc
+ROLE_ENTRIES = {"CloudServer": "cloud", "EdgeDaemon": "edge"}
+ROLE_COMMANDS = {("cloud", "serve"), ("edge", "run")}
 
 
 def owner(path: Path, root: Path) -> str:
@@ -84,6 +91,9 @@ def breaches(root: Path) -> list[str]:
         if who == CORE:
             package = ".".join(path.relative_to(root).parts[:-1])
         tree = ast.parse(path.read_text(), filename=rel)
+        if rel not in WIRING:
+            for line, what in started(tree, who):
+                found[(rel, line)] = what
         for line, module in imported(tree, package):
             role = role_of(module)
             if role is None or role == who or (who == CORE and rel in WIRING):
@@ -92,9 +102,28 @@ def breaches(root: Path) -> list[str]:
             if known is None or len(module) < len(known):  # `from M import N`: M, not M.N
                 found[(rel, line)] = module
     return [
-        f"{rel}:{line}: {owner(root / rel, root)} imports {module}"
+        f"{rel}:{line}: {owner(root / rel, root)} "
+        + (module if module.startswith("starts ") else f"imports {module}")
         for (rel, line), module in sorted(found.items())
     ]
+
+
+def started(tree: ast.AST, who: str) -> Iterator[tuple[int, str]]:
+    """(line, "starts ...") for every place ``tree`` starts a role that is not ``who``: a
+    call of a role's entry class, or a role's command spelled as consecutive arguments."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(
+                node.func, "id", ""
+            )  # fmt: skip
+            if ROLE_ENTRIES.get(name, who) != who:
+                yield node.lineno, f"starts {name}"
+        items = node.elts if isinstance(node, ast.Tuple | ast.List) else None
+        items = node.args if isinstance(node, ast.Call) else items
+        words = [i.value if isinstance(i, ast.Constant) else None for i in items or []]
+        for pair in itertools.pairwise(words):
+            if pair in ROLE_COMMANDS and pair[0] != who:
+                yield node.lineno, f"starts tandem {pair[0]} {pair[1]}"
 
 
 def _sources(root: Path) -> Iterator[Path]:

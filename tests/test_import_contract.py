@@ -46,6 +46,18 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
         ),
         ("tandem/bundle.py", "from tandem.edge import daemon\n", "tandem imports tandem.edge"),
         ("tandem/models/m.py", "from ..sim import des\n", "tandem imports tandem.sim"),
+        (
+            "sim/a.py",
+            "import subprocess\nsubprocess.run(['python', '-m', 'tandem.cli', 'cloud', 'serve'])\n",
+            "sim starts tandem cloud serve",
+        ),
+        (
+            "sim/b.py",
+            "x = ('edge', 'run', '--bundle')\n",
+            "sim starts tandem edge run",
+        ),
+        ("tandem/evaluate.py", "server = CloudServer(cfg)\n", "tandem starts CloudServer"),
+        ("cloud/x.py", "d = EdgeDaemon(cfg)\n", "cloud starts EdgeDaemon"),
     ],
 )
 def test_each_kind_of_breach_is_caught(tmp_path: Path, name: str, text: str, breach: str) -> None:
@@ -55,8 +67,10 @@ def test_each_kind_of_breach_is_caught(tmp_path: Path, name: str, text: str, bre
 
 def test_what_the_contract_allows_passes(tmp_path: Path) -> None:
     allowed = {
-        "tandem/cli.py": "from tandem.edge.daemon import EdgeDaemon\nfrom tandem.sim import des\n",
+        "tandem/cli.py": "from tandem.edge.daemon import EdgeDaemon\nfrom tandem.sim import des\n"
+        "CloudServer(c)\nEdgeDaemon(d)\nargs = ('cloud', 'serve')\n",
         "edge/daemon.py": "from tandem.edge.spool import S\nfrom . import spool\n",
         "sim/des.py": "from tandem.protocol import bare_message\nimport tandem.sim.link\n",
+        "cloud/server.py": "server = CloudServer(cfg)\nargv = ['cloud', 'serve']\n",
     }
     assert breaches(_tree(tmp_path, allowed)) == []

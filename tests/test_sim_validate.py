@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from serving import ROOT
 
+from tandem.cli import Processes
 from tandem.data import load_data
 from tandem.sim.profiles import measure_bundle
 from tandem.sim.scenario import SplitPoint
@@ -26,13 +27,15 @@ def test_simulated_p50_is_within_15_percent_of_the_real_one(
         pytest.skip("../shared/traces is not here")
     x = load_data("digits").test.x
     profile = measure_bundle(digits_bundle, x[:256])
-    calibrated = asyncio.run(calibrate(profile, digits_bundle, x, POINT, tmp_path))
+    calibrated = asyncio.run(calibrate(profile, digits_bundle, x, POINT, tmp_path, Processes()))
     assert calibrated.send_overhead_ms > 0, "the daemon costs something beyond head and tail"
     # Counted at the emulator's sockets: framing beyond the message, and an answer's bytes.
     assert calibrated.frame_overhead_bytes > 9, "an HTTP/2 DATA frame header at least"
     assert calibrated.response_bytes is not None and calibrated.response_bytes > 40
     pair = read_pair(LTE)
-    measured = asyncio.run(run_real(digits_bundle, pair, 20.0, x[:81], 10.0, POINT, tmp_path))
+    wiring = Processes()
+    run = run_real(digits_bundle, pair, 20.0, x[:81], 10.0, POINT, tmp_path, wiring)
+    measured = asyncio.run(run)
     simulated = predict(calibrated, measured, pair, 20.0, POINT)
     real_p50, sim_p50 = np.median(measured.latency_ms), np.median(simulated)
     print(f"p50 real {real_p50:.1f} ms, simulated {sim_p50:.1f} ms")
