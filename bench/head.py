@@ -73,8 +73,8 @@ def latency(torch_head: HeadRunner, onnx_head: OnnxHead, x: np.ndarray, repeats:
     out: dict[str, Any] = {}
     for batch in BATCHES:
         rows = x[:batch]
-        t = median_ms(lambda rows=rows: torch_head.features(rows, width), repeats) / batch
-        o = median_ms(lambda rows=rows: onnx_head.features(rows, width), repeats) / batch
+        t = median_ms(lambda rows=rows: torch_head.features(rows, width), repeats) / len(rows)
+        o = median_ms(lambda rows=rows: onnx_head.features(rows, width), repeats) / len(rows)
         out[f"batch_{batch}"] = {"torch": t, "onnx": o, "torch_over_onnx": t / o}
     return out
 
@@ -140,6 +140,7 @@ def _bundles(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path, str]]
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Measure every bundle given (or a quickly trained digits one); print one JSON line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--bundle",

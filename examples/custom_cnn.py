@@ -39,6 +39,7 @@ class TinyNet(nn.Module):
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for normalised inputs (N, 1, 8, 8)."""
         return self.classifier(self.features(x))
 
 
@@ -53,9 +54,11 @@ class Digits(Dataset):
         self.classes = data.classes
 
     def __len__(self) -> int:
+        """The number of images in the split."""
         return len(self.targets)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image ``i`` (uint8, (1, 8, 8)) and its label."""
         return self.x[i], self.targets[i]
 
 
@@ -84,6 +87,7 @@ def train(model: TinyNet, data: Digits, epochs: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train the network, list its cuts, split it, build the bundle; print one JSON line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="the bundle directory to write")
     p.add_argument("--epochs", type=int, default=30, help="epochs of your own training loop")

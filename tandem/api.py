@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,6 +31,7 @@ from tandem.bundle import Manifest
 from tandem.config import Recipe, load_recipe
 from tandem.data import from_datasets
 from tandem.device import resolve_device
+from tandem.exported import export_program
 from tandem.profile import CutProfile, profile_cuts
 from tandem.split import SplitError, split_model
 
@@ -116,8 +118,8 @@ def build_bundle(
 
     data = from_datasets(train, test, classes)
     chosen = _recipe(recipe, overrides, cut, name)
-    split_model(model, cut)  # an unknown or invalid cut fails here, before any training
     stats = _stats(mean, std, data.input_shape[0])
+    _check_exportable(model, cut, data.train.take([0]))  # before any training, not after
     return build(
         chosen,
         data,
@@ -130,6 +132,22 @@ def build_bundle(
         train_teacher=train_teacher,
         stats=stats,
     )
+
+
+def _check_exportable(model: nn.Module, cut: str, image: np.ndarray) -> None:
+    """Fail now, not after training, when ``model`` cannot be cut at ``cut`` or its tail
+    cannot travel as an exported program (:class:`tandem.exported.ProgramError` says why)."""
+    parts = split_model(model, cut)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = parts.head(torch.from_numpy(image).float() / 255.0)
+    finally:
+        model.train(was_training)
+    if features.dim() != 4:
+        raise SplitError(f"cut {cut!r} carries shape {tuple(features.shape[1:])}; need (C, H, W)")
+    export_program(parts.tail, tuple(features.shape[1:]))
 
 
 def _stats(

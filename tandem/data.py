@@ -24,6 +24,7 @@ From Python, :func:`from_datasets` makes a DataSet of a user's own map-style dat
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -321,7 +322,7 @@ def dataset_item(dataset: torch.utils.data.Dataset[Any], index: int) -> tuple[np
         )
     try:
         number = int(label)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several values
         raise DataSpecError(f"item {index}: the label {label!r} is not an integer") from None
     return array, number
 
@@ -352,9 +353,10 @@ def from_datasets(
         Split(DatasetImages(d, np.arange(len(y)), (shape[0], shape[1], shape[2])), y)
         for d, y in ((train, y_train), (test, y_test))
     ]
-    spec = (
-        f"dataset:{type(train).__qualname__}:{len(y_train)}:{type(test).__qualname__}:{len(y_test)}"
-    )
+    # Names the data in a checkpoint's fingerprint: the classes, the sizes and every label.
+    labels = hashlib.sha256(y_train.tobytes() + y_test.tobytes()).hexdigest()[:12]
+    sizes = f"{type(train).__qualname__}:{len(y_train)}:{type(test).__qualname__}:{len(y_test)}"
+    spec = f"dataset:{sizes}:{labels}"
     return DataSet(spec, splits[0], splits[1], [str(n) for n in names])
 
 

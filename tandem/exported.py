@@ -11,13 +11,20 @@ unpickling) and never imports the module that defined the model.
 Guarantees of :func:`load_program` on any input, hostile included:
 
 - the text is at most :data:`MAX_PROGRAM_BYTES` and valid JSON;
-- every operator is an ATen operator (``torch.ops.aten.*``) or one of a few pure Python
-  operators on shapes (:data:`PYTHON_OPERATORS`): no custom or higher-order operator;
+- every operator is one of :data:`ATEN_OPERATORS` (pure tensor arithmetic: convolutions,
+  linear layers, norms, activations, pooling, views; nothing that reads or writes files,
+  prints, allocates by a size it is given, or mutates) or one of a few pure Python operators
+  on shapes (:data:`PYTHON_OPERATORS`): no custom or higher-order operator;
+- every other string in the program is a name (``[A-Za-z0-9_]`` parts joined by dots): the
+  names become generated Python code when the tail is built, so a name that is anything
+  else is refused; the input and output tree specs must be exactly those of one tensor in,
+  one tensor out; the batch symbols' ranges are named ``s`` and a few digits;
 - every symbolic shape is integer arithmetic (``Mul``, ``Add``, ``Min``, ...) on batch
   symbols and integers (:func:`_is_shape_expr`): the deserializer hands shape expressions
   to ``sympy.sympify``, which evaluates Python, so nothing else reaches it;
 - the program has no guard code (which ``ExportedProgram.module()`` would compile), no
-  custom objects and no inputs but parameters, buffers and the one feature tensor;
+  custom objects, no inputs but parameters, persistent buffers and the one feature tensor,
+  and one output;
 - node metadata (stack traces, module paths) is dropped before deserializing.
 
 What fails any check is a :class:`ProgramError` naming it. The loaded tail is built on the
@@ -41,6 +48,7 @@ from torch import nn
 from torch._export.serde import serialize as serde
 from torch._export.serde.schema import ScalarType
 from torch.export import Dim, export
+from torch.utils import _pytree as pytree
 
 MAX_PROGRAM_BYTES = 32 << 20
 """A tail's program is tens of KB (about 60 KB for a ResNet-18's last two stages); a larger
@@ -48,6 +56,22 @@ one is refused unread."""
 PYTHON_OPERATORS = frozenset(
     f"_operator.{name}" for name in ("getitem", "add", "sub", "mul", "floordiv", "neg")
 )
+ATEN_OPERATORS = frozenset(
+    {
+        "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d", "add", "addmm",
+        "alias", "amax", "avg_pool2d", "batch_norm", "bmm", "cat", "chunk", "clamp", "clamp_max",
+        "clamp_min", "clone", "contiguous", "conv1d", "conv2d", "div", "dropout", "elu", "erf",
+        "exp", "expand", "flatten", "gelu", "group_norm", "hardsigmoid", "hardswish", "hardtanh",
+        "instance_norm", "layer_norm", "leaky_relu", "linear", "log_softmax", "matmul",
+        "max_pool2d", "mean", "mm", "mul", "neg", "permute", "pow", "relu", "reshape", "rsqrt",
+        "scaled_dot_product_attention", "select", "sigmoid", "silu", "slice", "softmax", "split",
+        "split_with_sizes", "sqrt", "squeeze", "stack", "sub", "sum", "sym_size", "t", "tanh",
+        "transpose", "unbind", "unflatten", "unsqueeze", "view",
+    }
+)  # fmt: skip
+"""The ATen operators a tail may call (by name, any overload): what the zoo's and common
+feed-forward tails export to. Anything else (``aten.from_file``, ``aten.full``, ``_print``,
+an in-place operator) is refused by name."""
 _ATEN = "torch.ops.aten."
 # Shape expressions as torch.export writes them (sympy's srepr): a batch symbol, integers,
 # and arithmetic on them. A leaf is reduced to "X", then an operator applied to X's, until
@@ -57,6 +81,12 @@ _LEAF = re.compile(
 )
 _APPLIED = re.compile(r"(?:Mul|Add|Min|Max|FloorDiv|Mod|CleanDiv)\(X(?:, X)*\)|X\*X")
 _MAX_EXPR_CHARS = 1000
+_NAME = re.compile(r"^[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*$")
+_SYMBOL_NAME = re.compile(r"^s\d{1,5}$")
+_VERSION = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+# One tensor in (as the only positional argument), one tensor out.
+_IN_SPEC = pytree.treespec_dumps(pytree.tree_structure(((torch.zeros(()),), {})))
+_OUT_SPEC = pytree.treespec_dumps(pytree.tree_structure(torch.zeros(())))
 _INPUT_KINDS = frozenset({"parameter", "buffer", "user_input"})
 
 
@@ -69,7 +99,8 @@ def export_program(tail: nn.Module, cut_shape: tuple[int, ...]) -> bytes:
     any batch size; without weights, metadata or example inputs.
 
     Raises :class:`ProgramError` when ``torch.export`` cannot capture the tail, or when it
-    captures something :func:`load_program` would refuse (a custom operator, say).
+    captures something :func:`load_program` would refuse (an operator outside
+    :data:`ATEN_OPERATORS`, a non-persistent buffer, say): the program is loaded back here.
     """
     was_training = tail.training
     tail.eval()
@@ -88,8 +119,9 @@ def export_program(tail: nn.Module, cut_shape: tuple[int, ...]) -> bytes:
         tail.train(was_training)
     doc = json.loads(artifact.exported_program)
     _strip_metadata(doc)
-    _check(doc)
-    return json.dumps(doc, separators=(",", ":")).encode()
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    load_program(text)  # what the cloud will refuse is refused here, where it is made
+    return text
 
 
 def load_program(text: bytes) -> nn.Module:
@@ -106,7 +138,10 @@ def load_program(text: bytes) -> nn.Module:
         raise ProgramError("the tail program has no graph_module")
     _strip_metadata(doc)
     _check(doc)
-    state = _meta_state(doc)
+    try:
+        state = _meta_state(doc)
+    except (TypeError, AttributeError, KeyError, ValueError, StopIteration) as exc:
+        raise ProgramError(f"the tail program's weights are malformed: {exc!r}") from None
     artifact = serde.SerializedArtifact(json.dumps(doc).encode(), state, b"", b"")  # type: ignore[arg-type]
     try:
         with warnings.catch_warnings():
@@ -139,18 +174,88 @@ def _check(doc: dict[str, Any]) -> None:
     if graph.get("custom_obj_values"):
         raise ProgramError("the tail program holds custom objects; it is not loaded")
     for node in _nodes(doc):
-        target = node.get("target")
-        if not isinstance(target, str) or not (
-            target.startswith(_ATEN) or target in PYTHON_OPERATORS
-        ):
-            raise ProgramError(f"the tail program calls {target!r}: only ATen operators load")
-    for expr in _values_of(doc, "expr_str"):
-        if not isinstance(expr, str) or not _is_shape_expr(expr):
-            raise ProgramError(f"the tail program has the shape expression {expr!r}")
+        _check_target(node.get("target"))
+    _check_strings(doc)
+    _check_ranges(doc.get("range_constraints"))
+    _check_signature(doc)
+
+
+def _check_target(target: Any) -> None:
+    """An allowed ATen operator (any overload) or pure Python operator; ProgramError if not."""
+    if isinstance(target, str) and target in PYTHON_OPERATORS:
+        return
+    if isinstance(target, str) and target.startswith(_ATEN):
+        name = target[len(_ATEN) :].split(".")[0]
+        if name in ATEN_OPERATORS:
+            return
+    raise ProgramError(f"the tail program calls {target!r}, which is not among the operators "
+                       "a tail may call (tandem.exported.ATEN_OPERATORS)")  # fmt: skip
+
+
+def _check_strings(tree: Any, key: str = "") -> None:
+    """Every string of the program, keys included, is a name, or the one kind of text its
+    key holds (a shape expression, a tree spec, a version); ProgramError names the first
+    that is not. Names become generated code when the tail is built: nothing else may."""
+    stack: list[tuple[str, Any]] = [(key, tree)]
+    while stack:
+        key, item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if not (isinstance(k, str) and (k == "" or _NAME.match(k))):
+                    raise ProgramError(f"the tail program has the key {k!r}")
+                stack.append((k, v))
+        elif isinstance(item, list):
+            stack.extend((key, v) for v in item)
+        elif isinstance(item, str) and not _allowed_text(key, item):
+            raise ProgramError(f"the tail program's {key} is {item[:80]!r}")
+
+
+def _allowed_text(key: str, text: str) -> bool:
+    """Whether ``text``, stored under ``key``, is what that key may hold."""
+    if key == "expr_str":
+        return _is_shape_expr(text)
+    if key == "in_spec":
+        return text == _IN_SPEC
+    if key == "out_spec":
+        return text == _OUT_SPEC
+    if key == "torch_version":
+        return bool(_VERSION.match(text))
+    return text == "" or bool(_NAME.match(text))
+
+
+def _check_ranges(ranges: Any) -> None:
+    """The batch symbols' ranges: a few ``sN`` names with integer bounds (torch's
+    deserializer creates a symbol per name, and other prefixes can make it loop)."""
+    if not isinstance(ranges, dict) or len(ranges) > 8:
+        raise ProgramError("the tail program's range constraints are malformed")
+    for name, bounds in ranges.items():
+        if not _SYMBOL_NAME.match(name) or not isinstance(bounds, dict):
+            raise ProgramError(f"the tail program has the symbol {name!r}")
+        for bound in bounds.values():
+            if not (bound is None or (isinstance(bound, int) and not isinstance(bound, bool))):
+                raise ProgramError(f"the symbol {name!r} has the bound {bound!r}")
+
+
+def _check_signature(doc: dict[str, Any]) -> None:
+    """Inputs: parameters, persistent buffers and one feature tensor; one output."""
+    users = 0
     for spec in _input_specs(doc):
         kinds = set(spec) if isinstance(spec, dict) else set()
         if len(kinds) != 1 or not kinds <= _INPUT_KINDS:
             raise ProgramError(f"the tail program takes an input of kind {sorted(kinds)}")
+        kind, body = next(iter(spec.items()))
+        users += kind == "user_input"
+        if kind == "buffer" and not (isinstance(body, dict) and body.get("persistent")):
+            name = body.get("buffer_name") if isinstance(body, dict) else None
+            raise ProgramError(
+                f"the tail's buffer {name!r} is not persistent, so its weights file would "
+                "not hold it: register it with persistent=True"
+            )
+    outputs = doc["graph_module"]["signature"].get("output_specs")
+    if users != 1 or not (
+        isinstance(outputs, list) and len(outputs) == 1 and set(outputs[0]) == {"user_output"}
+    ):
+        raise ProgramError("the tail program must take one tensor and return one")
 
 
 def _is_shape_expr(expr: str) -> bool:

@@ -64,14 +64,16 @@ def export_onnx(bundle: Path) -> dict[str, Any]:
     out.mkdir(exist_ok=True)
     gen = np.random.default_rng(0)
     probe = gen.integers(0, 256, (CHECK_ROWS, *spec.shape), dtype=np.uint8)
-    heads = {}
+    heads, written = {}, []
     for width in head.manifest.bottleneck.widths:
         module = _PixelsToFeatures(head.encoder, spec.mean, spec.std, width).eval()
         data = _export(module, probe[:2])
-        (out / head_file(width)).write_bytes(data)
         diff = _largest_difference(data, probe, head.features(probe, width))
-        if diff > MAX_DIFF:
+        if not diff <= MAX_DIFF:  # NaN fails too
             raise RuntimeError(f"the ONNX head at width {width} differs from PyTorch by {diff}")
+        # Written aside, moved in once every width passed: a failed export changes nothing.
+        (out / (head_file(width) + ".tmp")).write_bytes(data)
+        written.append(head_file(width))
         heads[str(width)] = {
             "file": head_file(width),
             "sha256": hashlib.sha256(data).hexdigest(),
@@ -85,6 +87,9 @@ def export_onnx(bundle: Path) -> dict[str, Any]:
         "output": OUTPUT_NAME,
         "heads": heads,
     }
+    (out / INDEX_FILE).unlink(missing_ok=True)  # no index describes a half-moved export
+    for name in written:
+        os.replace(out / (name + ".tmp"), out / name)
     tmp = out / (INDEX_FILE + ".tmp")
     tmp.write_text(json.dumps(index, indent=1) + "\n")
     os.replace(tmp, out / INDEX_FILE)

@@ -138,6 +138,7 @@ def _sources(root: Path) -> Iterator[Path]:
 
 
 def main(argv: list[str]) -> int:
+    """Print every breach under the repository (or ``argv[1]``); 1 when there is one."""
     root = Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parents[1]
     problems = breaches(root)
     for line in problems:

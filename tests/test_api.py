@@ -24,6 +24,7 @@ from tandem.data import DataSpecError, from_datasets, load_data
 from tandem.edge.config import DaemonConfig
 from tandem.edge.daemon import EdgeDaemon
 from tandem.evaluate import evaluate_bundle
+from tandem.exported import ProgramError
 from tandem.manifest import PROGRAM_FILE
 from tandem.split import SplitError, UnknownCutError
 
@@ -47,6 +48,13 @@ class Noisy(Small):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x)
         return out + torch.randn_like(out)
+
+
+class Summed(Small):
+    """Its tail calls an operator outside those a loaded tail may call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.down(self.stem(x))).cumsum(1)
 
 
 class Pairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
@@ -116,6 +124,7 @@ def test_from_datasets_reads_a_users_data_set_item_by_item() -> None:
         ((np.zeros((8, 8), np.uint8), 0), "must be a uint8"),
         ((np.zeros((1, 8, 8), np.uint8), "cat"), "label 'cat' is not an integer"),
         (np.zeros((1, 8, 8), np.uint8), "not an \\(image, label\\) pair"),
+        ((np.zeros((1, 8, 8), np.uint8), torch.tensor([1, 2])), "is not an integer"),
     ],
 )
 def test_a_bad_item_is_one_line_naming_its_index(item: Any, message: str) -> None:
@@ -146,6 +155,8 @@ def test_build_bundle_refuses_bad_normalisation_and_cuts_before_training(
         tandem.build_bundle(Small(), "down", train, test, out=tmp_path, mean=[0, 0], std=[1, 1])
     with pytest.raises(UnknownCutError):
         tandem.build_bundle(Small(), "layer2", train, test, out=tmp_path)
+    with pytest.raises(ProgramError, match=r"calls 'torch\.ops\.aten\.cumsum\.default'"):
+        tandem.build_bundle(Summed(), "down", train, test, out=tmp_path)
     assert not (tmp_path / "checkpoint").exists()
 
 

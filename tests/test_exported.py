@@ -92,6 +92,19 @@ def _first_node(doc: dict[str, Any]) -> dict[str, Any]:
     return node
 
 
+def _first_weight(doc: dict[str, Any]) -> dict[str, Any]:
+    spec = doc["graph_module"]["signature"]["input_specs"][0]["parameter"]
+    assert isinstance(spec, dict)
+    return spec
+
+
+def _forward_signature(doc: dict[str, Any]) -> dict[str, Any]:
+    (top,) = [e for e in doc["graph_module"]["module_call_graph"] if e["fqn"] == ""]
+    signature = top["signature"]
+    assert isinstance(signature, dict)
+    return signature
+
+
 def _graph(doc: dict[str, Any]) -> dict[str, Any]:
     graph = doc["graph_module"]["graph"]
     assert isinstance(graph, dict)
@@ -114,8 +127,30 @@ def _set_shape_expr(doc: dict[str, Any], expr: str) -> None:
     [
         (lambda d: d.update(guards_code=["__import__('os').system('true')"]), "guard code"),
         (lambda d: _first_node(d).update(target="builtins.exec"), "'builtins.exec'"),
-        (lambda d: _first_node(d).update(target="torch.ops.evil.run.default"), "only ATen"),
-        (lambda d: _set_shape_expr(d, "__import__('os').getcwd()"), "shape expression"),
+        (lambda d: _first_node(d).update(target="torch.ops.evil.run.default"), "not among"),
+        # Reads a file into the logits: ATen, but not an operator a tail may call.
+        (lambda d: _first_node(d).update(target="torch.ops.aten.from_file.default"), "not among"),
+        (lambda d: _first_node(d).update(target="torch.ops.aten.full.default"), "not among"),
+        (lambda d: _set_shape_expr(d, "__import__('os').getcwd()"), "expr_str is"),
+        # Names become generated code when the tail is built.
+        (
+            lambda d: _first_weight(d).update(parameter_name='x") or __import__("os").getpid("'),
+            "parameter_name is",
+        ),
+        (
+            lambda d: _forward_signature(d).update(forward_arg_names=["x=print(1)"]),
+            "forward_arg_names is",
+        ),
+        (
+            lambda d: _forward_signature(d).update(in_spec='[1, {"type": "os.system"}]'),
+            "in_spec is",
+        ),
+        # A symbol of another prefix makes torch's deserializer count up to its number.
+        (
+            lambda d: d["range_constraints"].update(u100000000={"min_val": 0, "max_val": 9}),
+            "symbol 'u100000000'",
+        ),
+        (lambda d: _first_weight(d).update(arg=5), "weights are malformed"),
         (
             lambda d: d["graph_module"]["graph"].update(custom_obj_values={"x": {}}),
             "custom objects",
@@ -151,6 +186,19 @@ def test_metadata_is_dropped_so_no_user_path_or_class_travels(program: dict[str,
     text = json.dumps(program)
     assert "stack_trace" not in text and "nn_module_stack" not in text
     assert all(node["metadata"] == {} for node in program["graph_module"]["graph"]["nodes"])
+
+
+def test_a_tail_whose_weights_file_would_lack_a_buffer_is_refused_when_exported() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("scale", torch.ones(4, 1, 1), persistent=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x * self.scale).mean((2, 3))
+
+    with pytest.raises(ProgramError, match="'scale' is not persistent"):
+        export_program(Scaled(), (4, 2, 2))
 
 
 def test_a_tail_torch_export_cannot_capture_is_a_program_error() -> None:

@@ -146,6 +146,22 @@ def test_a_stale_or_altered_export_is_refused(exported: Path, tmp_path: Path) ->
         OnnxHead.from_bundle(altered)
 
 
+def test_a_failed_export_leaves_the_previous_one_whole(
+    exported: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tandem.onnx_export
+
+    copy = tmp_path / "b"
+    shutil.copytree(exported, copy)
+    before = {p.name: p.read_bytes() for p in (copy / ONNX_DIR).iterdir()}
+    monkeypatch.setattr(tandem.onnx_export, "_largest_difference", lambda *a: float("nan"))
+    with pytest.raises(RuntimeError, match="differs from PyTorch by nan"):
+        export_onnx(copy)
+    after = {p.name: p.read_bytes() for p in (copy / ONNX_DIR).iterdir() if p.suffix != ".tmp"}
+    assert after == before
+    OnnxHead.from_bundle(copy)  # the old export still loads
+
+
 def test_a_head_adapter_with_the_onnx_runtime_is_refused_at_once(tmp_path: Path) -> None:
     from tandem.edge.config import DaemonConfig
 
