@@ -223,12 +223,17 @@ def test_a_manifest_claiming_many_classes_is_refused_before_a_model_is_built(
     original = TailRunner.from_state.__func__  # type: ignore[attr-defined]
 
     def spy(
-        cls: type[TailRunner], m: Any, state: Any, points: Any = (), device: Any = None
+        cls: type[TailRunner],
+        m: Any,
+        state: Any,
+        points: Any = (),
+        device: Any = None,
+        template: Any = None,
     ) -> TailRunner:
         if m.name == "huge":  # record it, and spare the test the allocation
             built.append(m.name)
             raise BundleError("built")
-        return original(cls, m, state, points, device)  # type: ignore[no-any-return]
+        return original(cls, m, state, points, device, template)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(TailRunner, "from_state", classmethod(spy))
     repository = ModelRepository(repo)
