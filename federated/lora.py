@@ -66,15 +66,15 @@ def resolve_targets(model: nn.Module, spec: str) -> list[str]:
     if spec.strip() == "none":
         return []
     modules = {n: m for n, m in _adaptable(model).items() if not n.startswith(HEAD)}
+    exported = not any(n.startswith("tail.") for n in modules)
     if spec.strip() == "auto":
         stages = sorted({n.split(".")[1] for n in modules if n.startswith("tail.layer")})
         last = f"tail.{stages[-1]}." if stages else "\0"
         chosen = [n for n, m in modules.items() if isinstance(m, nn.Linear) or n.startswith(last)]
-        if not any(n.startswith("tail.") for n in modules):
+        if exported:
             # An exported tail (a user's model) has no layers left to adapt: its decoder does.
             chosen = [n for n in modules if n.startswith("decoder.") and n not in _NOT_CALLED]
         return sorted(chosen)
-    exported = not any(n.startswith("tail.") for n in modules)
     return _named(modules, spec, "the tail" + (EXPORTED_HINT if exported else ""))
 
 

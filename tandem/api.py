@@ -32,7 +32,7 @@ from tandem.config import Recipe, load_recipe
 from tandem.data import from_datasets
 from tandem.device import resolve_device
 from tandem.exported import export_program
-from tandem.profile import CutProfile, profile_cuts
+from tandem.profile import CutProfile, evaluating, profile_cuts
 from tandem.split import SplitError, split_model
 
 __all__ = ["build_bundle", "cut_points", "split_at", "train_recipe"]
@@ -61,13 +61,8 @@ def split_at(
     Both halves share ``model``'s submodules (no weights are copied).
     """
     parts = split_model(model, cut)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            whole, halves = model(example), parts.tail(parts.head(example))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        whole, halves = model(example), parts.tail(parts.head(example))
     if not (isinstance(whole, torch.Tensor) and isinstance(halves, torch.Tensor)):
         raise SplitError("the model must return one tensor to be split")
     if whole.shape != halves.shape or not torch.allclose(whole, halves, rtol=_RTOL, atol=_ATOL):
@@ -138,13 +133,8 @@ def _check_exportable(model: nn.Module, cut: str, image: np.ndarray) -> None:
     """Fail now, not after training, when ``model`` cannot be cut at ``cut`` or its tail
     cannot travel as an exported program (:class:`tandem.exported.ProgramError` says why)."""
     parts = split_model(model, cut)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            features = parts.head(torch.from_numpy(image).float() / 255.0)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        features = parts.head(torch.from_numpy(image).float() / 255.0)
     if features.dim() != 4:
         raise SplitError(f"cut {cut!r} carries shape {tuple(features.shape[1:])}; need (C, H, W)")
     export_program(parts.tail, tuple(features.shape[1:]))

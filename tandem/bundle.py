@@ -27,7 +27,7 @@ import shutil
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -368,23 +368,23 @@ def tail_template(bundle: Path, manifest: Manifest) -> nn.Module:
     exported one; either way once per process and architecture or program."""
     if manifest.tail_format == "zoo":
         return _traced_tail(manifest)
-    key = "program:" + manifest.files[PROGRAM_FILE]
-    with _TRACE_LOCK:
-        if key in _TRACED:
-            _TRACED.move_to_end(key)
-            return _TRACED[key]
-    text = verified_bytes(bundle, manifest, PROGRAM_FILE, 2, MAX_PROGRAM_BYTES)
-    try:
-        template = load_program(text)
-    except ProgramError as exc:
-        raise BundleError(f"{bundle}: {PROGRAM_FILE}: {exc}") from None
-    return _remember(key, template)
+
+    def load() -> nn.Module:
+        text = verified_bytes(bundle, manifest, PROGRAM_FILE, 2, MAX_PROGRAM_BYTES)
+        try:
+            return load_program(text)
+        except ProgramError as exc:
+            raise BundleError(f"{bundle}: {PROGRAM_FILE}: {exc}") from None
+
+    return _cached("program:" + manifest.files[PROGRAM_FILE], load)
 
 
-def _remember(key: str, template: nn.Module) -> nn.Module:
-    """Keep ``template`` under ``key`` among the last :data:`_TRACED_KEPT`; return it."""
+def _cached(key: str, make: Callable[[], nn.Module]) -> nn.Module:
+    """The template kept under ``key``, made (under the lock: see :func:`_traced_tail`) the
+    first time; only the last :data:`_TRACED_KEPT` are kept."""
     with _TRACE_LOCK:
-        _TRACED[key] = template
+        if key not in _TRACED:
+            _TRACED[key] = make()
         _TRACED.move_to_end(key)
         while len(_TRACED) > _TRACED_KEPT:
             _TRACED.popitem(last=False)
@@ -411,15 +411,13 @@ def _traced_tail(manifest: Manifest) -> nn.Module:
     # Everything the traced graph depends on, and nothing else (not the weights' hashes).
     key = json.dumps([manifest.arch.model_dump(), manifest.num_classes,
                       list(manifest.input.shape), manifest.cut])  # fmt: skip
-    with _TRACE_LOCK:
-        if key not in _TRACED:
-            with torch.device("meta"):
-                model = build_arch(manifest)
-            _TRACED[key] = split_model(model, manifest.cut).tail
-        _TRACED.move_to_end(key)
-        while len(_TRACED) > _TRACED_KEPT:
-            _TRACED.popitem(last=False)
-        return _TRACED[key]
+
+    def trace() -> nn.Module:
+        with torch.device("meta"):
+            model = build_arch(manifest)
+        return split_model(model, manifest.cut).tail
+
+    return _cached(key, trace)
 
 
 def load_full(bundle: Path) -> nn.Module | None:

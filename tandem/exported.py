@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import re
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -49,6 +48,8 @@ from torch._export.serde import serialize as serde
 from torch._export.serde.schema import ScalarType
 from torch.export import Dim, export
 from torch.utils import _pytree as pytree
+
+from tandem.profile import evaluating
 
 MAX_PROGRAM_BYTES = 32 << 20
 """A tail's program is tens of KB (about 60 KB for a ResNet-18's last two stages); a larger
@@ -102,11 +103,10 @@ def export_program(tail: nn.Module, cut_shape: tuple[int, ...]) -> bytes:
     captures something :func:`load_program` would refuse (an operator outside
     :data:`ATEN_OPERATORS`, a non-persistent buffer, say): the program is loaded back here.
     """
-    was_training = tail.training
-    tail.eval()
     example = torch.zeros(2, *cut_shape)  # 2, not 1: a size-1 batch would be specialised
     try:
-        program = export(tail, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
+        with evaluating(tail):
+            program = export(tail, (example,), dynamic_shapes=({0: Dim("batch", min=1)},))
         artifact = serde.serialize(
             program,
             serialize_state_dict=False,
@@ -115,8 +115,6 @@ def export_program(tail: nn.Module, cut_shape: tuple[int, ...]) -> bytes:
         )
     except Exception as exc:  # torch.export's errors are many and change between releases
         raise ProgramError(f"torch.export cannot capture the tail: {exc}") from exc
-    finally:
-        tail.train(was_training)
     doc = json.loads(artifact.exported_program)
     _strip_metadata(doc)
     text = json.dumps(doc, separators=(",", ":")).encode()
@@ -276,20 +274,6 @@ def _input_specs(doc: dict[str, Any]) -> list[Any]:
     if not isinstance(specs, list):
         raise ProgramError("the tail program has no input signature")
     return specs
-
-
-def _values_of(tree: Any, key: str) -> Iterator[Any]:
-    """Every value stored under ``key`` anywhere in a JSON tree."""
-    stack = [tree]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if k == key:
-                    yield v
-                stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(item)
 
 
 def _meta_state(doc: dict[str, Any]) -> dict[str, torch.Tensor]:

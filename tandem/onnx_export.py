@@ -29,6 +29,7 @@ from torch import nn
 
 from tandem.bottleneck import BottleneckEncoder
 from tandem.bundle import HeadRunner
+from tandem.data import normalize_tensor
 from tandem.onnx_head import INDEX_FILE, INPUT_NAME, ONNX_DIR, OUTPUT_NAME, head_file
 
 MAX_DIFF = 1e-3
@@ -45,15 +46,12 @@ class _PixelsToFeatures(nn.Module):
     ) -> None:
         super().__init__()
         self.encoder = encoder
-        self.width = width
-        self.mean: torch.Tensor
-        self.std: torch.Tensor
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+        self.mean, self.std, self.width = mean, std, width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of uint8 images ``(N, C, H, W)``, as HeadRunner.features computes them."""
-        return self.encoder.encode((x.float() / 255.0 - self.mean) / self.std, self.width)
+        """Features of uint8 images ``(N, C, H, W)``: the normalisation HeadRunner.features
+        applies (the same function), then the encoder."""
+        return self.encoder.encode(normalize_tensor(x, self.mean, self.std), self.width)
 
 
 def export_onnx(bundle: Path) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tandem.device import synchronize
 from tandem.split import CutPoint, TracedModel, trace_model
 
-__all__ = ["CutProfile", "ProgressCallback", "model_flops", "profile_cuts"]
+__all__ = ["CutProfile", "ProgressCallback", "evaluating", "model_flops", "profile_cuts"]
 
 _aten = torch.ops.aten
 
@@ -63,7 +63,7 @@ def model_flops(model: nn.Module, input_shape: Sequence[int]) -> int:
     The model runs in eval mode (its modes are restored afterwards) on the device of its
     parameters; a meta-device model is counted without computing anything.
     """
-    with _evaluating(model), torch.no_grad(), _flop_counter() as counter:
+    with evaluating(model), torch.no_grad(), _flop_counter() as counter:
         model(_example_input(model, input_shape, batch_size=1))
     return int(counter.get_total_flops())
 
@@ -91,7 +91,7 @@ def profile_cuts(
     traced = trace_model(model)
     points = _selected_cuts(traced, cuts)
     profiles: list[CutProfile] = []
-    with _evaluating(model):
+    with evaluating(model):
         counts = _NodeCounter(traced.graph_module)
         counts.run_once(_example_input(model, input_shape, batch_size=1))
         head_flops = _prefix_sums(traced.nodes, counts.flops)
@@ -182,7 +182,7 @@ def _prefix_sums(nodes: Sequence[fx.Node], flops: dict[str, int]) -> dict[str, i
 def model_latency_ms(model: nn.Module, input_shape: Sequence[int], repeats: int = 5) -> float:
     """Median wall time of ``model`` on one seeded input of ``input_shape``, in milliseconds,
     on the model's device, after one warm-up run."""
-    with _evaluating(model):
+    with evaluating(model):
         return _median_latency_ms(model, _example_input(model, input_shape, 1), max(repeats, 1))
 
 
@@ -223,7 +223,7 @@ def _example_input(model: nn.Module, input_shape: Sequence[int], batch_size: int
 
 
 @contextmanager
-def _evaluating(model: nn.Module) -> Iterator[None]:
+def evaluating(model: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, restoring each one's own mode afterwards."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
