@@ -18,9 +18,10 @@ core):
 * ``identical_payloads``: the fraction of payloads whose bytes are identical between the
   two runtimes, over ``--samples`` test images, for each quantise+zstd depth (2, 4, 8 bits)
   and each rate point, and ``max_abs_diff`` of the features. ONNX Runtime's convolutions
-  round differently from PyTorch's (about 1e-6), which moves a value across a
-  quantisation step now and then: its payload differs, and decodes to the neighbouring
-  level;
+  round differently from PyTorch's (about 1e-7), which moves a value across a rounding
+  edge now and then: one symbol of its payload differs, and decodes to the neighbouring
+  level. The odds grow with the values per payload over the step, so 8 bits differ most;
+  the per-group parameters are snapped to a grid and do not move (see tandem.codec);
 * ``identical_predictions``: the fraction of those samples the tail classifies the same
   from either runtime's 4-bit payloads.
 

@@ -59,27 +59,31 @@ def _payloads(
 
 def test_onnx_payloads_match_the_torch_heads_and_classify_the_same(exported: Path) -> None:
     """Every width and codec: the tail's predictions from ONNX payloads equal those from
-    PyTorch payloads, on every test image; features agree to 1e-5; and nearly all payloads
-    are the same bytes. Not all: ONNX Runtime's convolutions round differently (about 1e-6),
-    so a payload's per-group parameters (float16 or float32) or one symbol at a step's edge
-    can differ, decoding within one step of the other (bench/head.py measures the fraction:
-    98-100% for quantise+zstd, 99.95-100% for rate points)."""
+    PyTorch payloads on every test image, features agree to 1e-5, and payloads are the
+    same bytes: at least 99.9% of them at 2 and 4 bits and at every rate point.
+
+    Not all: ONNX Runtime's convolutions round differently (about 1e-7), so now and then a
+    value sits within that distance of a rounding edge and one symbol moves to the
+    neighbouring level. The odds grow with the values per payload over the step, so 8 bits
+    (a step 17 times finer than 4 bits') is held to 99% (bench/head.py measures them)."""
     torch_head, onnx_head = HeadRunner.from_bundle(exported), OnnxHead.from_bundle(exported)
     tail = TailRunner.from_bundle(exported)
     x = load_data("digits").test.x
-    same = total = 0
+    same: dict[str, list[bool]] = {"2, 4 bits": [], "8 bits": [], "rate points": []}
     for width, bits, point in _pairs(torch_head):
         ours = _payloads(onnx_head, x, width, bits, point)
         theirs = _payloads(torch_head, x, width, bits, point)
-        same += sum(a == b for a, b in zip(ours, theirs, strict=True))
-        total += len(x)
+        kind = "rate points" if bits is None else "8 bits" if bits == 8 else "2, 4 bits"
+        same[kind] += [a == b for a, b in zip(ours, theirs, strict=True)]
         assert np.array_equal(
             tail.infer(ours, width).argmax(1), tail.infer(theirs, width).argmax(1)
         ), (width, bits, point)
         np.testing.assert_allclose(
             onnx_head.features(x, width), torch_head.features(x, width), rtol=0, atol=1e-5
         )
-    assert same / total >= 0.97, f"{same} of {total} payloads identical"
+    floor = {"2, 4 bits": 0.999, "8 bits": 0.99, "rate points": 0.999}
+    for kind, flags in same.items():
+        assert np.mean(flags) >= floor[kind], f"{kind}: {sum(flags)} of {len(flags)} identical"
 
 
 def test_the_export_is_described_and_checked(exported: Path) -> None:
