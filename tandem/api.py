@@ -32,7 +32,7 @@ from tandem.config import Recipe, load_recipe
 from tandem.data import from_datasets
 from tandem.device import resolve_device
 from tandem.exported import export_program
-from tandem.profile import CutProfile, evaluating, profile_cuts
+from tandem.profile import CutProfile, ProgressCallback, evaluating, profile_cuts
 from tandem.split import SplitError, split_model
 
 __all__ = ["build_bundle", "cut_points", "split_at", "train_recipe"]
@@ -41,14 +41,26 @@ __all__ = ["build_bundle", "cut_points", "split_at", "train_recipe"]
 _RTOL, _ATOL = 1e-5, 1e-6
 
 
-def cut_points(model: nn.Module, example: torch.Tensor) -> list[CutProfile]:
-    """Every place ``model`` can be cut, in execution order, with what each costs for one
-    sample shaped like ``example``'s rows: the tensor crossing (shape, bytes) and the head's
-    and tail's FLOPs and parameters (untimed; ``tandem profile`` times them).
+def cut_points(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    repeats: int = 0,
+    cuts: list[str] | None = None,
+    progress: ProgressCallback | None = None,
+) -> list[CutProfile]:
+    """Every place ``model`` can be cut (or the named ``cuts``), in execution order, with
+    what each costs for one sample shaped like ``example``'s rows: the tensor crossing
+    (shape, bytes) and the head's and tail's FLOPs and parameters. With ``repeats`` above 0
+    the head is also timed, the median of that many runs after a warm-up (what
+    ``tandem profile`` shows); ``progress`` is called once per cut.
 
-    Raises ``torch.fx``'s errors for a model it cannot trace symbolically.
+    Raises ``torch.fx``'s errors for a model it cannot trace symbolically, and ValueError
+    for a name in ``cuts`` that is not a cut point.
     """
-    return profile_cuts(model, tuple(example.shape[1:]), repeats=0)
+    return profile_cuts(
+        model, tuple(example.shape[1:]), repeats=repeats, cuts=cuts, progress=progress
+    )
 
 
 def split_at(

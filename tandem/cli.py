@@ -325,13 +325,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         return profile_bundle(args, Processes())
     if args.arch is None or args.input is None:
         raise ValueError("profile needs --arch and --input (or --bundle)")
+    import torch
+
+    from tandem.api import cut_points
     from tandem.config import parse_assignment
     from tandem.models import build_model
-    from tandem.profile import model_latency_ms, profile_cuts
+    from tandem.profile import model_latency_ms
 
     if args.out is not None:
-        import torch
-
         if args.repeats < 1:
             raise ValueError("an architecture profile for the simulator needs --repeats >= 1")
         torch.set_num_threads(1)
@@ -341,8 +342,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     )
     model.to(device).eval()
     with _bar(args, None, "profiling") as tick:
-        profiles = profile_cuts(
-            model, args.input, repeats=args.repeats, cuts=args.cut or None, progress=lambda: tick(1)
+        example = torch.zeros(1, *args.input)  # only its shape is read
+        profiles = cut_points(
+            model, example, repeats=args.repeats, cuts=args.cut or None, progress=lambda: tick(1)
         )
     doc = {
         "arch": args.arch,

@@ -88,6 +88,19 @@ def test_cut_points_lists_every_cut_with_its_shape_and_costs() -> None:
     assert by_name["down"].head_latency_ms is None  # untimed
 
 
+def test_cut_points_times_the_named_cuts_on_request() -> None:
+    ticks: list[None] = []
+    cuts = tandem.cut_points(
+        Small(), torch.zeros(1, 1, 8, 8), repeats=3, cuts=["down", "stem"],
+        progress=lambda: ticks.append(None),
+    )  # fmt: skip
+    assert [c.name for c in cuts] == ["stem", "down"]  # execution order
+    assert all(c.head_latency_ms is not None and c.head_latency_ms > 0 for c in cuts)
+    assert len(ticks) == 2
+    with pytest.raises(UnknownCutError, match="Did you mean"):
+        tandem.cut_points(Small(), torch.zeros(1, 1, 8, 8), cuts=["dwn"])
+
+
 def test_split_at_returns_halves_that_compute_the_model() -> None:
     model, x = Small().eval(), torch.randn(3, 1, 8, 8)
     head, tail = tandem.split_at(model, "down", x)
