@@ -312,14 +312,19 @@ def _snap(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     would leave the float32 range keeps its own.
     """
     span = hi - lo
-    varying = span > 0
-    snap_lo, snap_hi = varying & (lo != 0), varying & (hi != 0)
-    _, exponent = np.frexp(np.where(varying, span, 1.0))
-    grid = np.where(varying, np.ldexp(1.0, exponent - 1 - _GRID_BITS), 0.0)
-    unit = np.where(varying, grid, 1.0)
-    low = np.where(snap_lo, (np.floor(lo / unit - _GRID_PHASE) + _GRID_PHASE) * unit, lo)
-    high = np.where(snap_hi, (np.ceil(hi / unit - _GRID_PHASE) + _GRID_PHASE) * unit, hi)
-    return np.where(low < -_F32_MAX, lo, low), np.where(high > _F32_MAX, hi, high), grid
+    _, exponent = np.frexp(span)
+    shift = exponent - (1 + _GRID_BITS)
+    grid = np.ldexp(1.0, shift)
+    per_unit = 1.0 / grid  # exact: a power of two
+    low = (np.floor(lo * per_unit - _GRID_PHASE) + _GRID_PHASE) * grid
+    high = (np.ceil(hi * per_unit - _GRID_PHASE) + _GRID_PHASE) * grid
+    # Nearly always no group needs a fix-up: one test then, not six (this runs per payload).
+    if (lo * hi * span == 0).any() or low.min() < -_F32_MAX or high.max() > _F32_MAX:
+        constant = span == 0
+        low = np.where(constant | (lo == 0) | (low < -_F32_MAX), lo, low)
+        high = np.where(constant | (hi == 0) | (high > _F32_MAX), hi, high)
+        grid = np.where(constant, 0.0, grid)
+    return low, high, grid
 
 
 def _params_in(
@@ -336,8 +341,8 @@ def _params_in(
     """
     low, high, grid = snapped
     with np.errstate(over="ignore", invalid="ignore"):
-        spacing = np.abs(np.spacing(lo.astype(dtype))).astype(np.float64)
-        offset = _round_directed(np.where(spacing > grid, lo, low), dtype, up=False)
+        coarse = np.abs(np.spacing(lo.astype(dtype))) > grid
+        offset = _round_directed(np.where(coarse, lo, low), dtype, up=False)
         step = _round_directed((high - offset.astype(np.float64)) / levels, dtype, up=True)
         return offset, _cover(offset, step, hi, levels)
 
