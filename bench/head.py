@@ -14,7 +14,9 @@ core):
 
 * ``ms_per_sample``: the head's median wall time over ``--repeats`` runs, per sample, at
   batch 1 and at batch 32 of the data's test images, for ``torch`` and ``onnx``, and their
-  ratio ``torch_over_onnx`` (above 1: ONNX Runtime is faster);
+  ratio ``torch_over_onnx`` (above 1: ONNX Runtime is faster); ``encode_4bit`` is the next
+  stage on the device, the 4-bit quantise+zstd payloads of that batch (the same code for
+  both runtimes);
 * ``identical_payloads``: the fraction of payloads whose bytes are identical between the
   two runtimes, over ``--samples`` test images, for each quantise+zstd depth (2, 4, 8 bits)
   and each rate point, and ``max_abs_diff`` of the features. ONNX Runtime's convolutions
@@ -76,7 +78,9 @@ def latency(torch_head: HeadRunner, onnx_head: OnnxHead, x: np.ndarray, repeats:
         rows = x[:batch]
         t = median_ms(lambda rows=rows: torch_head.features(rows, width), repeats) / len(rows)
         o = median_ms(lambda rows=rows: onnx_head.features(rows, width), repeats) / len(rows)
-        out[f"batch_{batch}"] = {"torch": t, "onnx": o, "torch_over_onnx": t / o}
+        z = onnx_head.features(rows, width)
+        e = median_ms(lambda z=z: onnx_head.pack(z, 4), repeats) / len(rows)
+        out[f"batch_{batch}"] = {"torch": t, "onnx": o, "torch_over_onnx": t / o, "encode_4bit": e}
     return out
 
 

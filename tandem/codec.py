@@ -107,6 +107,7 @@ __all__ = [
     "Header",
     "decode",
     "encode",
+    "encode_batch",
     "quantization_step",
     "read_header",
 ]
@@ -347,9 +348,10 @@ def _params_in(
         return offset, _cover(offset, step, hi, levels)
 
 
-def _choose_params(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndarray, bool]:
-    """Return ``(params, fp32)`` where ``params`` is a ``(groups, 2)`` array of
-    ``(offset, step)`` in the storage precision, rounded outward."""
+def _choose_params(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(params, fp32)`` for ``(tensors, groups)`` minima and maxima: ``params`` is a
+    ``(tensors, groups, 2)`` float32 array of ``(offset, step)``, each rounded outward in its
+    tensor's storage precision, and ``fp32`` says, per tensor, whether that is float32."""
     lo64 = lo.astype(np.float64)
     hi64 = hi.astype(np.float64)
     ideal = (hi64 - lo64) / levels
@@ -358,19 +360,20 @@ def _choose_params(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndar
     constant = hi64 == lo64
     with np.errstate(invalid="ignore"):
         coarse = step16.astype(np.float64) > ideal * (1.0 + _FP16_STEP_REL_TOL)
-    ok = bool(
-        np.isfinite(off16).all()
-        and np.isfinite(step16).all()
-        and not np.any(constant & (off16 != lo64))
-        and not np.any(~constant & coarse)
-    )
-    if ok:
-        return np.stack([off16, step16], axis=1), False
-    off32, step32 = _params_in(np.float32, lo64, hi64, snapped, levels)
-    reach = np.abs(off32.astype(np.float64)) + levels * step32.astype(np.float64)
-    if not (np.isfinite(off32).all() and np.isfinite(step32).all() and (reach <= _F32_MAX).all()):
-        raise CodecError("value range too large to quantize within float32")
-    return np.stack([off32, step32], axis=1), True
+        bad = ~(np.isfinite(off16) & np.isfinite(step16))
+    bad |= (constant & (off16 != lo64)) | (~constant & coarse)
+    fp32 = bad.any(axis=1)
+    params = np.stack([off16, step16], axis=-1).astype(np.float32)
+    if fp32.any():
+        rows = (lo64[fp32], hi64[fp32], tuple(a[fp32] for a in snapped))
+        off32, step32 = _params_in(np.float32, rows[0], rows[1], rows[2], levels)
+        reach = np.abs(off32.astype(np.float64)) + levels * step32.astype(np.float64)
+        if not (
+            np.isfinite(off32).all() and np.isfinite(step32).all() and (reach <= _F32_MAX).all()
+        ):
+            raise CodecError("value range too large to quantize within float32")
+        params[fp32] = np.stack([off32, step32], axis=-1)
+    return params, fp32
 
 
 def _as_array(x: Any) -> np.ndarray:
@@ -449,41 +452,82 @@ def encode(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> bytes
         CodecError: for unsupported bits, a non-float dtype, non-finite values, an
             empty or too large tensor, or values outside the representable range.
     """
+    return _encode_rows(_as_array(x)[None], bits, compress, level)[0]
+
+
+def encode_batch(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> list[bytes]:
+    """Encode each ``x[i]`` to the bytes that ``encode(x[i], bits, ...)`` gives, in one pass.
+
+    The per-call work (parameters, quantization) is done once for the whole batch, which
+    makes a batch of small tensors (a head's output) several times faster per tensor.
+
+    Raises:
+        CodecError: as :func:`encode` would for any one tensor of the batch (the first
+            problem found fails the batch), or for an empty batch or a 0-d ``x``.
+    """
+    arr = _as_array(x)
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        raise CodecError(f"expected a non-empty batch of tensors, got shape {arr.shape}")
+    return _encode_rows(arr, bits, compress, level)
+
+
+def _checked_bits(bits: Any) -> int:
     if (
         isinstance(bits, bool)
         or not isinstance(bits, int | np.integer)
         or int(bits) not in _CODE_BY_BITS
     ):
         raise CodecError(f"unsupported bits {bits!r}; expected one of {SUPPORTED_BITS}")
-    bits = int(bits)
+    return int(bits)
+
+
+def _check_level(level: Any) -> None:
     if (
         isinstance(level, bool)
         or not isinstance(level, int)
         or not -(1 << 17) <= level <= zstandard.MAX_COMPRESSION_LEVEL
     ):
         raise CodecError(f"invalid zstd level {level!r}")
-    arr = _as_array(x)
+
+
+def _encode_rows(arr: np.ndarray, bits: Any, compress: bool, level: Any) -> list[bytes]:
+    """Encode each ``arr[i]`` (``arr`` has a leading batch axis) as :func:`encode` does."""
+    bits = _checked_bits(bits)
+    _check_level(level)
     dt = arr.dtype
     if dt.kind != "f" or dt.itemsize not in (2, 4, 8):
         raise CodecError(f"expected a float16/32/64 tensor, got dtype {dt}")
     dtype_code = {4: 0, 2: 1, 8: 2}[dt.itemsize]
-    shape = tuple(int(d) for d in arr.shape)
-    if arr.ndim > MAX_NDIM:
-        raise CodecError(f"tensor has {arr.ndim} dimensions; at most {MAX_NDIM} supported")
-    n = arr.size
+    shape = tuple(int(d) for d in arr.shape[1:])
+    if len(shape) > MAX_NDIM:
+        raise CodecError(f"tensor has {len(shape)} dimensions; at most {MAX_NDIM} supported")
+    n = math.prod(shape)
     if n == 0:
         raise CodecError("cannot encode an empty tensor")
     if n > MAX_ELEMENTS or any(d > MAX_DIM for d in shape):
         raise CodecError(f"tensor of shape {shape} exceeds the size caps")
 
     if bits == 16:
-        params = b""
-        fp32 = False
-        payload = _encode_f16(arr)
+        parts = [(b"", False, _encode_f16(sample)) for sample in arr]
     else:
-        params_arr, fp32, payload = _encode_quantized(arr, bits, shape)
-        params = params_arr.astype("<f4" if fp32 else "<f2", copy=False).tobytes()
+        parts = _encode_quantized(arr, bits, shape)
+    return [
+        _finish(bits, dtype_code, shape, params, fp32, payload, compress, level)
+        for params, fp32, payload in parts
+    ]
 
+
+def _finish(
+    bits: int,
+    dtype_code: int,
+    shape: tuple[int, ...],
+    params: bytes,
+    fp32: bool,
+    payload: bytes,
+    compress: bool,
+    level: int,
+) -> bytes:
+    """Compress the payload when that makes it strictly smaller, then lay out the message."""
     flags = _FLAG_FP32_PARAMS if fp32 else 0
     if compress and len(payload) >= _MIN_ZSTD_INPUT:
         try:
@@ -493,7 +537,6 @@ def encode(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> bytes
         if len(frame) < len(payload):
             payload = frame
             flags |= _FLAG_ZSTD
-
     return _assemble(flags, bits, dtype_code, shape, params, payload)
 
 
@@ -577,9 +620,10 @@ def _encode_f16(arr: np.ndarray) -> bytes:
 
 def _encode_quantized(
     arr: np.ndarray, bits: int, shape: tuple[int, ...]
-) -> tuple[np.ndarray, bool, bytes]:
+) -> list[tuple[bytes, bool, bytes]]:
+    """``(parameter bytes, fp32, packed payload)`` for each ``arr[i]``."""
     levels = (1 << bits) - 1
-    groups = _n_groups(shape)
+    count, groups = arr.shape[0], _n_groups(shape)
     if arr.dtype != np.float32:
         if arr.dtype.itemsize == 8:
             with np.errstate(invalid="ignore"):
@@ -588,29 +632,37 @@ def _encode_quantized(
                 raise CodecError("tensor values exceed the float32 range")
         with np.errstate(over="ignore", invalid="ignore"):
             arr = arr.astype(np.float32)
-    x2 = np.ascontiguousarray(arr).reshape(groups, -1)
+    x2 = np.ascontiguousarray(arr).reshape(count * groups, -1)
     with np.errstate(invalid="ignore"):
         lo = np.minimum.reduce(x2, axis=1)
         hi = np.maximum.reduce(x2, axis=1)
     if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         raise CodecError("tensor contains NaN or infinite values")
 
-    params, fp32 = _choose_params(lo, hi, levels)
-    off = params[:, 0].astype(np.float32)
-    step = params[:, 1].astype(np.float32)
+    params, fp32 = _choose_params(lo.reshape(count, groups), hi.reshape(count, groups), levels)
+    off = params[..., 0].reshape(-1)
+    step = params[..., 1].reshape(-1)
 
     t = np.subtract(x2, off[:, None], dtype=np.float32)
     with np.errstate(over="ignore", divide="ignore"):
         inv = np.divide(1.0, step, out=np.zeros_like(step), where=step > 0)
-    if np.isfinite(inv).all():
+    # A tensor with a step so small that its reciprocal overflows float32 divides instead,
+    # all its groups alike (as encoding it alone would).
+    finite = np.isfinite(inv).reshape(count, groups).all(axis=1)
+    if finite.all():
         np.multiply(t, inv[:, None], out=t)
-    else:  # steps so small their reciprocal overflows float32: divide instead
+    else:
+        rows = np.repeat(finite, groups)
+        np.multiply(t, inv[:, None], out=t, where=rows[:, None])
         safe = np.where(step > 0, step, np.float32(1.0))
-        np.divide(t, safe[:, None], out=t)
+        np.divide(t, safe[:, None], out=t, where=~rows[:, None])
     np.rint(t, out=t)
     np.clip(t, 0.0, float(levels), out=t)
-    q = t.astype(np.uint8).reshape(-1)
-    return params, fp32, _pack(q, bits)
+    q = t.astype(np.uint8).reshape(count, -1)
+    return [
+        (params[i].astype("<f4" if fp32[i] else "<f2").tobytes(), bool(fp32[i]), _pack(q[i], bits))
+        for i in range(count)
+    ]
 
 
 # ----------------------------------------------------------------------------- decode

@@ -47,7 +47,7 @@ class HeadCodec:
     def pack(self, z: np.ndarray, bits: int) -> list[bytes]:
         """Encode each sample's bottleneck tensor into one wire payload."""
         compress = self.manifest.codec.compress
-        return [codec.encode(sample, bits, compress=compress) for sample in z]
+        return codec.encode_batch(z, bits, compress=compress)
 
     def encode(self, x: np.ndarray, width: float, bits: int | None = None) -> list[bytes]:
         """Payloads for uint8 inputs, one per sample (``bits`` defaults to the bundle's)."""

@@ -759,3 +759,70 @@ def test_a_zero_bound_stays_exact() -> None:
         y = decode(encode(x, bits))
         assert (y[x == 0] == 0).all()
         _assert_within_bound(x, encode(x, bits))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    x=hnp.arrays(
+        st.sampled_from([np.float32, np.float16, np.float64]),
+        hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5),
+        elements=st.floats(-6e4, 6e4, width=16),
+    ),
+    bits=st.sampled_from((*QBITS, 16)),
+    compress=st.booleans(),
+)
+def test_property_a_batch_encodes_as_its_tensors_do(
+    x: np.ndarray, bits: int, compress: bool
+) -> None:
+    assert codec.encode_batch(x, bits, compress=compress) == [
+        encode(sample, bits, compress=compress) for sample in x
+    ]
+
+
+def test_a_mixed_batch_encodes_as_its_tensors_do() -> None:
+    """Tensors that take different paths alone (float16 and float32 parameters, a constant
+    group, a step whose reciprocal overflows) keep them in one batch."""
+    rng = _rng(40)
+    batch = rng.normal(size=(6, 3, 4, 4)).astype(np.float32)
+    batch[1] += 1e6  # float32 parameters
+    batch[2, 1] = 2.5  # a constant group
+    batch[3] = rng.uniform(0, 1e-40, size=(3, 4, 4))  # subnormal steps: divide, not multiply
+    batch[4] = np.maximum(batch[4], 0)  # zero minima
+    for bits in QBITS:
+        payloads = codec.encode_batch(batch, bits)
+        assert payloads == [encode(sample, bits) for sample in batch]
+        kinds = {read_header(p).param_precision for p in payloads}
+        assert kinds == {"float16", "float32"}
+
+
+@pytest.mark.parametrize("bad", [np.float32(1.0), np.zeros((0, 3), np.float32)])
+def test_an_empty_or_scalar_batch_is_refused(bad: np.ndarray) -> None:
+    with pytest.raises(CodecError, match="non-empty batch"):
+        codec.encode_batch(bad, 8)
+
+
+def test_one_bad_tensor_fails_the_batch_as_it_would_alone() -> None:
+    batch = np.zeros((3, 2, 2), np.float32)
+    batch[2, 0, 0] = np.nan
+    with pytest.raises(CodecError, match="NaN"):
+        codec.encode_batch(batch, 4)
+
+
+def test_a_tensor_beside_a_dividing_one_still_multiplies() -> None:
+    """A tensor whose steps' reciprocals are finite quantizes by multiplying, in a batch too,
+    even beside one that must divide: the two round differently at some half-way values."""
+    x = np.zeros((1, 16, 16), np.float32)
+    x[0, 0, :2] = (-1.0, 2.0)  # fixes the parameters
+    h = read_header(encode(x, 8))
+    assert h.offset is not None and h.scale is not None
+    off, step = np.float32(h.offset[0]), np.float32(h.scale[0])
+    halfway = (off + (np.arange(254) % 255 + 0.5).astype(np.float32) * step).astype(np.float32)
+    x[0].flat[2:] = halfway
+    t = x.reshape(-1) - off
+    assert (np.rint(t * (np.float32(1) / step)) != np.rint(t / step)).any()  # it can tell
+    tiny = _rng(41).uniform(0, 1e-40, size=(1, 16, 16)).astype(np.float32)
+    batch = np.stack([x, tiny])
+    assert codec.encode_batch(batch, 8) == [encode(x, 8), encode(tiny, 8)]
