@@ -8,24 +8,24 @@ Usage::
         --bundle cifar10=runs/c,imagefolder:../shared/data/cifar10-jpeg
 
 Each ``--bundle NAME=PATH,DATA`` is copied to a scratch directory (the bundle itself is left
-as it is) and its head exported there (``tandem export --onnx``). Then, at the bundle's
-full width and on ``--threads`` threads for both runtimes (default 1, a small device's
-core):
+as it is) and its head exported there (``tandem export --onnx``). Then, on ``--threads``
+threads for both runtimes (default 1, a small device's core):
 
-* ``ms_per_sample``: the head's median wall time over ``--repeats`` runs, per sample, at
-  batch 1 and at batch 32 of the data's test images, for ``torch`` and ``onnx``, and their
-  ratio ``torch_over_onnx`` (above 1: ONNX Runtime is faster); ``encode_4bit`` is the next
-  stage on the device, the 4-bit quantise+zstd payloads of that batch (the same code for
-  both runtimes);
+* ``ms_per_sample``: the head's median wall time at full width over ``--repeats`` runs,
+  per sample, at batch 1 and at batch 32 of the data's test images, for ``torch`` and
+  ``onnx``, and their ratio ``torch_over_onnx`` (above 1: ONNX Runtime is faster);
+  ``encode_4bit`` is the next stage on the device, the 4-bit quantise+zstd payloads of
+  that batch (the same code for both runtimes);
 * ``identical_payloads``: the fraction of payloads whose bytes are identical between the
-  two runtimes, over ``--samples`` test images, for each quantise+zstd depth (2, 4, 8 bits)
-  and each rate point, and ``max_abs_diff`` of the features. ONNX Runtime's convolutions
-  round differently from PyTorch's (about 1e-7), which moves a value across a rounding
-  edge now and then: one symbol of its payload differs, and decodes to the neighbouring
-  level. The odds grow with the values per payload over the step, so 8 bits differ most;
-  the per-group parameters are snapped to a grid and do not move (see tandem.codec);
+  two runtimes, over ``--samples`` test images at every width, for each quantise+zstd
+  depth (2, 4, 8 bits) and each rate point, and ``max_abs_diff`` of the features. ONNX
+  Runtime's convolutions round differently from PyTorch's (about 1e-7), which moves a
+  value across a rounding edge now and then: one symbol of its payload differs, and
+  decodes to the neighbouring level. The odds grow with the values per payload over the
+  step, so 8 bits differ most; the per-group parameters are snapped to a grid and rarely
+  move (see tandem.codec);
 * ``identical_predictions``: the fraction of those samples the tail classifies the same
-  from either runtime's 4-bit payloads.
+  from either runtime's 4-bit payloads at full width.
 
 Prints exactly one JSON line on stdout.
 """
@@ -85,27 +85,31 @@ def latency(torch_head: HeadRunner, onnx_head: OnnxHead, x: np.ndarray, repeats:
 
 
 def agreement(bundle: Path, torch_head: HeadRunner, onnx_head: OnnxHead, x: np.ndarray) -> dict:
-    """How often the two runtimes' payloads are byte-identical, and predictions equal."""
-    width = max(torch_head.manifest.bottleneck.widths)
-    ours, theirs = onnx_head.features(x, width), torch_head.features(x, width)
-    same = {}
-    for bits in BITS:
-        a, b = onnx_head.pack(ours, bits), torch_head.pack(theirs, bits)
-        same[f"{bits}-bit"] = float(np.mean([p == q for p, q in zip(a, b, strict=True)]))
-    for point in range(len(torch_head.points)):
-        a = onnx_head.pack_entropy(ours, width, point)
-        b = torch_head.pack_entropy(theirs, width, point)
-        same[f"rate point {point}"] = float(np.mean([p == q for p, q in zip(a, b, strict=True)]))
-    tail = TailRunner.from_bundle(bundle)
-    predicted = [
-        tail.infer(head.pack(z, 4), width).argmax(1) for head, z in ((onnx_head, ours),
-                                                                    (torch_head, theirs))
-    ]  # fmt: skip
+    """How often the two runtimes' payloads are byte-identical (over every width), and how
+    often the tail's predictions from their 4-bit payloads are equal (full width)."""
+    widths = torch_head.manifest.bottleneck.widths
+    same: dict[str, list[bool]] = {}
+    largest = 0.0
+    for width in widths:
+        ours, theirs = onnx_head.features(x, width), torch_head.features(x, width)
+        largest = max(largest, float(np.abs(ours - theirs).max()))
+        pairs = {f"{bits}-bit": (onnx_head.pack(ours, bits), torch_head.pack(theirs, bits))
+                 for bits in BITS}  # fmt: skip
+        for point in range(len(torch_head.points)):
+            pairs[f"rate point {point}"] = (
+                onnx_head.pack_entropy(ours, width, point),
+                torch_head.pack_entropy(theirs, width, point),
+            )
+        for kind, (a, b) in pairs.items():
+            same.setdefault(kind, []).extend(p == q for p, q in zip(a, b, strict=True))
+    tail, width = TailRunner.from_bundle(bundle), max(widths)
+    predicted = [tail.infer(head.encode(x, width, 4), width).argmax(1)
+                 for head in (onnx_head, torch_head)]  # fmt: skip
     return {
-        "width": width,
+        "widths": widths,
         "samples": len(x),
-        "max_abs_diff": float(np.abs(ours - theirs).max()),
-        "identical_payloads": same,
+        "max_abs_diff": largest,
+        "identical_payloads": {kind: float(np.mean(flags)) for kind, flags in same.items()},
         "identical_predictions": float(np.mean(predicted[0] == predicted[1])),
     }
 

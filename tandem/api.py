@@ -56,7 +56,8 @@ def cut_points(
     ``tandem profile`` shows); ``progress`` is called once per cut.
 
     Raises ``torch.fx``'s errors for a model it cannot trace symbolically, and ValueError
-    for a name in ``cuts`` that is not a cut point.
+    for a name in ``cuts`` that is not a cut point, a negative ``repeats``, or ``repeats``
+    above 0 for a model on the meta device (it has no weights to time).
     """
     return profile_cuts(
         model, tuple(example.shape[1:]), repeats=repeats, cuts=cuts, progress=progress
