@@ -102,9 +102,9 @@ def agreement(bundle: Path, torch_head: HeadRunner, onnx_head: OnnxHead, x: np.n
             )
         for kind, (a, b) in pairs.items():
             same.setdefault(kind, []).extend(p == q for p, q in zip(a, b, strict=True))
-    tail, width = TailRunner.from_bundle(bundle), max(widths)
-    predicted = [tail.infer(head.encode(x, width, 4), width).argmax(1)
-                 for head in (onnx_head, torch_head)]  # fmt: skip
+    # The loop ends at full width (widths ascend): its 4-bit payloads are the ones served.
+    tail = TailRunner.from_bundle(bundle)
+    predicted = [tail.infer(payloads, widths[-1]).argmax(1) for payloads in pairs["4-bit"]]
     return {
         "widths": widths,
         "samples": len(x),

@@ -30,23 +30,24 @@ that differ by much less than ``g`` (the odds that a bound moves are about the
 difference over ``g``): the same head run by PyTorch and by ONNX Runtime, about
 1e-7 apart, gets the same parameters, where rounding ``lo`` and ``hi`` to
 float16 alone moved them in 0.35 to 1.4% of tensors.  (A symbol at a rounding
-edge can still differ; see ``bench/head.py``.)  It costs at most
-``2 * g <= (hi - lo) / 32`` of range, so the step is at most 1/32 larger (the
-mean squared error grew by 3 to 4% on the features of trained bundles).  A bound
-of exactly zero (a ReLU's) is kept; where the parameter precision is coarser
-than ``g`` at ``lo``, the offset is ``lo`` rounded down; and a group whose
-snapped reach would leave float32 is not snapped.  :func:`decode` does not
-depend on how the parameters were chosen.
+edge can still differ; see ``bench/head.py``.)  Snapping widens the range by at
+most ``2 * g <= (hi - lo) / 32``, so the step is at most 1/32 larger (1/30 with
+float32 parameters, whose offset can round down past a power of two); the mean
+squared error grew by 3 to 4% on the features of trained bundles.  A minimum of
+exactly zero (a ReLU's) stays the offset, so zeros decode to zero, and a maximum
+of zero is kept too; where the parameter precision is coarser than ``g`` at
+``lo``, the offset is ``lo`` rounded down; and a group whose snapped reach would
+leave float32 is not snapped.  :func:`decode` does not depend on how the
+parameters were chosen.
 
 Because the *stored* (rounded) parameters are used for quantization and they
 are rounded outward, every value of the group lies in
 ``[offset, offset + L * step]`` and ``|x' - x| <= step / 2`` holds for every
 element, up to float32 rounding.  A constant group has ``step == 0`` and decodes
-exactly to ``offset``.  Parameters are stored as float16 when that costs less
-than ``2**-6`` relative precision of the step (over the snapped range's) for every
-group (and represents
-constant groups exactly); otherwise all parameters are stored as float32 and the
-``fp32 params`` flag is set.  A group whose reach ``|offset| + L * step``
+exactly to ``offset``.  Parameters are stored as float16 when that costs at most
+``2**-6`` relative precision of the step (over the snapped range's) for every
+group and represents constant groups exactly; otherwise all parameters are
+stored as float32 and the ``fp32 params`` flag is set.  A group whose reach ``|offset| + L * step``
 exceeds the float32 range cannot be quantized (:func:`encode` raises, and
 :func:`decode` rejects such parameters), so decoded values are always finite;
 float16 results are clipped to the float16 range.  Float64 inputs are rounded to
@@ -151,10 +152,11 @@ converted to :class:`CodecError` (with this prefix) so that nothing else escapes
 
 _MAX_VARINT_BYTES: Final = 5
 _FP16_STEP_REL_TOL: Final = 2.0**-6
-# The grid that bounds are snapped to: 2**-6 to 2**-7 of a group's range, costing at most
-# 2**-5 of the step. At 2**-8, four digits, MNIST and CIFAR-10 bundles still had 0.01 to
-# 0.13% of 2-bit payloads (where every difference is in the parameters) differing between
-# PyTorch and ONNX Runtime; at 2**-6, 0 to 0.06%, for 2% more squared error. Its points
+# The grid that bounds are snapped to: 2**-6 to 2**-7 of a group's range, costing about
+# 2**-5 of the step at most. At 2**-8, four bundles (two of digits, MNIST, CIFAR-10) still
+# had 0.01 to 0.13% of 2-bit payloads (where every difference is in the parameters)
+# differing between PyTorch and ONNX Runtime; at 2**-6, 0 to 0.06%, for 2% more squared
+# error. Its points
 # sit at the golden ratio's fraction of a spacing, computed in float64: a float32 value
 # (24 significant bits) cannot sit exactly on one, as it could on a dyadic grid.
 _GRID_BITS: Final = 6
@@ -316,9 +318,10 @@ def _snap(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     A bound then moves only when its value crosses a grid point, so two runtimes whose
     features differ by about 1e-7 choose the same parameters unless a value lies within
     that distance of a point (odds about 1e-7 / spacing, per bound). A bound of exactly
-    zero stays put, so a ReLU's zeros still decode to zero (both runtimes clamp to the
-    same zero). Constant groups get a zero grid and keep their value, and a bound that
-    would leave the float32 range keeps its own.
+    zero stays put (both runtimes clamp a ReLU to the same zero), so a minimum of zero
+    is the offset and zeros decode to zero. Constant groups get a zero grid and keep
+    their value. (A bound snapped past the float32 range is left to
+    :func:`_float32_params`, which then quantizes that group unsnapped.)
     """
     span = hi - lo
     _, exponent = np.frexp(span)
@@ -327,13 +330,13 @@ def _snap(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
     per_unit = 1.0 / grid  # exact: a power of two
     low = (np.floor(lo * per_unit - _GRID_PHASE) + _GRID_PHASE) * grid
     high = (np.ceil(hi * per_unit - _GRID_PHASE) + _GRID_PHASE) * grid
-    # Fix-ups (constant groups, zero bounds as a ReLU's, the float32 edge) are tested for
-    # once, and done only when a group needs one. The product cannot underflow: float32
-    # inputs multiply to at least about 1e-135 in float64.
-    if (lo * hi * span == 0).any() or low.min() < -_F32_MAX or high.max() > _F32_MAX:
+    # Fix-ups (constant groups, zero bounds) are tested for once, and done only when a
+    # group needs one. The product cannot underflow: float32 inputs multiply to at least
+    # about 1e-135 in float64.
+    if (lo * hi * span == 0).any():
         constant = span == 0
-        low = np.where(constant | (lo == 0) | (low < -_F32_MAX), lo, low)
-        high = np.where(constant | (hi == 0) | (high > _F32_MAX), hi, high)
+        low = np.where(constant | (lo == 0), lo, low)
+        high = np.where(constant | (hi == 0), hi, high)
         grid = np.where(constant, 0.0, grid)
     return low, high, grid
 
@@ -489,8 +492,8 @@ def encode(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> bytes
 def encode_batch(x: Any, bits: int, *, compress: bool = True, level: int = 3) -> list[bytes]:
     """Encode each ``x[i]`` to the bytes that ``encode(x[i], bits, ...)`` gives, in one pass.
 
-    ``x`` is one float array (or ``torch.Tensor``) whose first axis is the batch: a list is
-    refused, since converting it would give its tensors one common dtype. The per-call work
+    ``x`` is one float array (or ``torch.Tensor``) whose first axis is the batch: a list or
+    tuple is refused, since converting it would give its tensors one common dtype. The per-call work
     (parameters, quantization) is done once for the whole batch, which makes a batch of
     small tensors (a head's output) several times faster per tensor.
 
