@@ -17,12 +17,12 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import torch
 
@@ -30,10 +30,9 @@ from tandem.adapters import Adapter, AdapterError, load_adapter
 from tandem.bundle import BundleError, TailRunner, read_manifest
 from tandem.cloud.inference import BatchOutput, Outcome, Target, run_batch, run_targets
 from tandem.cloud.repository import ModelEntry
+from tandem.lru import lru_get
 
 ComputeKind = Literal["threads", "processes"]
-K = TypeVar("K")
-V = TypeVar("V")
 _WORKER_CACHE = 8  # bundle versions a worker process keeps loaded
 # Adapters a worker process keeps loaded: one batch may name up to max_batch of them, and a
 # request mix that cycles through more than the cache holds would reload them batch after batch.
@@ -189,15 +188,6 @@ _entries: OrderedDict[tuple[str, float], ModelEntry] = OrderedDict()
 _adapters: OrderedDict[str, Adapter] = OrderedDict()
 
 
-def _cached(cache: OrderedDict[K, V], key: K, load: Callable[[], V], size: int) -> V:
-    if key not in cache:
-        cache[key] = load()
-    cache.move_to_end(key)
-    while len(cache) > size:
-        cache.popitem(last=False)
-    return cache[key]
-
-
 def _load_entry(spec: BatchSpec) -> ModelEntry:
     path = Path(spec.bundle)
     manifest = read_manifest(path)
@@ -208,7 +198,7 @@ def _load_entry(spec: BatchSpec) -> ModelEntry:
 
 def _load(spec: AdapterSpec) -> Adapter:
     path, name, version = spec
-    return _cached(
+    return lru_get(
         _adapters, path, lambda: load_adapter(Path(path), name, version), _WORKER_ADAPTERS
     )
 
@@ -216,7 +206,7 @@ def _load(spec: AdapterSpec) -> Adapter:
 def run_spec(spec: BatchSpec, payloads: list[bytes]) -> BatchOutput:
     """Worker-process side: load (or reuse) the model and adapters, and run the batch."""
     key = (spec.bundle, spec.mtime)
-    entry = _cached(_entries, key, lambda: _load_entry(spec), _WORKER_CACHE)
+    entry = lru_get(_entries, key, lambda: _load_entry(spec), _WORKER_CACHE)
     distinct = [_load(a) for a in spec.adapters]
     rows = [None if i < 0 else distinct[i] for i in spec.rows]
     return run_batch(entry, rows, payloads, spec.width)

@@ -45,6 +45,7 @@ from tandem.data import normalize
 from tandem.entropy_points import ENTROPY_FILE, RatePoint, save_points
 from tandem.exported import MAX_PROGRAM_BYTES, ProgramError, load_program
 from tandem.head import HeadCodec
+from tandem.lru import lru_get
 from tandem.manifest import (
     FULL_FILE,
     HEAD_FILE,
@@ -383,12 +384,7 @@ def _cached(key: str, make: Callable[[], nn.Module]) -> nn.Module:
     """The template kept under ``key``, made (under the lock: see :func:`_traced_tail`) the
     first time; only the last :data:`_TRACED_KEPT` are kept."""
     with _TRACE_LOCK:
-        if key not in _TRACED:
-            _TRACED[key] = make()
-        _TRACED.move_to_end(key)
-        while len(_TRACED) > _TRACED_KEPT:
-            _TRACED.popitem(last=False)
-        return _TRACED[key]
+        return lru_get(_TRACED, key, make, _TRACED_KEPT)
 
 
 _TRACE_LOCK = threading.Lock()

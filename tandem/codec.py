@@ -47,8 +47,8 @@ element, up to float32 rounding.  A constant group has ``step == 0`` and decodes
 exactly to ``offset``.  Parameters are stored as float16 when that costs at most
 ``2**-6`` relative precision of the step (over the snapped range's) for every
 group and represents constant groups exactly; otherwise all parameters are
-stored as float32 and the ``fp32 params`` flag is set.  A group whose reach ``|offset| + L * step``
-exceeds the float32 range cannot be quantized (:func:`encode` raises, and
+stored as float32 and the ``fp32 params`` flag is set.  A group whose reach
+``|offset| + L * step`` exceeds the float32 range cannot be quantized (:func:`encode` raises, and
 :func:`decode` rejects such parameters), so decoded values are always finite;
 float16 results are clipped to the float16 range.  Float64 inputs are rounded to
 float32 before quantizing.
@@ -156,9 +156,9 @@ _FP16_STEP_REL_TOL: Final = 2.0**-6
 # 2**-5 of the step at most. At 2**-8, four bundles (two of digits, MNIST, CIFAR-10) still
 # had 0.01 to 0.13% of 2-bit payloads (where every difference is in the parameters)
 # differing between PyTorch and ONNX Runtime; at 2**-6, 0 to 0.06%, for 2% more squared
-# error. Its points
-# sit at the golden ratio's fraction of a spacing, computed in float64: a float32 value
-# (24 significant bits) cannot sit exactly on one, as it could on a dyadic grid.
+# error. Its points sit at the golden ratio's fraction of a spacing, computed in float64:
+# a float32 value (24 significant bits) cannot sit exactly on one, as it could on a
+# dyadic grid.
 _GRID_BITS: Final = 6
 _GRID_PHASE: Final = 0.6180339887498949
 _F32_MAX: Final = float(np.finfo(np.float32).max)
@@ -378,24 +378,25 @@ def _choose_params(lo: np.ndarray, hi: np.ndarray, levels: int) -> tuple[np.ndar
     fp32 = bad.any(axis=1)
     params = np.stack([off16, step16], axis=-1).astype(np.float32)
     if fp32.any():
-        params[fp32] = _float32_params(lo64[fp32], hi64[fp32], snapped, fp32, levels)
+        picked = tuple(a[fp32] for a in snapped)
+        params[fp32] = _float32_params(lo64[fp32], hi64[fp32], picked, levels)
     return params, fp32
 
 
 def _float32_params(
-    lo: np.ndarray, hi: np.ndarray, snapped: tuple[np.ndarray, ...], rows: np.ndarray, levels: int
+    lo: np.ndarray, hi: np.ndarray, snapped: tuple[np.ndarray, ...], levels: int
 ) -> np.ndarray:
-    """``(tensors, groups, 2)`` float32 parameters for the tensors picked by ``rows``.
+    """``(tensors, groups, 2)`` float32 parameters for these minima, maxima and their
+    snapped bounds.
 
     A group whose snapped range would reach past float32 (the grid widens it by up to
     ``2 * grid``) is quantized unsnapped, which reaches only as far as it must; the choice
     is per group, so a tensor's bytes do not depend on the rest of its batch.
     """
-    low, high, grid = (a[rows] for a in snapped)
-    offset, step = _params_in(np.float32, lo, hi, (low, high, grid), levels)
+    offset, step = _params_in(np.float32, lo, hi, snapped, levels)
     fits = _within_float32(offset, step, levels)
     if not fits.all():
-        plain = _params_in(np.float32, lo, hi, (lo, hi, np.zeros_like(grid)), levels)
+        plain = _params_in(np.float32, lo, hi, (lo, hi, np.zeros_like(lo)), levels)
         offset, step = np.where(fits, offset, plain[0]), np.where(fits, step, plain[1])
         if not _within_float32(offset, step, levels).all():
             raise CodecError("value range too large to quantize within float32")
@@ -493,9 +494,9 @@ def encode_batch(x: Any, bits: int, *, compress: bool = True, level: int = 3) ->
     """Encode each ``x[i]`` to the bytes that ``encode(x[i], bits, ...)`` gives, in one pass.
 
     ``x`` is one float array (or ``torch.Tensor``) whose first axis is the batch: a list or
-    tuple is refused, since converting it would give its tensors one common dtype. The per-call work
-    (parameters, quantization) is done once for the whole batch, which makes a batch of
-    small tensors (a head's output) several times faster per tensor.
+    tuple is refused, since converting it would give its tensors one common dtype. The
+    per-call work (parameters, quantization) is done once for the whole batch, which makes
+    a batch of small tensors (a head's output) several times faster per tensor.
 
     Raises:
         CodecError: as :func:`encode` would for any one tensor of the batch (the first
